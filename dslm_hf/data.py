@@ -1,0 +1,315 @@
+"""Pretraining data: corpora through `datasets`, tokenizers, packing into blocks, and the objectives' collators.
+
+Every source goes the same path: a `DatasetDict` with a "text" column and "train"/"validation" splits, tokenized
+and packed into fixed-length blocks of token ids, then turned into model inputs by a collator (causal LM, masked LM
+or T5-style span corruption for seq2seq).
+
+The embedded default corpus is the Python standard library's own source text: it exists on every machine that
+runs this code, needs no network, is a few MB of real, varied text (code, docstrings, comments), and is fully
+deterministic for a given Python version (files sorted by path, then cut at a byte budget).
+"""
+
+import math
+import sysconfig
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+OBJECTIVES = ("clm", "mlm", "seq2seq")
+DEFAULT_CORPUS = "default"
+# Trained tokenizers get these; an existing tokenizer must provide what its objective needs.
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "mask_token": "<mask>"}
+SENTINEL_TEMPLATE = "<extra_id_{}>"
+# Standard-library folders that are test fixtures or third-party code rather than the library's own source.
+_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpora
+# ----------------------------------------------------------------------------------------------------------------
+def default_corpus_files(max_megabytes: float) -> list[Path]:
+    """The standard library's .py files sorted by relative path, up to `max_megabytes` of text in total."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    candidates = sorted(
+        (p for p in stdlib.rglob("*.py") if not _EXCLUDED_STDLIB_DIRS.intersection(p.relative_to(stdlib).parts[:-1])),
+        key=lambda p: p.relative_to(stdlib).as_posix(),
+    )
+    budget, chosen = max_megabytes * 1e6, []
+    for path in candidates:
+        if budget <= 0:
+            break
+        chosen.append(path)
+        budget -= path.stat().st_size
+    if not chosen:
+        raise ValueError(f"no standard-library source found under {stdlib} for the default corpus")
+    return chosen
+
+
+def load_default_corpus(max_megabytes: float) -> Dataset:
+    """One row per standard-library file ("text", "path"), in sorted order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = default_corpus_files(max_megabytes)
+    return Dataset.from_dict({
+        "text": [p.read_text(encoding="utf-8", errors="replace") for p in files],
+        "path": [p.relative_to(stdlib).as_posix() for p in files],
+    })
+
+
+def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None = None, text_column: str = "text",
+                validation_fraction: float = 0.05, default_corpus_megabytes: float = 4.0) -> DatasetDict:
+    """A DatasetDict with "train" and "validation" splits of one "text" column.
+
+    `source` is "default" (the embedded standard-library corpus), one or more local text files (comma-separated
+    paths; one row per paragraph), or a Hub dataset id (needs the network or a filled cache). Without a validation
+    split of its own, the last `validation_fraction` of the rows is held out (no shuffling: a contiguous tail, so
+    held-out text never shares a document with the training text).
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction} must lie in (0, 1)")
+    if source == DEFAULT_CORPUS:
+        splits = DatasetDict(train=load_default_corpus(default_corpus_megabytes))
+    else:
+        paths = [Path(p) for p in source.split(",")]
+        if all(p.suffix in (".txt", ".text", ".md") or p.is_file() for p in paths):
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise ValueError(f"dataset file(s) not found: {', '.join(missing)}")
+            splits = load_dataset("text", data_files={"train": [str(p) for p in paths]}, sample_by="paragraph")
+        else:
+            splits = load_dataset(source, dataset_config_name)
+    if "train" not in splits:
+        raise ValueError(f"dataset {source!r} has no 'train' split (it has {list(splits)})")
+    if text_column not in splits["train"].column_names:
+        raise ValueError(f"dataset {source!r} has no text column {text_column!r} (columns: {splits['train'].column_names})")
+    splits = DatasetDict({name: split.select_columns([text_column]).rename_column(text_column, "text")
+                          if text_column != "text" else split.select_columns(["text"])
+                          for name, split in splits.items() if name in ("train", "validation")})
+    if "validation" not in splits:
+        if len(splits["train"]) < 2:
+            raise ValueError(f"dataset {source!r} has {len(splits['train'])} row(s): too few to hold out a validation split")
+        held_out = splits["train"].train_test_split(test_size=validation_fraction, shuffle=False)
+        splits = DatasetDict(train=held_out["train"], validation=held_out["test"])
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------
+def train_byte_level_bpe(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style: every byte is a symbol, so nothing is ever unknown) trained on `texts`."""
+    specials = list(SPECIAL_TOKENS.values())
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs >= {256 + len(specials)}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str):
+    """An existing tokenizer by local path or Hub id."""
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def span_corruption_sentinel_count(block_size: int, noise_density: float, mean_span_length: float) -> int:
+    """Sentinels needed for one block: one per noise span (T5's span count for the block's length)."""
+    return _noise_span_counts(block_size, noise_density, mean_span_length)[1]
+
+
+def add_sentinel_tokens(tokenizer, count: int) -> list[int]:
+    """Add `<extra_id_0>` ... `<extra_id_{count-1}>` as special tokens (kept if present) and return their ids."""
+    sentinels = [SENTINEL_TEMPLATE.format(i) for i in range(count)]
+    missing = [s for s in sentinels if s not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(sentinels)
+
+
+def check_tokenizer_for_objective(tokenizer, objective: str) -> None:
+    """Raise ValueError naming the special tokens the objective needs and the tokenizer lacks."""
+    needed = {"clm": ["eos_token"], "mlm": ["eos_token", "mask_token", "pad_token"],
+              "seq2seq": ["eos_token", "pad_token", "bos_token"]}[objective]
+    missing = [name for name in needed if getattr(tokenizer, name, None) is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {', '.join(missing)}, which the {objective!r} objective needs; "
+                         "add them to the tokenizer or train one (leave --tokenizer_name unset)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------------
+def pack_into_blocks(split: Dataset, tokenizer, block_size: int) -> Dataset:
+    """Tokenize each document, append EOS, concatenate and cut into `block_size` token blocks ("input_ids").
+
+    The tail shorter than a block is dropped, so every block is full and no padding is needed.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [doc + [eos] for doc in ids]}
+
+    def concatenate_and_cut(batch):
+        stream = [t for doc in batch["ids"] for t in doc]
+        usable = len(stream) // block_size * block_size
+        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+
+    tokenized = split.map(tokenize, batched=True, remove_columns=split.column_names, desc="tokenizing")
+    # Large map batches keep the dropped tails (one per batch) negligible.
+    blocks = tokenized.map(concatenate_and_cut, batched=True, batch_size=2000, remove_columns=["ids"], desc="packing")
+    if len(blocks) == 0:
+        raise ValueError(f"the split holds fewer than block_size={block_size} tokens: use more text or a smaller block")
+    return blocks.with_format("torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collators: packed blocks -> model inputs. Each takes an explicit torch.Generator so the training loop can make
+# every step's randomness a function of (seed, step): resumed runs then replay exactly what an uninterrupted run did.
+# ----------------------------------------------------------------------------------------------------------------
+def _stack_blocks(examples) -> torch.Tensor:
+    """A (batch, block) tensor from a stacked tensor or a list of {"input_ids": ...} rows."""
+    if isinstance(examples, torch.Tensor):
+        return examples
+    return torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
+
+
+class CausalLMCollator:
+    """Labels are the inputs; the model shifts them (position t predicts token t+1)."""
+
+    def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
+        input_ids = _stack_blocks(examples)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+    @staticmethod
+    def count_label_tokens(batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != -100).sum()
+
+
+class MaskedLMCollator:
+    """BERT masking: each non-special token is selected with `mlm_probability`; of those 80% become the mask
+    token, 10% a uniformly random token and 10% stay. Only selected tokens carry labels."""
+
+    def __init__(self, tokenizer, mlm_probability: float = 0.15):
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability={mlm_probability} must lie in (0, 1)")
+        check_tokenizer_for_objective(tokenizer, "mlm")
+        self.mask_token_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.mlm_probability = mlm_probability
+
+    def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
+        input_ids = _stack_blocks(examples)
+        maskable = ~torch.isin(input_ids, self.special_ids)
+        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+        choice = torch.rand(input_ids.shape, generator=generator)
+        masked = input_ids.clone()
+        masked[selected & (choice < 0.8)] = self.mask_token_id
+        randomised = selected & (choice >= 0.8) & (choice < 0.9)
+        masked[randomised] = torch.randint(self.vocab_size, input_ids.shape, generator=generator)[randomised]
+        return {"input_ids": masked, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    @staticmethod
+    def count_label_tokens(batch) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+
+def _noise_span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) for a block, as T5 computes them (at least one of each, and one kept token)."""
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    spans = max(min(round(noise / mean_span_length), noise, length - noise), 1)
+    return noise, spans
+
+
+def _random_segmentation(total: int, segments: int, generator) -> torch.Tensor:
+    """Lengths of `segments` non-empty pieces that sum to `total`, uniformly over such partitions."""
+    cuts = torch.randperm(total - 1, generator=generator)[: segments - 1].sort().values + 1
+    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])
+    return bounds.diff()
+
+
+class SpanCorruptionCollator:
+    """T5 span corruption: `noise_density` of each block's tokens, in spans of mean length `mean_span_length`,
+    are replaced in the encoder input by one sentinel each; the labels list each sentinel followed by the span it
+    hides, then EOS. Block length fixes every count, so all inputs (and all labels) have one length: no padding.
+    """
+
+    def __init__(self, tokenizer, block_size: int, noise_density: float = 0.15, mean_span_length: float = 3.0):
+        if not 0.0 < noise_density < 1.0:
+            raise ValueError(f"noise_density={noise_density} must lie in (0, 1)")
+        if mean_span_length < 1:
+            raise ValueError(f"mean_span_length={mean_span_length} must be >= 1")
+        check_tokenizer_for_objective(tokenizer, "seq2seq")
+        self.noise, self.spans = _noise_span_counts(block_size, noise_density, mean_span_length)
+        sentinels = [SENTINEL_TEMPLATE.format(i) for i in range(self.spans)]
+        vocab = tokenizer.get_vocab()
+        if any(s not in vocab for s in sentinels):
+            raise ValueError(f"span corruption of {block_size}-token blocks needs sentinel tokens <extra_id_0> .. "
+                             f"<extra_id_{self.spans - 1}>: call add_sentinel_tokens(tokenizer, {self.spans}) first")
+        self.sentinel_ids = torch.tensor([vocab[s] for s in sentinels])
+        self.block_size = block_size
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def corrupt(self, block: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder input, labels) for one block of token ids."""
+        if block.numel() != self.block_size:
+            raise ValueError(f"span corruption was set up for {self.block_size}-token blocks, got {block.numel()}")
+        noise_lengths = _random_segmentation(self.noise, self.spans, generator)
+        kept_lengths = _random_segmentation(self.block_size - self.noise, self.spans, generator)
+        inputs, labels, start = [], [], 0
+        for sentinel, kept, noise in zip(self.sentinel_ids, kept_lengths.tolist(), noise_lengths.tolist()):
+            inputs += [block[start:start + kept], sentinel.view(1)]
+            labels += [sentinel.view(1), block[start + kept:start + kept + noise]]
+            start += kept + noise
+        eos = torch.tensor([self.eos_token_id])
+        return torch.cat(inputs + [eos]), torch.cat(labels + [eos])
+
+    def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
+        pairs = [self.corrupt(block, generator) for block in _stack_blocks(examples)]
+        input_ids = torch.stack([p[0] for p in pairs])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "labels": torch.stack([p[1] for p in pairs])}
+
+    def restore(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The original block from one (encoder input, labels) pair: the inverse of `corrupt`."""
+        sentinel_position = {int(s): i for i, s in enumerate(self.sentinel_ids)}
+        hidden = [[] for _ in self.sentinel_ids]
+        current = None
+        for token in labels.tolist()[:-1]:
+            if token in sentinel_position:
+                current = sentinel_position[token]
+            else:
+                hidden[current].append(token)
+        restored = []
+        for token in input_ids.tolist()[:-1]:
+            restored += hidden[sentinel_position[token]] if token in sentinel_position else [token]
+        return torch.tensor(restored)
+
+    @staticmethod
+    def count_label_tokens(batch) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+
+def make_collator(objective: str, tokenizer, block_size: int, mlm_probability: float = 0.15,
+                  noise_density: float = 0.15, mean_span_length: float = 3.0):
+    if objective == "clm":
+        check_tokenizer_for_objective(tokenizer, "clm")
+        return CausalLMCollator()
+    if objective == "mlm":
+        return MaskedLMCollator(tokenizer, mlm_probability)
+    if objective == "seq2seq":
+        return SpanCorruptionCollator(tokenizer, block_size, noise_density, mean_span_length)
+    raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+
+
+def token_sample(blocks: Dataset, max_blocks: int) -> list[list[int]]:
+    """Evenly spaced blocks of token ids: the sample r0 is estimated from."""
+    step = max(1, math.ceil(len(blocks) / max_blocks))
+    return [blocks[i]["input_ids"].tolist() for i in range(0, len(blocks), step)]

@@ -1,0 +1,667 @@
+"""Pretraining of DeepScaleLM models through accelerate: causal LM, masked LM or seq2seq span corruption.
+
+One process (CPU or GPU):
+    accelerate launch --cpu scripts/pretrain.py --preset deep-48 --max_steps 300 --output_dir runs/deep-48
+Two gloo ranks on CPU (see ../shared/HF_NOTES.md):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --main_process_port 29511 scripts/pretrain.py --preset tiny --output_dir runs/tiny
+Several GPUs: `accelerate launch --config_file accelerate_configs/ddp.yaml scripts/pretrain.py ...`
+(or fsdp2.yaml, deepspeed_zero2.yaml, deepspeed_zero3.yaml). `dslm-pretrain` is the same entry point.
+
+What makes runs reproducible and resumable: the data order is a permutation seeded by (seed, epoch); every step
+seeds dropout and the collator's masking from (seed, step, rank); checkpoints hold model, optimizer, scheduler, RNG
+and the step, from which the data position follows. A resumed run therefore replays the uninterrupted one exactly.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    GenerationConfig,
+    HfArgumentParser,
+    get_scheduler,
+)
+
+from . import data
+from .configuration_deepscalelm import DeepScaleLMConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
+TRAINER_STATE = "trainer_state.json"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+@dataclass
+class PretrainingArguments:
+    output_dir: str = field(metadata={"help": "Run folder: tokenizer/, checkpoints/, final/, metrics.jsonl, tensorboard/."})
+    objective: str = field(default="clm", metadata={"help": f"One of {data.OBJECTIVES}: causal LM, masked LM (15%, "
+                                                            "80/10/10) or encoder-decoder span corruption."})
+    preset: str | None = field(default=None, metadata={"help": "Model preset from dslm_hf/presets (tiny, deep-48, "
+                                                                "deep-192, deep-1000). Default tiny unless --config_name."})
+    config_name: str | None = field(default=None, metadata={"help": "JSON file of DeepScaleLMConfig kwargs instead of a preset."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Comma-separated key=value config overrides, e.g. 'num_hidden_layers=4,hidden_dropout_prob=0'."})
+    dataset: str = field(default=data.DEFAULT_CORPUS, metadata={
+        "help": "'default' (the Python standard library's source text, offline), comma-separated local text files, "
+                "or a Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    default_corpus_megabytes: float = field(default=4.0, metadata={"help": "Size of the embedded default corpus."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Held-out tail of the rows when the dataset has no validation split."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Existing tokenizer (path or Hub id). "
+                                                                        "Unset: train a byte-level BPE on the training text."})
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained byte-level BPE."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per packed training block (sequence length)."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "MLM: share of tokens selected for prediction."})
+    noise_density: float = field(default=0.15, metadata={"help": "seq2seq: share of tokens hidden in spans."})
+    mean_span_length: float = field(default=3.0, metadata={"help": "seq2seq: mean length of a hidden span."})
+    r0_sample_blocks: int = field(default=256, metadata={"help": "Training blocks sampled to estimate the embedding correlation r0."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per micro-step."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Blocks per process per evaluation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases or LayerNorm)."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {SCHEDULES} (transformers.get_scheduler)."})
+    warmup_ratio: float = field(default=0.01, metadata={"help": "Warmup steps as a share of max_steps (the paper: 1%)."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps; the schedule decays over them."})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "Stop (evaluate, save) after this many minutes even before max_steps; the schedule stays set by max_steps."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISIONS} (through Accelerator)."})
+    seed: int = 42
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Evaluate every N steps (and at the end)."})
+    max_eval_blocks: int = field(default=256, metadata={"help": "Held-out blocks evaluated each time."})
+    save_steps: int = field(default=100, metadata={"help": "save_state checkpoint every N steps (0: none)."})
+    checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none) or a checkpoint path."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start fresh even if output_dir holds checkpoints."})
+    max_nonfinite_steps: int = field(default=10, metadata={
+        "help": "Steps with a NaN/inf loss or gradient are skipped; the run stops when more than this many were skipped."})
+    report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'; metrics.jsonl is always written."})
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of the generated sample printed at the end."})
+
+    def __post_init__(self):
+        def fail(name, allowed):
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if self.objective not in data.OBJECTIVES:
+            fail("objective", f"expected one of {data.OBJECTIVES}")
+        if self.preset is not None and self.config_name is not None:
+            fail("config_name", "give either --preset or --config_name, not both")
+        if self.preset is None and self.config_name is None:
+            self.preset = "tiny"
+        if self.preset is not None and self.preset not in available_presets():
+            fail("preset", f"expected one of {available_presets()}")
+        if self.config_name is not None and not Path(self.config_name).is_file():
+            fail("config_name", "no such file")
+        for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps", "max_eval_blocks",
+                     "r0_sample_blocks", "vocab_size"):
+            if getattr(self, name) < 1:
+                fail(name, "expected a positive integer")
+        for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens"):
+            if getattr(self, name) < 0:
+                fail(name, "expected a non-negative integer")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            fail("checkpoints_total_limit", "expected a positive integer or unset")
+        if self.lr_scheduler_type not in SCHEDULES:
+            fail("lr_scheduler_type", f"expected one of {SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            fail("mixed_precision", f"expected one of {MIXED_PRECISIONS}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            fail("warmup_ratio", "expected a share in [0, 1)")
+        if self.learning_rate <= 0:
+            fail("learning_rate", "expected a positive number")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            fail("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            fail("max_train_minutes", "expected a positive number of minutes")
+        if self.report_to not in ("tensorboard", "none"):
+            fail("report_to", "expected 'tensorboard' or 'none'")
+
+
+def parse_arguments(argv=None) -> PretrainingArguments:
+    """Command line -> PretrainingArguments; invalid values exit with the message (no traceback)."""
+    parser = HfArgumentParser(PretrainingArguments)
+    parser.prog = "dslm-pretrain"
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model configuration
+# ----------------------------------------------------------------------------------------------------------------
+def parse_config_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=true,d=relu' -> {"a": 1, "b": 0.5, "c": True, "d": "relu"} (values read as JSON, else strings)."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config_overrides item {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def preset_kwargs(args: PretrainingArguments) -> dict:
+    path = PRESETS_DIR / f"{args.preset}.json" if args.preset else Path(args.config_name)
+    kwargs = json.loads(path.read_text())
+    kwargs.update(parse_config_overrides(args.config_overrides))
+    return kwargs
+
+
+def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> DeepScaleLMConfig:
+    """The preset, made concrete for this data: vocabulary and special ids from the tokenizer, the objective's
+    architecture, init_sequence_length = block size, and r0 estimated from a sample of the training blocks."""
+    kwargs = preset_kwargs(args)
+    kwargs.update(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        is_decoder=args.objective == "clm",
+        is_encoder_decoder=args.objective == "seq2seq",
+        init_sequence_length=args.block_size,
+    )
+    if args.objective == "seq2seq":
+        kwargs["decoder_start_token_id"] = tokenizer.bos_token_id
+    config = DeepScaleLMConfig(**kwargs)
+    if config.max_position_embeddings < args.block_size:
+        raise ValueError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}: lower it or override max_position_embeddings")
+    config.embedding_correlation = config.estimate_embedding_correlation(data.token_sample(train_blocks, args.r0_sample_blocks))
+    return config
+
+
+def build_model(config, objective: str):
+    return AUTO_MODEL_CLASSES[objective].from_config(config)
+
+
+def adamw_parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm gains (1-D) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Determinism: data order per epoch, randomness per step
+# ----------------------------------------------------------------------------------------------------------------
+def derived_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of its parts (seed, step, rank...)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+class EpochPermutationSampler(torch.utils.data.Sampler):
+    """A random order that depends only on (seed, epoch): the data position after a resume follows from the step."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", self.epoch))
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+
+def stack_blocks(examples) -> torch.Tensor:
+    return torch.stack([e["input_ids"] for e in examples])
+
+
+def micro_batches(accelerator, dataloader, sampler, start: int):
+    """Endless stream of per-process micro-batches across epochs, starting after `start` consumed ones."""
+    per_epoch = len(dataloader)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(dataloader, offset) if offset else dataloader
+        epoch, offset = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, a manifest marker last, then renamed into place
+# ----------------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    pass
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint_marker(folder: Path, step: int) -> None:
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    marker = folder / CHECKPOINT_MARKER
+    marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> int:
+    """The checkpoint's step; CheckpointError saying what is wrong when it is incomplete or corrupt."""
+    marker = folder / CHECKPOINT_MARKER
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: it has no {CHECKPOINT_MARKER} "
+                              "(the run stopped while writing it)")
+    try:
+        manifest = json.loads(marker.read_text())
+        step, files = int(manifest["step"]), manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: unreadable {CHECKPOINT_MARKER} ({error})") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
+                                  f"expected {expected['bytes']}")
+        if _file_digest(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its recorded sha256")
+    return step
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Checkpoint folders (complete or not), newest step first; temporary folders are not listed."""
+    folders = [p for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+               if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
+
+
+def resolve_checkpoint(request: str | None, run_dir: Path, say=print) -> Path | None:
+    """'latest' -> newest complete checkpoint (None if none; skipped broken ones are reported); a path -> that
+    checkpoint, which must be complete (CheckpointError otherwise)."""
+    if request is None:
+        return None
+    if request != "latest":
+        verify_checkpoint(Path(request))
+        return Path(request)
+    for folder in checkpoint_folders(run_dir):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as error:
+            say(f"skipping {error}")
+            continue
+        say(f"resuming from the newest complete checkpoint: {folder}")
+        return folder
+    say(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
+    return None
+
+
+def save_checkpoint(accelerator, run_dir: Path, trainer_state: dict, limit: int | None) -> Path:
+    """accelerator.save_state into a temporary folder, then the trainer state and the marker, then rename."""
+    step = trainer_state["step"]
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+    staging = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+        write_checkpoint_marker(staging, step)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        if limit is not None:
+            for old in checkpoint_folders(run_dir)[limit:]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------------------
+class JsonlTracker(GeneralTracker):
+    """An accelerate tracker appending one JSON object per `log` call to a file (rank 0 only)."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict):
+        self._append({"config": values})
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self._append({"step": step, **values})
+
+    def _append(self, record: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss, evaluation, the training loop
+# ----------------------------------------------------------------------------------------------------------------
+def compute_loss(model, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
+    """Sum of this micro-batch's token losses divided by the label tokens of the whole window on all ranks."""
+    return model(**batch, num_items_in_batch=num_items_in_batch).loss
+
+
+def to_device(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, dataloader, collator, seed: int) -> dict:
+    """Token-level mean loss over the held-out blocks (all ranks) and its perplexity."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for index, blocks in enumerate(dataloader):
+        generator = torch.Generator().manual_seed(derived_seed(seed, "eval", index, accelerator.process_index))
+        batch = to_device(collator(blocks.cpu(), generator), accelerator.device)
+        count = collator.count_label_tokens(batch)
+        loss_sum += model(**batch).loss.double() * count
+        tokens += count
+    model.train()
+    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+def training_window(accelerator, model, batches: list[dict], collator) -> tuple[torch.Tensor, bool]:
+    """Forward/backward over one accumulation window with token-level normalisation.
+
+    The label tokens of the window are counted on every rank and summed, so each micro-batch's loss is its token
+    sum over that global count; DDP averages gradients over ranks, hence the factor num_processes. Returns the
+    window's mean token loss (all ranks) and whether every micro-batch was finite (agreed on by all ranks; a
+    non-finite one stops the window before its backward so the gradients stay clean).
+    """
+    local_items = sum(collator.count_label_tokens(b) for b in batches)
+    items = accelerator.reduce(local_items.to(accelerator.device), "sum")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = compute_loss(model, batch, items)
+            nonfinite = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum")
+            if nonfinite.item() > 0:
+                return loss_sum, False
+            accelerator.backward(loss * accelerator.num_processes)
+            loss_sum += loss.detach().double() * items
+    return accelerator.reduce(loss_sum, "sum") / items, True
+
+
+def write_model_card(folder: Path, args: PretrainingArguments, config, metrics: dict) -> None:
+    stacks = ", ".join(f"{name}: {layers} layers" for name, layers, _ in config.residual_stacks())
+    loader = AUTO_MODEL_CLASSES[args.objective].__name__
+    text = f"""---
+library_name: transformers
+tags: [deepscalelm, dslm_hf]
+---
+# DeepScaleLM ({args.objective}) pretrained with dslm_hf
+
+A DeepScaleLM transformer (Kedia et al., "Transformers Get Stable", ICML 2024) with {stacks},
+hidden size {config.hidden_size}, {config.norm_placement}-LN, init scheme `{config.init_scheme}`,
+embedding correlation r0 = {config.embedding_correlation:.4f} estimated from the training data.
+
+Pretraining: objective `{args.objective}`, dataset `{args.dataset}`, block size {args.block_size},
+{metrics['step']} optimizer steps, peak learning rate {args.learning_rate}.
+Held-out loss {metrics.get('eval_loss', float('nan')):.4f}, perplexity {metrics.get('eval_perplexity', float('nan')):.2f}.
+
+```python
+from transformers import {loader}, AutoTokenizer
+model = {loader}.from_pretrained("path/to/this/folder", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+"""
+    (folder / "README.md").write_text(text)
+
+
+def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new_tokens: int, collator=None) -> str:
+    """Reload the saved folder (proving it loads) and produce text: a continuation (clm), the filled spans
+    (seq2seq) or the predictions at masked positions (mlm)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AUTO_MODEL_CLASSES[objective].from_pretrained(folder).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if objective == "clm":
+            prompt = torch.tensor([prompt_ids])
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False)
+            return tokenizer.decode(output[0])
+        batch = collator(torch.tensor([prompt_ids]), generator)
+        if objective == "seq2seq":
+            output = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    max_new_tokens=batch["labels"].shape[1], do_sample=False)
+            return f"input: {tokenizer.decode(batch['input_ids'][0])}\nspans: {tokenizer.decode(output[0])}"
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        masked = batch["labels"][0] != -100
+        filled = batch["input_ids"][0].clone()
+        filled[masked] = logits[0].argmax(-1)[masked]
+        return f"input: {tokenizer.decode(batch['input_ids'][0])}\nfilled: {tokenizer.decode(filled)}"
+
+
+def train(args: PretrainingArguments) -> dict:
+    """Run pretraining; returns the final metrics (step, eval_loss, eval_perplexity, nonfinite_steps, paths)."""
+    run_dir = Path(args.output_dir)
+    trackers = [JsonlTracker(run_dir / "metrics.jsonl")] + (["tensorboard"] if args.report_to == "tensorboard" else [])
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    say = accelerator.print
+    try:
+        resume_dir = resolve_checkpoint(args.resume_from_checkpoint, run_dir, say)
+    except CheckpointError as error:
+        raise SystemExit(f"dslm-pretrain: cannot resume: {error}") from None
+    if resume_dir is None and not args.overwrite_output_dir and checkpoint_folders(run_dir):
+        raise SystemExit(f"dslm-pretrain: {run_dir} already holds checkpoints: pass --resume_from_checkpoint latest "
+                         "to continue, or --overwrite_output_dir to start over")
+
+    # Data and tokenizer: rank 0 first (it trains and saves the tokenizer), the others load what it saved.
+    tokenizer_dir = run_dir / "tokenizer"
+    with accelerator.main_process_first():
+        splits = data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+                                  validation_fraction=args.validation_fraction,
+                                  default_corpus_megabytes=args.default_corpus_megabytes)
+        reuse_saved = tokenizer_dir.is_dir() and (resume_dir is not None or not accelerator.is_main_process)
+        if reuse_saved:
+            tokenizer = data.load_tokenizer(str(tokenizer_dir))
+        elif args.tokenizer_name:
+            tokenizer = data.load_tokenizer(args.tokenizer_name)
+        else:
+            tokenizer = data.train_byte_level_bpe(splits["train"]["text"], args.vocab_size)
+        if args.objective == "seq2seq":
+            data.add_sentinel_tokens(tokenizer, data.span_corruption_sentinel_count(
+                args.block_size, args.noise_density, args.mean_span_length))
+        data.check_tokenizer_for_objective(tokenizer, args.objective)
+        if accelerator.is_main_process and not reuse_saved:
+            tokenizer.save_pretrained(tokenizer_dir)
+        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
+        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
+    collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
+                                  args.noise_density, args.mean_span_length)
+
+    config = build_model_config(args, tokenizer, train_blocks)
+    say(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
+    set_seed(args.seed)
+    model = build_model(config, args.objective)
+    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}")
+
+    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    # The scheduler is stepped once per optimizer step on every rank and is not given to prepare(), which would
+    # step it num_processes times; it is checkpointed through register_for_checkpointing instead.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
+                              num_training_steps=args.max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    sampler = EpochPermutationSampler(len(train_blocks), args.seed)
+    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=args.per_device_train_batch_size,
+                                               sampler=sampler, drop_last=True, collate_fn=stack_blocks)
+    # Whole evaluation rounds only, so that no rank sees a padded or duplicated block.
+    eval_round = args.per_device_eval_batch_size * accelerator.num_processes
+    eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
+    if eval_count == 0:
+        raise ValueError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
+                         f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
+    eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)), batch_size=args.per_device_eval_batch_size,
+                                              collate_fn=stack_blocks)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if len(train_loader) == 0:
+        raise ValueError(f"the training split has {len(train_blocks)} blocks, fewer than one batch on each of "
+                         f"{accelerator.num_processes} processes")
+
+    step, nonfinite_steps = 0, 0
+    layout = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": args.per_device_train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
+    if resume_dir is not None:
+        state = json.loads((resume_dir / TRAINER_STATE).read_text())
+        if state["layout"] != layout:
+            raise SystemExit(f"dslm-pretrain: checkpoint {resume_dir} was written with {state['layout']}, this run has "
+                             f"{layout}: resuming with another batch layout would change the data order")
+        accelerator.load_state(str(resume_dir))
+        step, nonfinite_steps = state["step"], state["nonfinite_steps"]
+        say(f"resumed at step {step} ({nonfinite_steps} non-finite steps skipped so far)")
+
+    accelerator.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(run_dir / "model_config")
+
+    batches = micro_batches(accelerator, train_loader, sampler, step * args.gradient_accumulation_steps)
+    progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="pretraining")
+    started = time.monotonic()
+    window_started, window_tokens = time.monotonic(), 0
+    metrics = {}
+    model.train()
+    while step < args.max_steps:
+        # Dropout and masking of this step depend only on (seed, step, rank): a resumed run replays them.
+        step_seed = derived_seed(args.seed, "step", step, accelerator.process_index)
+        torch.manual_seed(step_seed)
+        generator = torch.Generator().manual_seed(step_seed)
+        window = [to_device(collator(next(batches).cpu(), generator), accelerator.device)
+                  for _ in range(args.gradient_accumulation_steps)]
+        loss, finite = training_window(accelerator, model, window, collator)
+        grad_norm = None
+        if finite and args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        else:
+            nonfinite_steps += 1
+            say(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # also on skipped steps: the learning rate stays a function of the step
+        step += 1
+        window_tokens += sum(b["input_ids"].numel() for b in window) * accelerator.num_processes
+        progress.update(1)
+        if nonfinite_steps > args.max_nonfinite_steps:
+            accelerator.end_training()
+            raise SystemExit(f"dslm-pretrain: stopping at step {step}: {nonfinite_steps} steps had a non-finite loss or "
+                             f"gradient, more than --max_nonfinite_steps={args.max_nonfinite_steps}")
+        if finite:
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                 tok_s=f"{window_tokens / max(time.monotonic() - window_started, 1e-9):.0f}")
+        if step % args.logging_steps == 0 or step == args.max_steps:
+            record = {"lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_steps,
+                      "tokens_per_second": window_tokens / max(time.monotonic() - window_started, 1e-9)}
+            if finite:
+                record["loss"] = loss.item()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+            accelerator.log(record, step=step)
+            window_started, window_tokens = time.monotonic(), 0
+        out_of_time = args.max_train_minutes is not None and time.monotonic() - started > 60 * args.max_train_minutes
+        # Every rank must stop at the same step: agree on the slowest clock.
+        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
+        last = step == args.max_steps or out_of_time
+        if step % args.eval_steps == 0 or last:
+            metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
+            accelerator.log(metrics, step=step)
+            say(f"step {step}: held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
+        if args.save_steps and (step % args.save_steps == 0 or last):
+            save_checkpoint(accelerator, run_dir, {"step": step, "nonfinite_steps": nonfinite_steps, "layout": layout},
+                            args.checkpoints_total_limit)
+        if out_of_time:
+            say(f"--max_train_minutes={args.max_train_minutes} reached at step {step}: stopping")
+            break
+    progress.close()
+
+    if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
+        metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
+    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"))
+    final_dir = run_dir / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.can_generate():
+        unwrapped.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+        write_model_card(final_dir, args, config, metrics)
+        if args.sample_max_new_tokens:
+            prompt = eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
+            sample = generate_sample(final_dir, args.objective, prompt, args.sample_max_new_tokens, collator)
+            print(f"\n=== generated sample (greedy, from {final_dir}) ===\n{sample}\n", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def main(argv=None) -> dict:
+    return train(parse_arguments(argv))
+
+
+if __name__ == "__main__":
+    main()
