@@ -54,3 +54,4 @@ __all__ = [
     "DeepScaleLMForTokenClassification",
     "DeepScaleLMForQuestionAnswering",
 ]
+from . import peft_support  # noqa: F401,E402  registers LoRA defaults

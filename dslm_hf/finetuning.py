@@ -1,0 +1,502 @@
+"""Fine-tuning DeepScaleLM checkpoints with transformers `Trainer`, optionally through PEFT LoRA.
+
+Tasks (`--task`): sequence-classification, token-classification, question-answering (extractive, SQuAD format),
+causal-sft (prompt -> response on a decoder; prompt tokens are masked out of the loss) and seq2seq-sft
+(prompt -> response on an encoder-decoder). Every `TrainingArguments` flag works as usual
+(`--activation_checkpointing`, `--bf16`, `--resume_from_checkpoint`, `--eval_strategy`, ...).
+
+    dslm-finetune --task sequence-classification --model_name_or_path path/or/repo-id \
+        --train_file train.jsonl --validation_file dev.jsonl --output_dir out \
+        --num_train_epochs 3 --learning_rate 1e-4 [--lora --lora_r 8 --lora_alpha 16]
+
+See docs/finetuning.md for the data formats and metrics.
+"""
+
+import math
+import os
+import re
+import string
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
+
+
+class FinetuneInputError(ValueError):
+    """Bad user input (task, data, checkpoint) found before training; `main` prints it without a traceback."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    auto_model_class: type
+    peft_task_type: str
+    needs: str  # which kind of checkpoint the task needs, for error messages
+
+
+_ONE_STACK = "a decoder or an encoder checkpoint (config.is_encoder_decoder=False)"
+TASKS = {
+    "sequence-classification": TaskSpec(AutoModelForSequenceClassification, "SEQ_CLS", _ONE_STACK),
+    "token-classification": TaskSpec(AutoModelForTokenClassification, "TOKEN_CLS", _ONE_STACK),
+    "question-answering": TaskSpec(AutoModelForQuestionAnswering, "QUESTION_ANS", _ONE_STACK),
+    "causal-sft": TaskSpec(AutoModelForCausalLM, "CAUSAL_LM", "a decoder checkpoint (config.is_decoder=True)"),
+    "seq2seq-sft": TaskSpec(AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM",
+                            "an encoder-decoder checkpoint (config.is_encoder_decoder=True)"),
+}
+
+
+@dataclass
+class FinetuneArguments:
+    task: str = field(metadata={"help": "What to fine-tune for.", "choices": list(TASKS)})
+    model_name_or_path: str = field(metadata={"help": "DeepScaleLM checkpoint: a local folder or a Hub repo id."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
+    revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of the checkpoint."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Load the model code shipped with the checkpoint (needed where dslm_hf is not installed)."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .csv/.json/.jsonl/.txt training data."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data (same format)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` Hub dataset (instead of files)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the training split held out for evaluation when the data has no validation split."})
+    text_column: str = field(default="text", metadata={"help": "sequence-classification: the input text."})
+    text_pair_column: str | None = field(default=None, metadata={
+        "help": "sequence-classification: an optional second text (sentence pairs)."})
+    label_column: str = field(default="label", metadata={
+        "help": "sequence-classification: class (int or string); token-classification: per-word tags (list)."})
+    tokens_column: str = field(default="tokens", metadata={"help": "token-classification: the words (list)."})
+    question_column: str = field(default="question", metadata={"help": "question-answering: the question."})
+    context_column: str = field(default="context", metadata={"help": "question-answering: the passage."})
+    answers_column: str = field(default="answers", metadata={
+        "help": 'question-answering: SQuAD answers {"text": [...], "answer_start": [...]}.'})
+    prompt_column: str = field(default="prompt", metadata={
+        "help": "SFT: the prompt (not trained on). causal-sft with --prompt_column '' trains on whole texts."})
+    response_column: str = field(default="response", metadata={"help": "SFT: the target text."})
+    max_length: int = field(default=512, metadata={"help": "Longest tokenized input (and seq2seq target)."})
+    doc_stride: int = field(default=128, metadata={"help": "question-answering: overlap of split long contexts."})
+    max_answer_length: int = field(default=30, metadata={"help": "question-answering: longest predicted answer."})
+    lora: bool = field(default=False, metadata={
+        "help": "Train LoRA adapters (targets: dslm_hf.peft_support.DEFAULT_LORA_TARGET_MODULES) instead of all "
+                "weights; fresh task heads are trained in full."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (update scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise FinetuneInputError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
+        if (self.dataset_name is None) == (self.train_file is None):
+            raise FinetuneInputError("give exactly one data source: --train_file (local) or --dataset_name (Hub)")
+        if self.task == "seq2seq-sft" and not self.prompt_column:
+            raise FinetuneInputError("seq2seq-sft needs a --prompt_column: the prompt is the encoder input")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise FinetuneInputError(f"--validation_fraction={self.validation_fraction} must be in (0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+_LOADERS_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+
+
+def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
+    """`train` and `validation` splits from local files or a Hub dataset; a missing validation split is held out."""
+    if args.dataset_name is not None:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    else:
+        data_files = {"train": args.train_file}
+        if args.validation_file is not None:
+            data_files["validation"] = args.validation_file
+        suffixes = {os.path.splitext(path)[1].lower() for path in data_files.values()}
+        unknown = suffixes - set(_LOADERS_BY_SUFFIX)
+        if unknown or len({_LOADERS_BY_SUFFIX[s] for s in suffixes}) != 1:
+            raise FinetuneInputError(f"data files must share one format of {sorted(_LOADERS_BY_SUFFIX)}; got {data_files}")
+        raw = load_dataset(_LOADERS_BY_SUFFIX[suffixes.pop()], data_files=data_files)
+    if "train" not in raw:
+        raise FinetuneInputError(f"the data has no 'train' split (splits: {list(raw)})")
+    if "validation" not in raw:
+        held_out = raw["train"].train_test_split(test_size=args.validation_fraction, seed=seed)
+        raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
+    return DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+def required_columns(args: FinetuneArguments) -> list[str]:
+    """Columns the task reads, inputs first and the label column last."""
+    if args.task == "sequence-classification":
+        return [args.text_column] + ([args.text_pair_column] if args.text_pair_column else []) + [args.label_column]
+    if args.task == "token-classification":
+        return [args.tokens_column, args.label_column]
+    if args.task == "question-answering":
+        return [args.question_column, args.context_column, args.answers_column]
+    return ([args.prompt_column] if args.prompt_column else []) + [args.response_column]
+
+
+def check_columns(raw: DatasetDict, args: FinetuneArguments) -> None:
+    for split, dataset in raw.items():
+        for column in required_columns(args):
+            if column not in dataset.column_names:
+                raise FinetuneInputError(
+                    f"{args.task}: column {column!r} is missing from the {split} data; columns present: "
+                    f"{dataset.column_names} (name the right one with the matching --*_column flag)")
+
+
+def label_names_of(raw: DatasetDict, args: FinetuneArguments) -> list[str]:
+    """Sorted class names (strings, or the integers as strings) over both splits."""
+    values = set()
+    for dataset in raw.values():
+        column = dataset[args.label_column]
+        for value in column:
+            values.update(value if args.task == "token-classification" else [value])
+    if all(isinstance(v, int) for v in values):
+        if min(values) < 0:
+            raise FinetuneInputError(f"integer labels in {args.label_column!r} must be >= 0; found {min(values)}")
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def tokenize_sequence_classification(tokenizer, args, label2id, max_length):
+    def tokenize(batch):
+        pair = batch[args.text_pair_column] if args.text_pair_column else None
+        encoded = tokenizer(batch[args.text_column], pair, truncation=True, max_length=max_length)
+        encoded["labels"] = [label2id[str(label)] for label in batch[args.label_column]]
+        return encoded
+    return tokenize
+
+
+def tokenize_token_classification(tokenizer, args, label2id, max_length):
+    """Each word's tag goes to its first sub-word token; further sub-words and special tokens get IGNORE_INDEX."""
+    def tokenize(batch):
+        encoded = tokenizer(batch[args.tokens_column], is_split_into_words=True, truncation=True, max_length=max_length)
+        encoded["labels"] = []
+        for row, tags in enumerate(batch[args.label_column]):
+            labels, previous_word = [], None
+            for word in encoded.word_ids(row):
+                first_piece = word is not None and word != previous_word
+                labels.append(label2id[str(tags[word])] if first_piece else IGNORE_INDEX)
+                previous_word = word
+            encoded["labels"].append(labels)
+        return encoded
+    return tokenize
+
+
+def tokenize_question_answering(tokenizer, args, max_length):
+    """SQuAD-style features: long contexts split with overlap; each feature keeps its example index and the
+    character offsets of its context tokens (None elsewhere) for post-processing, and start/end token labels
+    (0, 0 where the answer is not inside the feature) so evaluation also reports a loss."""
+    pad_on_right = tokenizer.padding_side == "right"
+
+    def tokenize(batch, indices):
+        questions = [q.lstrip() for q in batch[args.question_column]]
+        first, second = (questions, batch[args.context_column]) if pad_on_right else (batch[args.context_column], questions)
+        encoded = tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
+                            max_length=max_length, stride=args.doc_stride, return_overflowing_tokens=True,
+                            return_offsets_mapping=True)
+        context_index = 1 if pad_on_right else 0
+        encoded["example_index"], encoded["start_positions"], encoded["end_positions"] = [], [], []
+        for feature, example in enumerate(encoded.pop("overflow_to_sample_mapping")):
+            sequence_ids = encoded.sequence_ids(feature)
+            offsets = [offset if sequence_ids[k] == context_index else None
+                       for k, offset in enumerate(encoded["offset_mapping"][feature])]
+            encoded["offset_mapping"][feature] = offsets
+            encoded["example_index"].append(indices[example])
+            answers = batch[args.answers_column][example]
+            start_char = answers["answer_start"][0]
+            end_char = start_char + len(answers["text"][0])
+            context_tokens = [k for k, offset in enumerate(offsets) if offset is not None]
+            start_token = end_token = 0
+            if context_tokens and offsets[context_tokens[0]][0] <= start_char and end_char <= offsets[context_tokens[-1]][1]:
+                start_token = next(k for k in context_tokens if offsets[k][1] > start_char)
+                end_token = next(k for k in reversed(context_tokens) if offsets[k][0] < end_char)
+            encoded["start_positions"].append(start_token)
+            encoded["end_positions"].append(end_token)
+        return encoded
+    return tokenize
+
+
+def tokenize_sft(tokenizer, args, max_length, encoder_decoder: bool):
+    """causal-sft: input = prompt + response + eos, labels = IGNORE_INDEX over the prompt, the ids over the
+    response (the model shifts them). seq2seq-sft: encoder input = prompt, labels = response + eos."""
+    eos = [tokenizer.eos_token_id]
+
+    def tokenize(batch):
+        responses = tokenizer(batch[args.response_column], add_special_tokens=False)["input_ids"]
+        prompts = (tokenizer(batch[args.prompt_column], add_special_tokens=False)["input_ids"]
+                   if args.prompt_column else [[] for _ in responses])
+        if encoder_decoder:
+            encoded = tokenizer(batch[args.prompt_column], truncation=True, max_length=max_length)
+            encoded["labels"] = [(response + eos)[:max_length] for response in responses]
+            return encoded
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        input_ids, labels = [], []
+        for prompt, response in zip(prompts, responses):
+            context = bos + prompt
+            input_ids.append((context + response + eos)[:max_length])
+            labels.append(([IGNORE_INDEX] * len(context) + response + eos)[:max_length])
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+    return tokenize
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (fractions in [0, 1])
+# ----------------------------------------------------------------------------------------------------------------
+def accuracy_and_macro_f1(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """Accuracy and F1 averaged over the classes that occur in the references or the predictions."""
+    f1s = []
+    for label in np.union1d(predictions, references):
+        true_positive = np.sum((predictions == label) & (references == label))
+        predicted, actual = np.sum(predictions == label), np.sum(references == label)
+        f1s.append(2.0 * true_positive / (predicted + actual))
+    return {"accuracy": float(np.mean(predictions == references)), "f1": float(np.mean(f1s))}
+
+
+def sequence_classification_metrics(eval_prediction) -> dict[str, float]:
+    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+    return accuracy_and_macro_f1(logits.argmax(-1), eval_prediction.label_ids)
+
+
+def token_classification_metrics(eval_prediction) -> dict[str, float]:
+    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+    labels = eval_prediction.label_ids
+    scored = labels != IGNORE_INDEX
+    return accuracy_and_macro_f1(logits.argmax(-1)[scored], labels[scored])
+
+
+def language_model_token_scores(label_shift: int) -> Callable:
+    """`preprocess_logits_for_metrics` for SFT: per label token, its log-probability and whether the argmax hits
+    it, so evaluation keeps (batch, length) numbers instead of (batch, length, vocab) logits."""
+    def scores(logits, labels):
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        if label_shift:
+            logits, labels = logits[:, :-label_shift], labels[:, label_shift:]
+        safe_labels = labels.clamp(min=0).unsqueeze(-1)
+        log_probability = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe_labels).squeeze(-1)
+        hit = (logits.argmax(-1) == labels).float()
+        scored = labels != IGNORE_INDEX
+        return torch.where(scored, log_probability, 1.0), torch.where(scored, hit, -1.0)  # sentinels: unscored
+    return scores
+
+
+def sft_metrics(eval_prediction) -> dict[str, float]:
+    """Token accuracy and perplexity = exp(mean negative log-likelihood per response token)."""
+    log_probability, hit = eval_prediction.predictions
+    scored = hit >= 0.0  # padding between batches is -100, unscored positions -1
+    mean_nll = float(-log_probability[scored].mean())
+    return {"token_accuracy": float(hit[scored].mean()), "perplexity": math.exp(min(mean_nll, 700.0))}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(prediction: str, truth: str) -> float:
+    predicted_tokens, true_tokens = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = sum((Counter(predicted_tokens) & Counter(true_tokens)).values())
+    if not predicted_tokens or not true_tokens:
+        return float(predicted_tokens == true_tokens)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted_tokens), common / len(true_tokens)
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def best_answers(start_logits, end_logits, features, examples, context_column, max_answer_length) -> list[str]:
+    """Per example, the highest start+end logit span (start <= end, at most max_answer_length tokens, inside the
+    context) over all of its features, as text cut from the context with the offset mapping."""
+    best = {}
+    for feature_index, feature in enumerate(features):
+        offsets, example = feature["offset_mapping"], feature["example_index"]
+        starts, ends = start_logits[feature_index], end_logits[feature_index]
+        for start in (k for k in range(len(offsets)) if offsets[k] is not None):
+            for end in range(start, min(start + max_answer_length, len(offsets))):
+                if offsets[end] is None:
+                    continue
+                score = starts[start] + ends[end]
+                if example not in best or score > best[example][0]:
+                    best[example] = (score, offsets[start][0], offsets[end][1])
+    answers = []
+    for example_index, example in enumerate(examples):
+        _, start_char, end_char = best.get(example_index, (None, 0, 0))
+        answers.append(example[context_column][start_char:end_char])
+    return answers
+
+
+def question_answering_metrics(features, examples, args: FinetuneArguments) -> Callable:
+    """compute_metrics for QA: exact match and F1 (best over the gold answers) from start/end logits."""
+    def metrics(eval_prediction) -> dict[str, float]:
+        start_logits, end_logits = eval_prediction.predictions[:2]
+        predicted = best_answers(start_logits, end_logits, features, examples, args.context_column,
+                                 args.max_answer_length)
+        exact, f1 = [], []
+        for answer, example in zip(predicted, examples):
+            truths = example[args.answers_column]["text"]
+            exact.append(max(float(normalize_answer(answer) == normalize_answer(t)) for t in truths))
+            f1.append(max(answer_f1(answer, t) for t in truths))
+        return {"exact_match": float(np.mean(exact)), "f1": float(np.mean(f1))}
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def load_model(args: FinetuneArguments, tokenizer, label_names: list[str] | None):
+    """The task head on the checkpoint's weights; a checkpoint that cannot carry that head is a FinetuneInputError."""
+    spec = TASKS[args.task]
+    hub = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    config_overrides = {}
+    if label_names is not None:
+        config_overrides = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                            "label2id": {name: i for i, name in enumerate(label_names)}}
+    config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id  # sequence pooling and padding need to know the pad id
+    if args.task == "seq2seq-sft" and config.decoder_start_token_id is None:
+        raise FinetuneInputError(f"{args.model_name_or_path}: seq2seq-sft needs config.decoder_start_token_id "
+                                 "(the token the decoder starts from); set it in the checkpoint's config.json")
+    try:
+        model = spec.auto_model_class.from_pretrained(args.model_name_or_path, config=config, **hub)
+    except ValueError as error:
+        raise FinetuneInputError(
+            f"{args.model_name_or_path} cannot be fine-tuned for {args.task}: {error}. The task needs {spec.needs}; "
+            f"pick another task for this checkpoint or another checkpoint for this task") from error
+    if args.lora:
+        model = attach_lora(model, args)
+    return model
+
+
+def fresh_head_modules(model) -> list[str]:
+    """Top-level modules with weights outside the pretrained backbone (classifier, qa_outputs, ...)."""
+    return [name for name, module in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in module.parameters())]
+
+
+def attach_lora(model, args: FinetuneArguments):
+    """LoRA on the default DeepScaleLM targets (dslm_hf.peft_support); fresh heads are trained in full and saved
+    with the adapter. The causal and seq2seq heads are tied to the embeddings and stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    import dslm_hf.peft_support  # noqa: F401  registers the default targets even for remote-code models
+
+    spec = TASKS[args.task]
+    heads = fresh_head_modules(model) if spec.peft_task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") else None
+    lora_config = LoraConfig(task_type=spec.peft_task_type, r=args.lora_r, lora_alpha=args.lora_alpha,
+                             lora_dropout=args.lora_dropout, modules_to_save=heads)
+    return get_peft_model(model, lora_config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wiring
+# ----------------------------------------------------------------------------------------------------------------
+def check_tokenizer(tokenizer, args: FinetuneArguments) -> None:
+    if tokenizer.pad_token_id is None:
+        raise FinetuneInputError(f"the tokenizer of {args.model_name_or_path} has no pad token; batches need one "
+                                 "(save the tokenizer with pad_token set)")
+    if args.task in ("token-classification", "question-answering") and not tokenizer.is_fast:
+        raise FinetuneInputError(f"{args.task} needs a fast (tokenizers-backed) tokenizer for word ids / offsets")
+    if args.task.endswith("-sft") and tokenizer.eos_token_id is None:
+        raise FinetuneInputError(f"{args.task} ends every response with the eos token, and the tokenizer has none")
+
+
+def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> Trainer:
+    """Data, tokenizer, model, collator and metrics for the task, all checked before any training step."""
+    raw = load_raw_datasets(args, training_args.seed)
+    check_columns(raw, args)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path, revision=args.revision,
+                                              trust_remote_code=args.trust_remote_code)
+    check_tokenizer(tokenizer, args)
+    classification = args.task in ("sequence-classification", "token-classification")
+    label_names = label_names_of(raw, args) if classification else None
+    model = load_model(args, tokenizer, label_names)
+    config = model.config
+    max_length = min(args.max_length, config.max_position_embeddings)
+    if hasattr(config, "type_vocab_size") and config.type_vocab_size == 0:
+        tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
+
+    preprocess_logits_for_metrics = None
+    with training_args.main_process_first(desc="tokenizing"):
+        if args.task == "question-answering":
+            tokenize = tokenize_question_answering(tokenizer, args, max_length)
+            features = {split: data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names)
+                        for split, data in raw.items()}
+            compute_metrics = question_answering_metrics(features["validation"], raw["validation"], args)
+            collator = DataCollatorWithPadding(tokenizer)
+            tokenized = DatasetDict({split: data.remove_columns(["offset_mapping", "example_index"])
+                                     for split, data in features.items()})
+        else:
+            if classification:
+                label2id = {name: i for i, name in enumerate(label_names)}
+                make = tokenize_sequence_classification if args.task == "sequence-classification" else tokenize_token_classification
+                tokenize = make(tokenizer, args, label2id, max_length)
+                compute_metrics = (sequence_classification_metrics if args.task == "sequence-classification"
+                                   else token_classification_metrics)
+                collator = (DataCollatorWithPadding(tokenizer) if args.task == "sequence-classification"
+                            else DataCollatorForTokenClassification(tokenizer))
+            else:
+                encoder_decoder = args.task == "seq2seq-sft"
+                tokenize = tokenize_sft(tokenizer, args, max_length, encoder_decoder)
+                compute_metrics = sft_metrics
+                preprocess_logits_for_metrics = language_model_token_scores(label_shift=0 if encoder_decoder else 1)
+                collator = DataCollatorForSeq2Seq(tokenizer, model=model if encoder_decoder else None)
+            tokenized = DatasetDict({split: data.map(tokenize, batched=True, remove_columns=data.column_names)
+                                     for split, data in raw.items()})
+
+    return Trainer(model=model, args=training_args, train_dataset=tokenized["train"],
+                   eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
+                   compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+
+
+def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
+    """Train (resuming from `training_args.resume_from_checkpoint` if set), save, evaluate; returns the metrics
+    and the Trainer's log history."""
+    trainer = build_trainer(args, training_args)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    return {"train": train_result.metrics, "eval": eval_metrics, "log_history": trainer.state.log_history,
+            "global_step": trainer.state.global_step}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0])
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except FinetuneInputError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    finetune_args, training_args = parse_args(argv)
+    try:
+        finetune(finetune_args, training_args)
+    except FinetuneInputError as error:
+        raise SystemExit(f"dslm-finetune: error: {error}") from error
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

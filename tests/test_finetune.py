@@ -1,0 +1,153 @@
+"""dslm-finetune end to end: tiny DeepScaleLM checkpoints saved here, synthetic tasks, real Trainer runs."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+import dslm_hf
+from dslm_hf.finetuning import FinetuneInputError, finetune, main, parse_args
+
+WORDS = ["red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "rock", "fish", "star"]
+NEXT_WORD = {word: WORDS[(i + 5) % len(WORDS)] for i, word in enumerate(WORDS)}  # the fixed SFT mapping
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
+
+
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-pair tokenizer trained on the synthetic corpus, with BERT-style [CLS] a [SEP] b [SEP] templates."""
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.BPEDecoder()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=SPECIAL_TOKENS))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[EOS]")
+
+
+def sentence(rng: random.Random, length: int = 6) -> list[str]:
+    return [rng.choice(WORDS) for _ in range(length)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def task_rows(rng: random.Random, count: int) -> dict[str, list[dict]]:
+    """Synthetic data per task: does the sentence hold "apple"; which words are capitalised; which word follows
+    the "#" marker; the fixed word -> NEXT_WORD mapping."""
+    rows = {"classification": [], "tagging": [], "qa": [], "sft": []}
+    for i in range(count):
+        words = sentence(rng)
+        if i % 2:
+            words[rng.randrange(len(words))] = "apple"
+        rows["classification"].append({"text": " ".join(words), "label": "yes" if i % 2 else "no"})
+        words = [w.capitalize() if rng.random() < 0.5 else w for w in sentence(rng)]
+        rows["tagging"].append({"tokens": words, "tags": ["CAP" if w[0].isupper() else "low" for w in words]})
+        words, marked = sentence(rng, 8), rng.randrange(8)
+        context = " ".join(words[:marked] + ["#"] + words[marked:])
+        start = context.index("# ") + 2
+        rows["qa"].append({"question": "which word is marked ?", "context": context,
+                           "answers": {"text": [words[marked]], "answer_start": [start]}})
+        word = rng.choice(WORDS)
+        rows["sft"].append({"prompt": f"map {word} :", "response": NEXT_WORD[word]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Data files for every task and three pretrained-looking checkpoints (decoder, encoder, encoder-decoder)
+    sharing one tokenizer, saved with save_pretrained as a user's checkpoint would be."""
+    root = tmp_path_factory.mktemp("finetune")
+    rng = random.Random(0)
+    train, validation = task_rows(rng, 256), task_rows(rng, 32)
+    data = {}
+    for task in train:
+        data[task] = (write_jsonl(root / f"{task}_train.jsonl", train[task]),
+                      write_jsonl(root / f"{task}_validation.jsonl", validation[task]))
+    corpus = [" ".join(WORDS + [w.capitalize() for w in WORDS] + ["apple", "#", "map", ":", "which", "word", "is", "marked", "?"])] * 4
+    tokenizer = build_tokenizer(corpus)
+    r0 = dslm_hf.DeepScaleLMConfig(vocab_size=len(tokenizer)).estimate_embedding_correlation(
+        [tokenizer(row["text"])["input_ids"] for row in train["classification"]])
+    kinds = {"decoder": dict(is_decoder=True), "encoder": dict(is_decoder=False),
+             "encoder-decoder": dict(is_decoder=False, is_encoder_decoder=True, decoder_layers=2,
+                                     decoder_start_token_id=tokenizer.cls_token_id)}
+    heads = {"decoder": dslm_hf.DeepScaleLMForCausalLM, "encoder": dslm_hf.DeepScaleLMForMaskedLM,
+             "encoder-decoder": dslm_hf.DeepScaleLMForSeq2SeqLM}
+    checkpoints = {}
+    for kind, fields in kinds.items():
+        torch.manual_seed(0)
+        config = dslm_hf.DeepScaleLMConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, embedding_correlation=r0, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, **fields)
+        checkpoints[kind] = str(root / kind)
+        heads[kind](config).save_pretrained(checkpoints[kind])
+        tokenizer.save_pretrained(checkpoints[kind])
+    return {"root": root, "data": data, "checkpoints": checkpoints}
+
+
+def finetune_args(workspace, task, data, checkpoint, output, *extra, steps=40):
+    train_file, validation_file = workspace["data"][data]
+    return [
+        "--task", task, "--model_name_or_path", workspace["checkpoints"][checkpoint],
+        "--train_file", train_file, "--validation_file", validation_file,
+        "--output_dir", str(workspace["root"] / output), "--max_steps", str(steps),
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--learning_rate", "3e-3",
+        "--warmup_steps", "0", "--eval_strategy", "steps", "--eval_steps", str(steps), "--eval_on_start",
+        "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none", "--use_cpu", "--seed", "0",
+        "--disable_tqdm", "true", *extra,
+    ]
+
+
+def run(argv):
+    return finetune(*parse_args(argv))
+
+
+def eval_history(result, key):
+    return [entry[key] for entry in result["log_history"] if key in entry]
+
+
+def assert_eval_loss_drops(result, factor):
+    losses = eval_history(result, "eval_loss")
+    assert losses[-1] < factor * losses[0], losses
+
+
+def test_sequence_classification_learns_word_presence(workspace):
+    result = run(finetune_args(workspace, "sequence-classification", "classification", "encoder", "seqcls"))
+    assert_eval_loss_drops(result, 0.6)
+    assert result["eval"]["eval_accuracy"] >= 0.8
+    assert 0.0 <= result["eval"]["eval_f1"] <= 1.0
+
+
+def test_token_classification_learns_capitals(workspace):
+    result = run(finetune_args(workspace, "token-classification", "tagging", "encoder", "tokcls",
+                               "--label_column", "tags"))
+    assert_eval_loss_drops(result, 0.5)
+    assert result["eval"]["eval_accuracy"] >= 0.9
+
+
+def test_question_answering_learns_marked_span(workspace):
+    result = run(finetune_args(workspace, "question-answering", "qa", "encoder", "qa", "--max_length", "48",
+                               "--doc_stride", "16"))
+    assert_eval_loss_drops(result, 0.7)
+    assert result["eval"]["eval_exact_match"] > eval_history(result, "eval_exact_match")[0]
+
+
+def test_causal_sft_learns_fixed_mapping(workspace):
+    result = run(finetune_args(workspace, "causal-sft", "sft", "decoder", "causal"))
+    assert_eval_loss_drops(result, 0.5)
+    assert result["eval"]["eval_perplexity"] == pytest.approx(math.exp(result["eval"]["eval_loss"]), rel=1e-4)
+    assert result["eval"]["eval_token_accuracy"] >= 0.5
+
+
+def test_seq2seq_sft_learns_fixed_mapping(workspace):
+    result = run(finetune_args(workspace, "seq2seq-sft", "sft", "encoder-decoder", "seq2seq"))
+    assert_eval_loss_drops(result, 0.5)
+    assert result["eval"]["eval_token_accuracy"] > eval_history(result, "eval_token_accuracy")[0]
