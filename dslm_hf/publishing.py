@@ -1,0 +1,655 @@
+"""Publish a trained DeepScaleLM checkpoint to the Hugging Face Hub: evaluate, validate, stage, card, push.
+
+    # 1. numbers for the card, measured on held-out text (the last 10% of the file by default)
+    python scripts/evaluate_checkpoint.py runs/deep-48 --text-file ../shared/data/tinyshakespeare/input.txt
+    # 2. stage the repository folder and list it without any network
+    dslm-publish runs/deep-48 --repo-id org/deepscalelm-48 --eval-file runs/deep-48/eval_results.json --dry-run
+    # 3. the same, pushed (create_repo + upload_folder)
+    dslm-publish runs/deep-48 --repo-id org/deepscalelm-48 --eval-file runs/deep-48/eval_results.json --token hf_...
+
+Staging refuses, before anything is uploaded, whatever would break users: pickle files, truncated or corrupt
+safetensors, weights that do not match the architecture the config describes, and a card whose numbers do not
+come from an evaluation file of exactly these weights.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .configuration_deepscalelm import DeepScaleLMConfig
+from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_total
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+EVAL_FILE_NAME = "eval_results.json"
+# The files trust_remote_code needs next to config.json; save_pretrained copies them through auto_map.
+REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
+
+# architecture -> (Auto class users load it with, Hub pipeline tag, task name in the eval file and model-index)
+HEADS = {
+    "DeepScaleLMForCausalLM": ("AutoModelForCausalLM", "text-generation", "causal-lm"),
+    "DeepScaleLMForMaskedLM": ("AutoModelForMaskedLM", "fill-mask", "masked-lm"),
+    "DeepScaleLMForSeq2SeqLM": ("AutoModelForSeq2SeqLM", "text2text-generation", "seq2seq-lm"),
+}
+TASK_DESCRIPTIONS = {
+    "causal-lm": ("causal language model (decoder)", "Causal Language Modeling"),
+    "masked-lm": ("masked language model (encoder)", "Masked Language Modeling"),
+    "seq2seq-lm": ("encoder-decoder (span-corruption denoiser)", "Text-to-Text Generation"),
+}
+USAGE_EXAMPLES = {
+    "causal-lm": (
+        'inputs = tokenizer("ROMEO:", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40, do_sample=True)[0]))"
+    ),
+    "masked-lm": (
+        "from transformers import pipeline\n\n"
+        'fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)\n'
+        'print(fill(f"ROMEO: I will {tokenizer.mask_token} thee."))'
+    ),
+    "seq2seq-lm": (
+        'inputs = tokenizer("ROMEO: I will <extra_id_0> thee.", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"
+    ),
+}
+
+
+class PublishRefusal(ValueError):
+    """The folder would break users if published; the message says what is wrong and where."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks on a checkpoint folder
+# ----------------------------------------------------------------------------------------------------------------
+def find_pickle_files(folder: Path) -> list[Path]:
+    """Every pickle-format weight file anywhere under `folder` (loading one can run arbitrary code)."""
+    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def check_no_pickle_files(folder: Path) -> None:
+    pickles = find_pickle_files(folder)
+    if pickles:
+        listed = ", ".join(str(path.relative_to(folder)) for path in pickles)
+        raise PublishRefusal(
+            f"{folder} holds pickle files ({listed}): loading a pickle can execute arbitrary code, so the Hub "
+            "repository must hold safetensors only. Remove them (optimizer/trainer state does not belong in a "
+            "published model) or convert the weights with save_pretrained."
+        )
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of one safetensors file, refusing a truncated or corrupt file.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's data offsets, then
+    the data; a complete file ends exactly where the last tensor's data ends.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise PublishRefusal(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if 8 + header_length > size:
+            raise PublishRefusal(
+                f"{path} is truncated or corrupt: its header claims {header_length} bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PublishRefusal(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from None
+    header.pop("__metadata__", None)
+    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if 8 + header_length + data_end != size:
+        raise PublishRefusal(
+            f"{path} is truncated or corrupt: its header describes {8 + header_length + data_end} bytes "
+            f"but the file has {size}"
+        )
+    try:
+        with safe_open(path, framework="pt") as opened:
+            names = set(opened.keys())
+    except Exception as error:  # safetensors raises its own SafetensorError for every malformed layout
+        raise PublishRefusal(f"{path} is corrupt: safetensors cannot open it ({error})") from None
+    if names != set(header):
+        raise PublishRefusal(f"{path} is corrupt: safetensors reads different tensor names than its header lists")
+    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index lists, or the single weights file."""
+    folder = Path(folder)
+    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise PublishRefusal(f"{index_path} is not a valid safetensors index ({error!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise PublishRefusal(f"{index_path} lists shards that do not exist: {', '.join(missing)}")
+        return [folder / shard for shard in shards]
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return [folder / SAFE_WEIGHTS_NAME]
+    raise PublishRefusal(f"{folder} has no {SAFE_WEIGHTS_NAME} and no {SAFE_WEIGHTS_INDEX_NAME}: nothing to publish")
+
+
+def read_checkpoint_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} over every weight file, refusing corrupt files and index mismatches."""
+    folder = Path(folder)
+    shapes = {}
+    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
+    for path in weight_files(folder):
+        file_shapes = read_safetensors_shapes(path)
+        duplicated = sorted(set(file_shapes) & set(shapes))
+        if duplicated:
+            raise PublishRefusal(f"{path} repeats tensors stored in another shard: {', '.join(duplicated[:5])}")
+        shapes.update(file_shapes)
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        misplaced = sorted(name for name, shard in weight_map.items() if name not in shapes)
+        if misplaced:
+            raise PublishRefusal(f"{index_path} lists tensors no shard holds: {', '.join(misplaced[:5])}")
+    return shapes
+
+
+def load_checkpoint_config(folder: Path) -> DeepScaleLMConfig:
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise PublishRefusal(f"{folder} has no config.json: it is not a save_pretrained checkpoint folder")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type != DeepScaleLMConfig.model_type:
+        raise PublishRefusal(f"{config_path} has model_type={model_type!r}; dslm-publish publishes 'deepscalelm' models")
+    config = DeepScaleLMConfig.from_pretrained(folder)
+    architecture = (config.architectures or [None])[0]
+    if architecture not in HEADS:
+        raise PublishRefusal(
+            f"{config_path} names architectures={config.architectures}; expected one of {sorted(HEADS)} "
+            "(the published heads with a Hub pipeline)"
+        )
+    return config
+
+
+def architecture_class(config: DeepScaleLMConfig):
+    from . import modeling_deepscalelm  # the model code is only needed once a checkpoint is being checked
+
+    return getattr(modeling_deepscalelm, config.architectures[0])
+
+
+def expected_weight_shapes(config: DeepScaleLMConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """({tensor name: shape} the architecture saves, names tied to another tensor) from a model on the meta device."""
+    with torch.device("meta"):
+        model = architecture_class(config)(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    return shapes, set(model.all_tied_weights_keys)  # already empty when the config unties the embeddings
+
+
+def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Refuse weights that miss, add or reshape tensors against the architecture `config` describes.
+
+    A tied tensor (the LM head sharing the word embeddings) may be absent: save_pretrained drops it and
+    from_pretrained re-ties it.
+    """
+    stored = read_checkpoint_shapes(folder)
+    expected, tied = expected_weight_shapes(config)
+    missing = sorted(set(expected) - set(stored) - tied)
+    extra = sorted(set(stored) - set(expected))
+    reshaped = sorted(
+        f"{name} {list(stored[name][1])} (config expects {list(expected[name])})"
+        for name in set(stored) & set(expected)
+        if stored[name][1] != expected[name]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors the config's architecture needs: {', '.join(missing[:8])}")
+    if extra:
+        problems.append(f"{len(extra)} tensors the architecture does not have: {', '.join(extra[:8])}")
+    if reshaped:
+        problems.append(f"tensors whose shape disagrees with config.json: {', '.join(reshaped[:8])}")
+    if problems:
+        raise PublishRefusal(
+            f"the weights in {folder} do not match its config.json ({config.architectures[0]}, "
+            f"{config.num_hidden_layers} layers, hidden_size {config.hidden_size}): " + "; ".join(problems)
+        )
+    return stored
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over every stored tensor (name, dtype, shape, bytes) in name order: the same for the same weights
+    however they are sharded or re-saved, so an evaluation file can name exactly the weights it measured."""
+    file_of_tensor = {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as opened:
+            file_of_tensor.update({name: path for name in opened.keys()})
+    digest = hashlib.sha256()
+    for name in sorted(file_of_tensor):
+        with safe_open(file_of_tensor[name], framework="pt") as opened:
+            tensor = opened.get_tensor(name).contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_checkpoint(folder: Path) -> DeepScaleLMConfig:
+    """Every refusal that depends on the checkpoint folder alone; returns its config."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PublishRefusal(f"checkpoint folder {folder} does not exist")
+    check_no_pickle_files(folder)
+    config = load_checkpoint_config(folder)
+    check_weights_match_config(folder, config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the only source of the numbers a card reports
+# ----------------------------------------------------------------------------------------------------------------
+OBJECTIVE_OF_TASK = {"causal-lm": "clm", "masked-lm": "mlm", "seq2seq-lm": "seq2seq"}
+REQUIRED_TRAINING_FIELDS = {"tokens": int, "wall_time_seconds": (int, float), "hardware": str}
+
+
+def task_of(config: DeepScaleLMConfig) -> str:
+    return HEADS[config.architectures[0]][2]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_hardware() -> str:
+    """What a CPU run trained or evaluated on, in words: processor, cores torch used, torch version."""
+    processor = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        processor = names[0] if names else processor
+    return f"{torch.get_num_threads()} CPU threads ({processor}), torch {torch.__version__}"
+
+
+@torch.no_grad()
+def held_out_loss(model, tokenizer, text_file: Path, task: str, *, held_out_fraction: float, block_size: int,
+                  batch_size: int, seed: int) -> tuple[float, int, int]:
+    """(token-level mean loss, label tokens, blocks) of `model` on the held-out tail of `text_file`.
+
+    The held-out split is the one pretraining holds out with the same fraction (`dslm_hf.data.load_corpus`: the
+    last `held_out_fraction` of the paragraphs); masking / span corruption draw from a generator seeded with
+    `seed`, so the number is reproducible.
+    """
+    from .data import load_corpus, make_collator, pack_into_blocks  # `datasets` is only needed to evaluate
+
+    held_out = load_corpus(str(text_file), validation_fraction=held_out_fraction)["validation"]
+    blocks = pack_into_blocks(held_out, tokenizer, block_size)
+    collator = make_collator(OBJECTIVE_OF_TASK[task], tokenizer, block_size)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    loss_sum, label_tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = collator([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))], generator=generator)
+        tokens = int(collator.count_label_tokens(batch))
+        loss_sum += float(model(**batch).loss) * tokens  # the model's loss is the mean over these label tokens
+        label_tokens += tokens
+    return loss_sum / label_tokens, label_tokens, len(blocks)
+
+
+def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *, dataset_id: str,
+                        dataset_name: str, held_out_fraction: float = 0.1, block_size: int | None = None,
+                        batch_size: int = 8, seed: int = 0) -> dict:
+    """Measure a checkpoint on held-out text and return the evaluation record a model card is rendered from.
+
+    `training` describes the run that produced the weights (at least `tokens`, `wall_time_seconds`, `hardware`);
+    it is copied as given. The record names the weights it measured by `weights_digest`, so a card can never show
+    numbers of other weights.
+    """
+    checkpoint_dir, text_file = Path(checkpoint_dir), Path(text_file)
+    config = check_checkpoint(checkpoint_dir)
+    check_training_record(training, source="training")
+    task = task_of(config)
+    block_size = block_size or config.init_sequence_length
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    model = architecture_class(config).from_pretrained(checkpoint_dir)
+    loss, label_tokens, blocks = held_out_loss(
+        model, tokenizer, text_file, task, held_out_fraction=held_out_fraction, block_size=block_size,
+        batch_size=batch_size, seed=seed,
+    )
+    return {
+        "weights_sha256": weights_digest(checkpoint_dir),
+        "task": task,
+        "metrics": {"loss": loss, "perplexity": math.exp(loss), "label_tokens": label_tokens},
+        "dataset": {
+            "id": dataset_id,
+            "name": dataset_name,
+            "file": text_file.name,
+            "file_sha256": file_sha256(text_file),
+            "split": "validation",
+            "held_out_fraction": held_out_fraction,
+            "block_size": block_size,
+            "blocks": blocks,
+        },
+        "evaluation": {"batch_size": batch_size, "seed": seed, "hardware": describe_hardware()},
+        "training": dict(training),
+    }
+
+
+def write_eval_file(results: dict, path: Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def check_training_record(training, source: str) -> None:
+    if not isinstance(training, dict):
+        raise PublishRefusal(f"{source} must be a JSON object describing the training run, got {type(training).__name__}")
+    for field, kinds in REQUIRED_TRAINING_FIELDS.items():
+        value = training.get(field)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise PublishRefusal(f"{source}.{field} is {value!r}: the card needs it from the evaluation file")
+
+
+def _number(results: dict, dotted: str, path: Path) -> float:
+    value = results
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise PublishRefusal(f"evaluation file {path} has no {dotted}: the card can only report measured numbers")
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PublishRefusal(f"evaluation file {path}: {dotted}={value!r} is not a finite number")
+    return value
+
+
+def load_eval_file(path: Path | None, checkpoint_dir: Path, config: DeepScaleLMConfig) -> dict:
+    """The evaluation record of exactly the weights in `checkpoint_dir`, refusing a missing, malformed or
+    mismatched file (numbers of other weights, of another task, or a perplexity that is not exp(loss))."""
+    if path is None:
+        raise PublishRefusal(
+            "no evaluation file: the card's numbers must come from one. Write it with "
+            "scripts/evaluate_checkpoint.py (dslm_hf.publishing.evaluate_checkpoint) and pass --eval-file"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise PublishRefusal(f"evaluation file {path} does not exist")
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PublishRefusal(f"evaluation file {path} is not valid JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise PublishRefusal(f"evaluation file {path} must hold a JSON object")
+    loss = _number(results, "metrics.loss", path)
+    perplexity = _number(results, "metrics.perplexity", path)
+    _number(results, "metrics.label_tokens", path)
+    if not math.isclose(perplexity, math.exp(loss), rel_tol=1e-6):
+        raise PublishRefusal(f"evaluation file {path}: perplexity {perplexity} is not exp(loss) = {math.exp(loss)}")
+    for field in ("id", "name", "split", "file", "file_sha256"):
+        if not isinstance(results.get("dataset", {}).get(field), str):
+            raise PublishRefusal(f"evaluation file {path} has no dataset.{field} (a string)")
+    _number(results, "dataset.held_out_fraction", path)
+    _number(results, "dataset.block_size", path)
+    check_training_record(results.get("training"), source=f"evaluation file {path}: training")
+    if results.get("task") != task_of(config):
+        raise PublishRefusal(
+            f"evaluation file {path} measured task {results.get('task')!r} but the checkpoint is a {task_of(config)} "
+            f"({config.architectures[0]})"
+        )
+    if results.get("weights_sha256") != weights_digest(checkpoint_dir):
+        raise PublishRefusal(
+            f"evaluation file {path} measured other weights than those in {checkpoint_dir} (weights_sha256 differs): "
+            "re-evaluate this checkpoint"
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model card
+# ----------------------------------------------------------------------------------------------------------------
+def parameter_count(config: DeepScaleLMConfig) -> int:
+    """Distinct parameters (a tied LM head counts once), counted on the meta device."""
+    with torch.device("meta"):
+        model = architecture_class(config)(config)
+    return sum(parameter.numel() for parameter in model.parameters())  # parameters() yields a tied tensor once
+
+
+def architecture_rows(config: DeepScaleLMConfig) -> list[tuple[str, str]]:
+    rows = [
+        ("architecture", config.architectures[0]),
+        ("parameters", f"{parameter_count(config):,}"),
+    ]
+    for stack, layers, branches in config.residual_stacks():
+        rows.append((f"{stack} layers", str(layers)))
+    rows += [
+        ("hidden size", str(config.hidden_size)),
+        ("attention heads", str(config.num_attention_heads)),
+        ("FFN size", f"{config.intermediate_size} ({config.hidden_act})"),
+        ("vocabulary", str(config.vocab_size)),
+        ("positions", f"{config.position_embedding_type}, up to {config.max_position_embeddings} tokens"),
+        ("LayerNorm placement", f"{config.norm_placement}-LN"),
+        ("initialisation", config.init_scheme),
+    ]
+    if config.init_scheme == "deepscalelm":
+        for stack, layers, branches in config.residual_stacks():
+            total = residual_branch_total(layers, branches, config.residual_branch_count)
+            lam, beta = deepscalelm_residual_scales(config.residual_k, total, config.residual_beta2)
+            rows.append((f"{stack} residual scales", f"lambda^2 = {lam * lam:.5f}, beta^2 = {beta * beta:.5f}"))
+        rows.append(("embedding correlation r0 (from the data)", f"{config.embedding_correlation:.4f}"))
+    rows += [
+        ("dropout (hidden / attention)", f"{config.hidden_dropout_prob} / {config.attention_probs_dropout_prob}"),
+        ("tied word embeddings", str(config.tie_word_embeddings)),
+    ]
+    return rows
+
+
+TRAINING_LABELS = {"tokens": "training tokens", "wall_time_seconds": "wall time", "hardware": "hardware"}
+
+
+def _format_training_value(name: str, value) -> str:
+    if name == "wall_time_seconds":
+        return f"{value:.0f} s ({value / 60:.1f} min)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) -> ModelCard:
+    """The README of the Hub repository: metadata (pipeline, tags, datasets, model-index) and text, with every
+    reported number read from the evaluation record `results`."""
+    auto_class, pipeline_tag, task = HEADS[config.architectures[0]]
+    task_description, task_name = TASK_DESCRIPTIONS[task]
+    dataset, metrics, training = results["dataset"], results["metrics"], results["training"]
+    model_name = repo_id.split("/")[-1]
+    eval_results = [
+        EvalResult(task_type=pipeline_tag, task_name=task_name, dataset_type=dataset["id"], dataset_name=dataset["name"],
+                   dataset_split=dataset["split"], metric_type=metric, metric_name=f"held-out {metric}",
+                   metric_value=round(metrics[metric], 4))
+        for metric in ("loss", "perplexity")
+    ]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license="apache-2.0",
+        language="en",
+        tags=["deepscalelm", "deep-transformer", "transformers-get-stable", "custom_code", task],
+        datasets=[dataset["id"]],
+        metrics=["perplexity"],
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    depths = " + ".join(f"{layers}-layer {stack}" for stack, layers, _ in config.residual_stacks())
+    evaluation_rows = [
+        (f"held-out loss ({'masked tokens' if task == 'masked-lm' else 'per token'}, nats)", f"{metrics['loss']:.4f}"),
+        ("held-out perplexity", f"{metrics['perplexity']:.2f}"),
+        ("held-out label tokens", f"{metrics['label_tokens']:,}"),
+    ]
+    held_out = (
+        f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`), the last "
+        f"{dataset['held_out_fraction']:.0%} of its paragraphs (never trained on), in {dataset['block_size']}-token blocks."
+    )
+    training_rows = [(TRAINING_LABELS.get(name, name.replace("_", " ")), _format_training_value(name, value))
+                     for name, value in training.items()]
+    limitations = (
+        f"A demonstration of depth, not a useful language model: {training['tokens']:,} training tokens in "
+        f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It continues text in the style "
+        f"of {dataset['name']} and knows nothing else."
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id,
+        auto_class=auto_class,
+        depth_description=f"{depths}, width-{config.hidden_size}",
+        task_description=task_description,
+        usage_example=USAGE_EXAMPLES[task],
+        weights_sha256=results["weights_sha256"],
+        evaluation_rows=evaluation_rows,
+        eval_dataset_description=held_out,
+        architecture_rows=architecture_rows(config),
+        training_rows=training_rows,
+        limitations=limitations,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Staging and pushing
+# ----------------------------------------------------------------------------------------------------------------
+def check_tokenizer_files(folder: Path) -> None:
+    if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise PublishRefusal(
+            f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json): users could not encode text. "
+            "Save the tokenizer next to the weights (tokenizer.save_pretrained)."
+        )
+
+
+def check_staged_repository(staging_dir: Path, config: DeepScaleLMConfig, results: dict) -> None:
+    """What the Hub repository needs for `Auto*.from_pretrained(repo_id, trust_remote_code=True)` to work."""
+    check_checkpoint(staging_dir)
+    auto_class = HEADS[config.architectures[0]][0]
+    auto_map = json.loads((staging_dir / "config.json").read_text()).get("auto_map", {})
+    if auto_class not in auto_map or "AutoConfig" not in auto_map:
+        raise PublishRefusal(f"staged config.json has auto_map={auto_map}: it must map AutoConfig and {auto_class}")
+    missing_code = [name for name in REMOTE_CODE_FILES if not (staging_dir / name).is_file()]
+    if missing_code:
+        raise PublishRefusal(f"staged repository lacks the remote code files {missing_code} (trust_remote_code)")
+    if task_of(config) != "masked-lm" and not (staging_dir / "generation_config.json").is_file():
+        raise PublishRefusal("staged repository lacks generation_config.json, which generate() reads")
+    check_tokenizer_files(staging_dir)
+    if weights_digest(staging_dir) != results["weights_sha256"]:
+        raise PublishRefusal("the staged weights differ from the evaluated ones: staging must not change the weights")
+
+
+def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval_file: Path | None,
+                     max_shard_size: str = "5GB") -> Path:
+    """Write the Hub repository folder for `checkpoint_dir` into the empty or new `staging_dir`, refusing
+    (PublishRefusal) anything that would break users before a byte is written."""
+    checkpoint_dir, staging_dir = Path(checkpoint_dir), Path(staging_dir)
+    config = check_checkpoint(checkpoint_dir)
+    check_tokenizer_files(checkpoint_dir)
+    results = load_eval_file(eval_file, checkpoint_dir, config)
+    if staging_dir.exists() and any(staging_dir.iterdir()):
+        raise PublishRefusal(f"staging folder {staging_dir} is not empty: choose a new or empty --staging-dir")
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    model = architecture_class(config).from_pretrained(checkpoint_dir)
+    model.save_pretrained(staging_dir, max_shard_size=max_shard_size)  # safetensors, auto_map, remote code
+    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging_dir)
+    render_model_card(config, results, repo_id).save(staging_dir / "README.md")
+    shutil.copyfile(eval_file, staging_dir / EVAL_FILE_NAME)
+    check_staged_repository(staging_dir, config, results)
+    return staging_dir
+
+
+def list_files(folder: Path) -> list[tuple[str, int]]:
+    """(path relative to `folder`, size in bytes) of every file, sorted: what upload_folder sends."""
+    folder = Path(folder)
+    return sorted((path.relative_to(folder).as_posix(), path.stat().st_size) for path in folder.rglob("*") if path.is_file())
+
+
+def push_repository(staging_dir: Path, repo_id: str, *, token: str | None, revision: str | None, private: bool):
+    """create_repo(exist_ok=True), the branch if one is named, then one upload_folder commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=staging_dir, revision=revision,
+                             commit_message=f"Publish {repo_id} with dslm-publish")
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishRefusal(f"--repo-id {repo_id!r} is not a valid Hub repository id: {error}") from None
+    if repo_id.count("/") != 1:
+        raise PublishRefusal(f"--repo-id {repo_id!r} must be 'owner/name' (a user or organisation and a model name)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dslm-publish",
+        description="Stage a trained DeepScaleLM checkpoint as a Hugging Face Hub repository (safetensors, remote "
+                    "code, tokenizer, model card from an evaluation file) and push it.",
+    )
+    parser.add_argument("checkpoint_dir", type=Path, help="a save_pretrained folder (config.json, safetensors, tokenizer)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, owner/name")
+    parser.add_argument("--eval-file", type=Path, default=None,
+                        help=f"evaluation record of these weights (default: CHECKPOINT_DIR/{EVAL_FILE_NAME} if present)")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
+    parser.add_argument("--revision", "--branch", dest="revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--dry-run", action="store_true", help="stage and list what would be uploaded; no network")
+    parser.add_argument("--staging-dir", type=Path, default=None, help="empty folder to stage into (default: a new temporary folder)")
+    parser.add_argument("--max-shard-size", default="5GB", help="weights are sharded past this size (e.g. 500MB)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    eval_file = args.eval_file
+    if eval_file is None and (args.checkpoint_dir / EVAL_FILE_NAME).is_file():
+        eval_file = args.checkpoint_dir / EVAL_FILE_NAME
+    staging_dir = args.staging_dir or Path(tempfile.mkdtemp(prefix="dslm-publish-"))
+    try:
+        check_repo_id(args.repo_id)
+        stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size)
+    except PublishRefusal as refusal:
+        raise SystemExit(f"dslm-publish: refusing to publish: {refusal}") from None
+    files = list_files(staging_dir)
+    print(f"staged {args.repo_id} in {staging_dir}:")
+    for path, size in files:
+        print(f"  {size:>12,}  {path}")
+    print(f"  {sum(size for _, size in files):>12,}  bytes in {len(files)} files")
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+        return staging_dir
+    try:
+        commit = push_repository(staging_dir, args.repo_id, token=args.token, revision=args.revision, private=args.private)
+    except Exception as error:  # network, authentication and Hub errors all end the command the same way
+        from huggingface_hub import constants
+
+        raise SystemExit(
+            f"dslm-publish: upload of {args.repo_id} to {constants.ENDPOINT} failed: {type(error).__name__}: {error} "
+            f"(the staged folder {staging_dir} is kept)"
+        ) from None
+    print(f"uploaded: {commit.commit_url}")
+    return staging_dir
+
+
+if __name__ == "__main__":
+    main()
