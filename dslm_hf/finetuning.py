@@ -16,7 +16,6 @@ import math
 import os
 import re
 import string
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -499,4 +498,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

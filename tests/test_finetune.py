@@ -2,16 +2,24 @@
 
 import json
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
 import dslm_hf
-from dslm_hf.finetuning import FinetuneInputError, finetune, main, parse_args
+from dslm_hf.finetuning import TASKS, build_trainer, finetune, main, parse_args
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "rock", "fish", "star"]
 NEXT_WORD = {word: WORDS[(i + 5) % len(WORDS)] for i, word in enumerate(WORDS)}  # the fixed SFT mapping
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
@@ -151,3 +159,102 @@ def test_seq2seq_sft_learns_fixed_mapping(workspace):
     result = run(finetune_args(workspace, "seq2seq-sft", "sft", "encoder-decoder", "seq2seq"))
     assert_eval_loss_drops(result, 0.5)
     assert result["eval"]["eval_token_accuracy"] > eval_history(result, "eval_token_accuracy")[0]
+
+
+def test_lora_flag_trains_an_adapter_that_reloads_to_the_reported_accuracy(workspace):
+    argv = finetune_args(workspace, "sequence-classification", "classification", "encoder", "seqcls_lora", "--lora",
+                         "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0", "--learning_rate", "1e-2")
+    result = run(argv)
+    assert_eval_loss_drops(result, 0.8)
+    assert result["eval"]["eval_accuracy"] >= 0.9
+    output = workspace["root"] / "seqcls_lora"
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "model.safetensors").exists()
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        workspace["checkpoints"]["encoder"], num_labels=2, id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1})
+    reloaded = PeftModel.from_pretrained(base, output).merge_and_unload().eval()
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    rows = [json.loads(line) for line in open(workspace["data"]["classification"][1])]
+    batch = tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        predicted = reloaded(**batch).logits.argmax(-1)
+    accuracy = sum(reloaded.config.id2label[int(p)] == row["label"] for p, row in zip(predicted, rows)) / len(rows)
+    assert accuracy == pytest.approx(result["eval"]["eval_accuracy"])
+
+
+def test_activation_checkpointing_and_bf16_run_through_training_arguments(workspace):
+    argv = finetune_args(workspace, "causal-sft", "sft", "decoder", "causal_ac_bf16", "--activation_checkpointing",
+                         "--bf16")
+    trainer = build_trainer(*parse_args(argv))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    assert trainer.model.is_activation_checkpointing
+    losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(workspace):
+    def argv(output, *extra):
+        return finetune_args(workspace, "causal-sft", "sft", "decoder", output, "--save_strategy", "steps",
+                             "--save_steps", "4", *extra, steps=8)
+
+    uninterrupted = run(argv("resume_full"))
+    interrupted_at = workspace["root"] / "resume_full" / "checkpoint-4"
+    resumed = run(argv("resume_second_half", "--resume_from_checkpoint", str(interrupted_at)))
+    assert resumed["global_step"] == 8
+    full = load_file(workspace["root"] / "resume_full" / "model.safetensors")
+    second_half = load_file(workspace["root"] / "resume_second_half" / "model.safetensors")
+    for name, tensor in full.items():
+        torch.testing.assert_close(second_half[name], tensor, atol=1e-6, rtol=0.0)
+    assert resumed["eval"]["eval_loss"] == pytest.approx(uninterrupted["eval"]["eval_loss"], abs=1e-6)
+
+
+def test_unknown_task_lists_the_valid_ones(workspace, capsys):
+    argv = finetune_args(workspace, "summarization", "sft", "decoder", "unknown")
+    with pytest.raises(SystemExit):
+        main(argv)
+    error = capsys.readouterr().err
+    assert "summarization" in error and all(task in error for task in TASKS)
+
+
+def test_missing_label_column_is_named_with_the_columns_present(workspace):
+    argv = finetune_args(workspace, "sequence-classification", "classification", "encoder", "missing",
+                         "--label_column", "sentiment")
+    with pytest.raises(SystemExit, match=r"column 'sentiment' is missing .*columns present: \['text', 'label'\]"):
+        main(argv)
+
+
+def test_encoder_checkpoint_for_causal_sft_is_refused_with_advice(workspace):
+    argv = finetune_args(workspace, "causal-sft", "sft", "encoder", "wrong_head")
+    with pytest.raises(SystemExit, match=r"cannot be fine-tuned for causal-sft: .*is_decoder.*needs a decoder checkpoint"):
+        main(argv)
+    assert not (workspace["root"] / "wrong_head").exists()  # refused before any training or saving
+
+
+def test_encoder_decoder_checkpoint_for_classification_is_refused(workspace):
+    argv = finetune_args(workspace, "sequence-classification", "classification", "encoder-decoder", "wrong_head2")
+    with pytest.raises(SystemExit, match=r"sequence-classification: .*is_encoder_decoder=False"):
+        main(argv)
+
+
+def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace, tmp_path):
+    """scripts/finetune.py in a fresh process, with the checkpoint given as a repo id resolved from a pre-filled
+    Hub cache (HF_HUB_OFFLINE=1: the Hub is never contacted)."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--dslm-test--tiny-encoder"
+    shutil.copytree(workspace["checkpoints"]["encoder"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    train_file, validation_file = workspace["data"]["classification"]
+    output = tmp_path / "out"
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--task", "sequence-classification",
+               "--model_name_or_path", "dslm-test/tiny-encoder", "--train_file", train_file,
+               "--validation_file", validation_file, "--output_dir", str(output), "--max_steps", "20",
+               "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",
+               "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"]
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert metrics["eval_accuracy"] >= 0.8
+    assert json.loads((output / "config.json").read_text())["id2label"] == {"0": "no", "1": "yes"}
