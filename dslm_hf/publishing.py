@@ -280,29 +280,24 @@ def describe_hardware() -> str:
     return f"{torch.get_num_threads()} CPU threads ({processor}), torch {torch.__version__}"
 
 
-@torch.no_grad()
-def held_out_loss(model, tokenizer, text_file: Path, task: str, *, held_out_fraction: float, block_size: int,
-                  batch_size: int, seed: int) -> tuple[float, int, int]:
-    """(token-level mean loss, label tokens, blocks) of `model` on the held-out tail of `text_file`.
+def held_out_metrics(model, tokenizer, text_file: Path, task: str, *, held_out_fraction: float, block_size: int,
+                     batch_size: int, seed: int) -> tuple[dict, int]:
+    """({"eval_loss", "eval_perplexity"}, blocks) of `model` on the held-out tail of `text_file`.
 
-    The held-out split is the one pretraining holds out with the same fraction (`dslm_hf.data.load_corpus`: the
-    last `held_out_fraction` of the paragraphs); masking / span corruption draw from a generator seeded with
-    `seed`, so the number is reproducible.
+    The split is the one pretraining holds out with the same `--validation_fraction` (`dslm_hf.data.load_corpus`:
+    the last `held_out_fraction` of the paragraphs, never trained on), and the loss is pretraining's own
+    token-level `evaluate`, whose masking / span corruption is seeded per batch from `seed`: reproducible.
     """
-    from .data import load_corpus, make_collator, pack_into_blocks  # `datasets` is only needed to evaluate
+    from accelerate import Accelerator
+
+    from .data import load_corpus, make_collator, pack_into_blocks
+    from .pretraining import evaluate, stack_blocks
 
     held_out = load_corpus(str(text_file), validation_fraction=held_out_fraction)["validation"]
     blocks = pack_into_blocks(held_out, tokenizer, block_size)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=stack_blocks)
     collator = make_collator(OBJECTIVE_OF_TASK[task], tokenizer, block_size)
-    generator = torch.Generator().manual_seed(seed)
-    model.eval()
-    loss_sum, label_tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = collator([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))], generator=generator)
-        tokens = int(collator.count_label_tokens(batch))
-        loss_sum += float(model(**batch).loss) * tokens  # the model's loss is the mean over these label tokens
-        label_tokens += tokens
-    return loss_sum / label_tokens, label_tokens, len(blocks)
+    return evaluate(Accelerator(cpu=True), model, loader, collator, seed), len(blocks)
 
 
 def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *, dataset_id: str,
@@ -321,14 +316,14 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
     block_size = block_size or config.init_sequence_length
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     model = architecture_class(config).from_pretrained(checkpoint_dir)
-    loss, label_tokens, blocks = held_out_loss(
+    measured, blocks = held_out_metrics(
         model, tokenizer, text_file, task, held_out_fraction=held_out_fraction, block_size=block_size,
         batch_size=batch_size, seed=seed,
     )
     return {
         "weights_sha256": weights_digest(checkpoint_dir),
         "task": task,
-        "metrics": {"loss": loss, "perplexity": math.exp(loss), "label_tokens": label_tokens},
+        "metrics": {"loss": measured["eval_loss"], "perplexity": measured["eval_perplexity"]},
         "dataset": {
             "id": dataset_id,
             "name": dataset_name,
@@ -338,6 +333,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
             "held_out_fraction": held_out_fraction,
             "block_size": block_size,
             "blocks": blocks,
+            "tokens": blocks * block_size,
         },
         "evaluation": {"batch_size": batch_size, "seed": seed, "hardware": describe_hardware()},
         "training": dict(training),
@@ -389,7 +385,6 @@ def load_eval_file(path: Path | None, checkpoint_dir: Path, config: DeepScaleLMC
         raise PublishRefusal(f"evaluation file {path} must hold a JSON object")
     loss = _number(results, "metrics.loss", path)
     perplexity = _number(results, "metrics.perplexity", path)
-    _number(results, "metrics.label_tokens", path)
     if not math.isclose(perplexity, math.exp(loss), rel_tol=1e-6):
         raise PublishRefusal(f"evaluation file {path}: perplexity {perplexity} is not exp(loss) = {math.exp(loss)}")
     for field in ("id", "name", "split", "file", "file_sha256"):
@@ -397,6 +392,7 @@ def load_eval_file(path: Path | None, checkpoint_dir: Path, config: DeepScaleLMC
             raise PublishRefusal(f"evaluation file {path} has no dataset.{field} (a string)")
     _number(results, "dataset.held_out_fraction", path)
     _number(results, "dataset.block_size", path)
+    _number(results, "dataset.tokens", path)
     check_training_record(results.get("training"), source=f"evaluation file {path}: training")
     if results.get("task") != task_of(config):
         raise PublishRefusal(
@@ -489,7 +485,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
     evaluation_rows = [
         (f"held-out loss ({'masked tokens' if task == 'masked-lm' else 'per token'}, nats)", f"{metrics['loss']:.4f}"),
         ("held-out perplexity", f"{metrics['perplexity']:.2f}"),
-        ("held-out label tokens", f"{metrics['label_tokens']:,}"),
+        ("held-out tokens", f"{dataset['tokens']:,}"),
     ]
     held_out = (
         f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`), the last "

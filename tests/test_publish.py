@@ -234,7 +234,7 @@ def test_refuses_a_malformed_eval_file(checkpoint_copy, tmp_path, unreachable_hu
     assert "is not valid JSON" in publish(checkpoint_copy, tmp_path)
 
 
-@pytest.mark.parametrize("metric", ["loss", "perplexity", "label_tokens"])
+@pytest.mark.parametrize("metric", ["loss", "perplexity"])
 def test_refuses_an_eval_file_without_a_reported_metric(checkpoint_copy, tmp_path, unreachable_hub, metric):
     eval_file = checkpoint_copy / "eval_results.json"
     results = json.loads(eval_file.read_text())
