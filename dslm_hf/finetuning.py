@@ -91,8 +91,10 @@ class FinetuneArguments:
     prompt_column: str = field(default="prompt", metadata={
         "help": "SFT: the prompt (not trained on). causal-sft with --prompt_column '' trains on whole texts."})
     response_column: str = field(default="response", metadata={"help": "SFT: the target text."})
-    max_length: int = field(default=512, metadata={"help": "Longest tokenized input (and seq2seq target)."})
-    doc_stride: int = field(default=128, metadata={"help": "question-answering: overlap of split long contexts."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Longest tokenized input (and seq2seq target); default: the model's max_position_embeddings."})
+    doc_stride: int | None = field(default=None, metadata={
+        "help": "question-answering: tokens shared by consecutive windows of a long context; default max_length // 4."})
     max_answer_length: int = field(default=30, metadata={"help": "question-answering: longest predicted answer."})
     lora: bool = field(default=False, metadata={
         "help": "Train LoRA adapters (targets: dslm_hf.peft_support.DEFAULT_LORA_TARGET_MODULES) instead of all "
@@ -163,8 +165,10 @@ def label_names_of(raw: DatasetDict, args: FinetuneArguments) -> list[str]:
     """Sorted class names (strings, or the integers as strings) over both splits."""
     values = set()
     for dataset in raw.values():
-        column = dataset[args.label_column]
-        for value in column:
+        for value in dataset[args.label_column]:
+            if args.task == "token-classification" and not isinstance(value, list):
+                raise FinetuneInputError(f"token-classification: {args.label_column!r} must hold a list of tags per "
+                                         f"row (one per word of {args.tokens_column!r}); found {value!r}")
             values.update(value if args.task == "token-classification" else [value])
     if all(isinstance(v, int) for v in values):
         if min(values) < 0:
@@ -187,7 +191,10 @@ def tokenize_token_classification(tokenizer, args, label2id, max_length):
     def tokenize(batch):
         encoded = tokenizer(batch[args.tokens_column], is_split_into_words=True, truncation=True, max_length=max_length)
         encoded["labels"] = []
-        for row, tags in enumerate(batch[args.label_column]):
+        for row, (words, tags) in enumerate(zip(batch[args.tokens_column], batch[args.label_column])):
+            if len(words) != len(tags):
+                raise FinetuneInputError(f"token-classification: a row has {len(words)} words in {args.tokens_column!r} "
+                                         f"but {len(tags)} tags in {args.label_column!r}: {words}")
             labels, previous_word = [], None
             for word in encoded.word_ids(row):
                 first_piece = word is not None and word != previous_word
@@ -198,7 +205,7 @@ def tokenize_token_classification(tokenizer, args, label2id, max_length):
     return tokenize
 
 
-def tokenize_question_answering(tokenizer, args, max_length):
+def tokenize_question_answering(tokenizer, args, max_length, doc_stride):
     """SQuAD-style features: long contexts split with overlap; each feature keeps its example index and the
     character offsets of its context tokens (None elsewhere) for post-processing, and start/end token labels
     (0, 0 where the answer is not inside the feature) so evaluation also reports a loss."""
@@ -208,7 +215,7 @@ def tokenize_question_answering(tokenizer, args, max_length):
         questions = [q.lstrip() for q in batch[args.question_column]]
         first, second = (questions, batch[args.context_column]) if pad_on_right else (batch[args.context_column], questions)
         encoded = tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
-                            max_length=max_length, stride=args.doc_stride, return_overflowing_tokens=True,
+                            max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
                             return_offsets_mapping=True)
         context_index = 1 if pad_on_right else 0
         encoded["example_index"], encoded["start_positions"], encoded["end_positions"] = [], [], []
@@ -219,6 +226,9 @@ def tokenize_question_answering(tokenizer, args, max_length):
             encoded["offset_mapping"][feature] = offsets
             encoded["example_index"].append(indices[example])
             answers = batch[args.answers_column][example]
+            if not answers["text"]:
+                raise FinetuneInputError(f"question-answering: example {indices[example]} has no answer; only "
+                                         "answerable (SQuAD v1-style) questions are supported")
             start_char = answers["answer_start"][0]
             end_char = start_char + len(answers["text"][0])
             context_tokens = [k for k, offset in enumerate(offsets) if offset is not None]
@@ -370,7 +380,7 @@ def load_model(args: FinetuneArguments, tokenizer, label_names: list[str] | None
     config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id  # sequence pooling and padding need to know the pad id
-    if args.task == "seq2seq-sft" and config.decoder_start_token_id is None:
+    if args.task == "seq2seq-sft" and getattr(config, "decoder_start_token_id", None) is None:
         raise FinetuneInputError(f"{args.model_name_or_path}: seq2seq-sft needs config.decoder_start_token_id "
                                  "(the token the decoder starts from); set it in the checkpoint's config.json")
     try:
@@ -428,14 +438,20 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
     label_names = label_names_of(raw, args) if classification else None
     model = load_model(args, tokenizer, label_names)
     config = model.config
-    max_length = min(args.max_length, config.max_position_embeddings)
-    if hasattr(config, "type_vocab_size") and config.type_vocab_size == 0:
+    max_length = args.max_length or config.max_position_embeddings
+    if max_length > config.max_position_embeddings:
+        raise FinetuneInputError(f"--max_length={max_length} exceeds the model's max_position_embeddings="
+                                 f"{config.max_position_embeddings}")
+    if getattr(config, "type_vocab_size", None) == 0:  # no segment table: the model must not get token_type_ids
         tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
 
     preprocess_logits_for_metrics = None
     with training_args.main_process_first(desc="tokenizing"):
         if args.task == "question-answering":
-            tokenize = tokenize_question_answering(tokenizer, args, max_length)
+            doc_stride = args.doc_stride if args.doc_stride is not None else max_length // 4
+            if not 0 <= doc_stride < max_length // 2:
+                raise FinetuneInputError(f"--doc_stride={doc_stride} must be in [0, max_length / 2) = [0, {max_length // 2})")
+            tokenize = tokenize_question_answering(tokenizer, args, max_length, doc_stride)
             features = {split: data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names)
                         for split, data in raw.items()}
             compute_metrics = question_answering_metrics(features["validation"], raw["validation"], args)

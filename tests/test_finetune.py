@@ -258,3 +258,17 @@ def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace,
     metrics = json.loads((output / "eval_results.json").read_text())
     assert metrics["eval_accuracy"] >= 0.8
     assert json.loads((output / "config.json").read_text())["id2label"] == {"0": "no", "1": "yes"}
+
+
+def test_max_length_beyond_the_position_table_is_refused(workspace):
+    argv = finetune_args(workspace, "question-answering", "qa", "encoder", "too_long", "--max_length", "100")
+    with pytest.raises(SystemExit, match="--max_length=100 exceeds the model's max_position_embeddings=64"):
+        main(argv)
+
+
+def test_token_tags_not_matching_the_words_are_refused(workspace, tmp_path):
+    rows = write_jsonl(tmp_path / "tags.jsonl", [{"tokens": ["Red", "cat"], "tags": ["CAP"]}])
+    argv = finetune_args(workspace, "token-classification", "tagging", "encoder", "bad_tags", "--label_column", "tags",
+                         "--train_file", rows, "--validation_file", rows)
+    with pytest.raises(SystemExit, match="a row has 2 words in 'tokens' but 1 tags in 'tags'"):
+        main(argv)
