@@ -8,10 +8,7 @@ the heads. Every initialisation constant comes from `recipe_deepscalelm.py` (pur
     x_next = LN(lambda * x + beta * Dropout(F(x)))                                               (Post-LN)
 """
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -36,93 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_deepscalelm import DeepScaleLMConfig
-from .recipe_deepscalelm import (
-    attention_variance_ratio,
-    correlation_recurrence,
-    deepnet_constants,
-    deepscalelm_residual_scales,
-    embedding_std,
-    ffn_stds,
-    head_dense_std,
-    query_key_std,
-    residual_branch_total,
-    scaled_output_std,
-    tied_logit_scale,
-    value_output_std,
-    xavier_std,
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe applied to one stack: residual scales and every sigma, computed once per configuration
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StackInitPlan:
-    """What a stack of layers is initialised with under `init_scheme` (standard deviations, residual scales)."""
-
-    residual_skip: float  # lambda
-    residual_branch: float  # beta
-    value_output_stds: tuple[float, ...]  # per layer, self-attention W_v and W_o (deepscalelm)
-    cross_value_output_stds: tuple[float, ...]  # per layer, cross-attention W_v and W_o (deepscalelm)
-    branch_gain: float  # deepnet's beta on v/out/FFN weights; 1 otherwise
-    num_layers: int
-
-
-def _recipe_key(config: DeepScaleLMConfig) -> tuple:
-    return (
-        config.init_scheme, config.hidden_size, config.num_hidden_layers, config.decoder_layers,
-        config.is_encoder_decoder, config.is_decoder, config.hidden_act, float(config.hidden_dropout_prob),
-        float(config.attention_probs_dropout_prob), float(config.residual_k), config.residual_branch_count,
-        config.residual_beta2, float(config.embedding_correlation), config.init_sequence_length,
-    )
-
-
-def stack_init_plan(config: DeepScaleLMConfig, stack: str) -> StackInitPlan:
-    """The plan of stack "encoder" or "decoder" (a decoder-only model's only stack is "decoder")."""
-    return _stack_init_plan(_recipe_key(config), stack)
-
-
-def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...]):
-    """(lambda, beta, per-layer branch-input correlations) of a DeepScaleLM stack with these branch kinds."""
-    _, _, _, _, _, _, act, p, _, k, counting, beta2_override, r0, _ = key
-    lam, beta = deepscalelm_residual_scales(k, residual_branch_total(layers, len(kinds), counting), beta2_override)
-    correlations = correlation_recurrence(
-        num_layers=layers, branch_kinds=kinds, embedding_correlation=r0, dropout=p, activation=act,
-        lam2=lam * lam, beta2=beta * beta,
-    )
-    return lam, beta, correlations
-
-
-@lru_cache(maxsize=64)
-def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
-    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len = key
-    has_cross = is_encoder_decoder and stack == "decoder"
-    layers = decoder_layers if has_cross else num_layers
-    if scheme == "deepnet":
-        alpha, gain = deepnet_constants(num_layers, decoder_layers, stack if is_encoder_decoder else "single")
-        return StackInitPlan(alpha, 1.0, (), (), gain, layers)
-    if scheme != "deepscalelm":
-        return StackInitPlan(1.0, 1.0, (), (), 1.0, layers)
-
-    kinds = ("attention", "cross", "ffn") if has_cross else ("attention", "ffn")
-    lam, beta, correlations = _residual_and_correlations(key, layers, kinds)
-    causal = stack == "decoder"
-    self_vo = tuple(
-        value_output_std(p, attention_variance_ratio(r[0], seq_len, causal, d, p_attn), d) for r in correlations[:-1]
-    )
-    cross_vo = ()
-    if has_cross:
-        # Cross-attention averages the encoder's output tokens (bidirectionally) at the encoder's final correlation.
-        r_encoder = _residual_and_correlations(key, num_layers, ("attention", "ffn"))[2][-1][0]
-        cross_vo = (value_output_std(p, attention_variance_ratio(r_encoder, seq_len, False, d, p_attn), d),) * layers
-    return StackInitPlan(lam, beta, self_vo, cross_vo, 1.0, layers)
-
-
-def output_logit_scale(config: DeepScaleLMConfig) -> float:
-    """Tied output embedding under DeepScaleLM: scale the hidden state so that initial logits have variance 1."""
-    if config.init_scheme == "deepscalelm" and config.tie_word_embeddings:
-        return tied_logit_scale(config.hidden_size, embedding_std(config.hidden_dropout_prob, config.num_embedding_tables))
-    return 1.0
+from .recipe_deepscalelm import embedding_table_std, linear_init_std, output_logit_scale, stack_init_plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,46 +237,18 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
-    def _linear_std(self, module: nn.Linear, name: str) -> float:
-        """Standard deviation of a Linear layer's weight under the configured scheme."""
-        config, d = self.config, self.config.hidden_size
-        scheme = config.init_scheme
-        fan_out, fan_in = module.weight.shape
-        if name in ("head_dense", "lm_head", "score"):
-            if scheme == "standard":
-                return config.initializer_range
-            return xavier_std(fan_in, fan_out) if scheme in ("xavier", "deepnet") else head_dense_std(fan_in)
-        layer_stack, idx, cross = module._dslm_owner
-        plan = stack_init_plan(config, layer_stack)
-        if scheme == "deepscalelm":
-            if name in ("q_proj", "k_proj"):
-                return query_key_std(d)
-            if name in ("v_proj", "o_proj"):
-                return (plan.cross_value_output_stds if cross else plan.value_output_stds)[idx]
-            fc1, fc2 = ffn_stds(config.hidden_act, config.hidden_dropout_prob, d, config.intermediate_size)
-            return fc1 if name == "fc1" else fc2
-        if scheme == "standard":
-            if name in ("o_proj", "fc2"):
-                return scaled_output_std(config.initializer_range, plan.num_layers)
-            return config.initializer_range
-        gain = plan.branch_gain if name in ("v_proj", "o_proj", "fc1", "fc2") else 1.0
-        return xavier_std(fan_in, fan_out, gain)
-
     def _init_weights(self, module: nn.Module):
         config = self.config
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            if config.init_scheme == "deepscalelm":
-                std = embedding_std(config.hidden_dropout_prob, config.num_embedding_tables)
-            elif config.init_scheme == "standard":
-                std = config.initializer_range
-            else:
-                std = xavier_std(*module.weight.shape)
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=embedding_table_std(config, tuple(module.weight.shape)))
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=self._linear_std(module, getattr(module, "_dslm_name", "")))
+            stack, layer_idx, cross = getattr(module, "_dslm_owner", (None, None, False))
+            fan_out, fan_in = module.weight.shape
+            std = linear_init_std(config, module._dslm_name, stack, layer_idx, cross, fan_in, fan_out)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, DeepScaleLMRotaryEmbedding):

@@ -10,6 +10,7 @@ the hidden vectors of two different positions, L sequence length.
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 
 INIT_SCHEMES = ("deepscalelm", "xavier", "standard", "deepnet")
@@ -269,3 +270,117 @@ def correlation_recurrence(
         per_layer.append(inputs)
     per_layer.append([r])
     return per_layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe applied to one stack: residual scales and every sigma, computed once per configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StackInitPlan:
+    """What a stack of layers is initialised with under `init_scheme` (standard deviations, residual scales)."""
+
+    residual_skip: float  # lambda
+    residual_branch: float  # beta
+    value_output_stds: tuple[float, ...]  # per layer, self-attention W_v and W_o (deepscalelm)
+    cross_value_output_stds: tuple[float, ...]  # per layer, cross-attention W_v and W_o (deepscalelm)
+    branch_gain: float  # deepnet's beta on v/out/FFN weights; 1 otherwise
+    num_layers: int
+
+
+def _recipe_key(config) -> tuple:
+    return (
+        config.init_scheme, config.hidden_size, config.num_hidden_layers, config.decoder_layers,
+        config.is_encoder_decoder, config.is_decoder, config.hidden_act, float(config.hidden_dropout_prob),
+        float(config.attention_probs_dropout_prob), float(config.residual_k), config.residual_branch_count,
+        config.residual_beta2, float(config.embedding_correlation), config.init_sequence_length,
+    )
+
+
+def stack_init_plan(config, stack: str) -> StackInitPlan:
+    """The plan of stack "encoder" or "decoder" (a decoder-only model's only stack is "decoder")."""
+    return _stack_init_plan(_recipe_key(config), stack)
+
+
+def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...]):
+    """(lambda, beta, per-layer branch-input correlations) of a DeepScaleLM stack with these branch kinds."""
+    _, _, _, _, _, _, act, p, _, k, counting, beta2_override, r0, _ = key
+    lam, beta = deepscalelm_residual_scales(k, residual_branch_total(layers, len(kinds), counting), beta2_override)
+    correlations = correlation_recurrence(
+        num_layers=layers, branch_kinds=kinds, embedding_correlation=r0, dropout=p, activation=act,
+        lam2=lam * lam, beta2=beta * beta,
+    )
+    return lam, beta, correlations
+
+
+@lru_cache(maxsize=64)
+def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
+    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len = key
+    has_cross = is_encoder_decoder and stack == "decoder"
+    layers = decoder_layers if has_cross else num_layers
+    if scheme == "deepnet":
+        alpha, gain = deepnet_constants(num_layers, decoder_layers, stack if is_encoder_decoder else "single")
+        return StackInitPlan(alpha, 1.0, (), (), gain, layers)
+    if scheme != "deepscalelm":
+        return StackInitPlan(1.0, 1.0, (), (), 1.0, layers)
+
+    kinds = ("attention", "cross", "ffn") if has_cross else ("attention", "ffn")
+    lam, beta, correlations = _residual_and_correlations(key, layers, kinds)
+    causal = stack == "decoder"
+    self_vo = tuple(
+        value_output_std(p, attention_variance_ratio(r[0], seq_len, causal, d, p_attn), d) for r in correlations[:-1]
+    )
+    cross_vo = ()
+    if has_cross:
+        # Cross-attention averages the encoder's output tokens (bidirectionally) at the encoder's final correlation.
+        r_encoder = _residual_and_correlations(key, num_layers, ("attention", "ffn"))[2][-1][0]
+        cross_vo = (value_output_std(p, attention_variance_ratio(r_encoder, seq_len, False, d, p_attn), d),) * layers
+    return StackInitPlan(lam, beta, self_vo, cross_vo, 1.0, layers)
+
+
+def output_logit_scale(config) -> float:
+    """Tied output embedding under DeepScaleLM: scale the hidden state so that initial logits have variance 1."""
+    if config.init_scheme == "deepscalelm" and config.tie_word_embeddings:
+        return tied_logit_scale(config.hidden_size, embedding_std(config.hidden_dropout_prob, config.num_embedding_tables))
+    return 1.0
+
+
+def embedding_table_std(config, shape: tuple[int, int]) -> float:
+    """Std of an embedding table (word, position or token type) under config.init_scheme."""
+    if config.init_scheme == "deepscalelm":
+        return embedding_std(config.hidden_dropout_prob, config.num_embedding_tables)
+    if config.init_scheme == "standard":
+        return config.initializer_range
+    return xavier_std(*shape)
+
+
+LINEAR_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "head_dense", "lm_head", "score")
+
+
+def linear_init_std(config, role: str, stack: str | None, layer_idx: int | None, cross: bool, fan_in: int, fan_out: int) -> float:
+    """Std of a Linear weight by its role under config.init_scheme (biases are zero, LayerNorms identity).
+
+    deepscalelm: RECIPE section 2 (q/k 1/d; v/o per layer from the correlation recurrence; FFN from ffn_stds;
+    heads 1/d). xavier: xavier-normal everywhere. standard: N(0, initializer_range), o_proj and fc2 at
+    initializer_range / sqrt(2 N). deepnet: xavier-normal with gain beta on v_proj, o_proj, fc1, fc2.
+    """
+    if role not in LINEAR_ROLES:
+        raise ValueError(f"unknown Linear role {role!r}; expected one of {LINEAR_ROLES}")
+    scheme, d = config.init_scheme, config.hidden_size
+    if role in ("head_dense", "lm_head", "score"):
+        if scheme == "standard":
+            return config.initializer_range
+        return xavier_std(fan_in, fan_out) if scheme in ("xavier", "deepnet") else head_dense_std(fan_in)
+    plan = stack_init_plan(config, stack)
+    if scheme == "deepscalelm":
+        if role in ("q_proj", "k_proj"):
+            return query_key_std(d)
+        if role in ("v_proj", "o_proj"):
+            return (plan.cross_value_output_stds if cross else plan.value_output_stds)[layer_idx]
+        fc1, fc2 = ffn_stds(config.hidden_act, config.hidden_dropout_prob, d, config.intermediate_size)
+        return fc1 if role == "fc1" else fc2
+    if scheme == "standard":
+        if role in ("o_proj", "fc2"):
+            return scaled_output_std(config.initializer_range, plan.num_layers)
+        return config.initializer_range
+    gain = plan.branch_gain if role in ("v_proj", "o_proj", "fc1", "fc2") else 1.0
+    return xavier_std(fan_in, fan_out, gain)
