@@ -1,8 +1,9 @@
 """Pretraining data: corpora through `datasets`, tokenizers, packing into blocks, and the objectives' collators.
 
-Every source goes the same path: a `DatasetDict` with a "text" column and "train"/"validation" splits, tokenized
-and packed into fixed-length blocks of token ids, then turned into model inputs by a collator (causal LM, masked LM
-or T5-style span corruption for seq2seq).
+Every source goes the same path: a `DatasetDict` with a "text" column (a "train" split, and "validation" if the
+source has one), tokenized and packed into fixed-length blocks of token ids (without a validation split, the tail
+of the packed stream is held out), then turned into model inputs by a collator (causal LM, masked LM or T5-style
+span corruption for seq2seq).
 
 The embedded default corpus is the Python standard library's own source text: it exists on every machine that
 runs this code, needs no network, is a few MB of real, varied text (code, docstrings, comments), and is fully
@@ -58,41 +59,30 @@ def load_default_corpus(max_megabytes: float) -> Dataset:
     })
 
 
-def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None = None, text_column: str = "text",
-                validation_fraction: float = 0.05, default_corpus_megabytes: float = 4.0) -> DatasetDict:
-    """A DatasetDict with "train" and "validation" splits of one "text" column.
+def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None = None,
+                text_column: str = "text", default_corpus_megabytes: float = 4.0) -> DatasetDict:
+    """A DatasetDict with a "train" split (and "validation" when the source has one) of one "text" column.
 
-    `source` is "default" (the embedded standard-library corpus), one or more local text files (comma-separated
-    paths; one row per paragraph), or a Hub dataset id (needs the network or a filled cache). Without a validation
-    split of its own, the last `validation_fraction` of the rows is held out (no shuffling: a contiguous tail, so
-    held-out text never shares a document with the training text).
+    `source` is "default" (the embedded standard-library corpus, one row per file), one or more local text files
+    (comma-separated paths; one row per paragraph), or a Hub dataset id (needs the network or a filled cache).
     """
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction={validation_fraction} must lie in (0, 1)")
     if source == DEFAULT_CORPUS:
-        splits = DatasetDict(train=load_default_corpus(default_corpus_megabytes))
+        return DatasetDict(train=load_default_corpus(default_corpus_megabytes).select_columns(["text"]))
+    paths = [Path(p) for p in source.split(",")]
+    if any(p.suffix in (".txt", ".text", ".md") or p.is_file() for p in paths):
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(f"dataset file(s) not found: {', '.join(missing)}")
+        splits = load_dataset("text", data_files={"train": [str(p) for p in paths]}, sample_by="paragraph")
     else:
-        paths = [Path(p) for p in source.split(",")]
-        if all(p.suffix in (".txt", ".text", ".md") or p.is_file() for p in paths):
-            missing = [str(p) for p in paths if not p.is_file()]
-            if missing:
-                raise ValueError(f"dataset file(s) not found: {', '.join(missing)}")
-            splits = load_dataset("text", data_files={"train": [str(p) for p in paths]}, sample_by="paragraph")
-        else:
-            splits = load_dataset(source, dataset_config_name)
+        splits = load_dataset(source, dataset_config_name)
     if "train" not in splits:
         raise ValueError(f"dataset {source!r} has no 'train' split (it has {list(splits)})")
     if text_column not in splits["train"].column_names:
         raise ValueError(f"dataset {source!r} has no text column {text_column!r} (columns: {splits['train'].column_names})")
-    splits = DatasetDict({name: split.select_columns([text_column]).rename_column(text_column, "text")
-                          if text_column != "text" else split.select_columns(["text"])
-                          for name, split in splits.items() if name in ("train", "validation")})
-    if "validation" not in splits:
-        if len(splits["train"]) < 2:
-            raise ValueError(f"dataset {source!r} has {len(splits['train'])} row(s): too few to hold out a validation split")
-        held_out = splits["train"].train_test_split(test_size=validation_fraction, shuffle=False)
-        splits = DatasetDict(train=held_out["train"], validation=held_out["test"])
-    return splits
+    return DatasetDict({name: splits[name].select_columns([text_column]).rename_column(text_column, "text")
+                        if text_column != "text" else splits[name].select_columns(["text"])
+                        for name in ("train", "validation") if name in splits})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +297,22 @@ def make_collator(objective: str, tokenizer, block_size: int, mlm_probability: f
     if objective == "seq2seq":
         return SpanCorruptionCollator(tokenizer, block_size, noise_density, mean_span_length)
     raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+
+
+def train_and_validation_blocks(splits: DatasetDict, tokenizer, block_size: int,
+                                validation_fraction: float) -> tuple[Dataset, Dataset]:
+    """Packed (train, validation) blocks. Without a validation split, the last `validation_fraction` of the packed
+    training stream is held out: a contiguous tail, so held-out text shares at most one document with training."""
+    train = pack_into_blocks(splits["train"], tokenizer, block_size)
+    if "validation" in splits:
+        return train, pack_into_blocks(splits["validation"], tokenizer, block_size)
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction} must lie in (0, 1)")
+    held_out = max(1, round(len(train) * validation_fraction))
+    if held_out >= len(train):
+        raise ValueError(f"the corpus packs into {len(train)} block(s) of {block_size} tokens: too few to hold out a "
+                         "validation tail; use more text or a smaller block")
+    return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train)))
 
 
 def token_sample(blocks: Dataset, max_blocks: int) -> list[list[int]]:

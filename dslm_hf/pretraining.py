@@ -69,7 +69,7 @@ class PretrainingArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     default_corpus_megabytes: float = field(default=4.0, metadata={"help": "Size of the embedded default corpus."})
-    validation_fraction: float = field(default=0.05, metadata={"help": "Held-out tail of the rows when the dataset has no validation split."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Held-out tail of the packed blocks when the dataset has no validation split."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Existing tokenizer (path or Hub id). "
                                                                         "Unset: train a byte-level BPE on the training text."})
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained byte-level BPE."})
@@ -135,6 +135,8 @@ class PretrainingArguments:
             fail("lr_scheduler_type", f"expected one of {SCHEDULES}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             fail("mixed_precision", f"expected one of {MIXED_PRECISIONS}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            fail("validation_fraction", "expected a share in (0, 1)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             fail("warmup_ratio", "expected a share in [0, 1)")
         if self.learning_rate <= 0:
@@ -437,6 +439,14 @@ def training_window(accelerator, model, batches: list[dict], collator) -> tuple[
     return accelerator.reduce(loss_sum, "sum") / items, True
 
 
+def replica_spread(accelerator, model) -> float:
+    """Largest difference across ranks of (sum, sum of squares) of all parameters: 0 when the replicas agree."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    fingerprint = torch.stack([flat.sum(), flat.square().sum()]).view(1, 2)
+    everyone = accelerator.gather(fingerprint)
+    return (everyone.max(0).values - everyone.min(0).values).max().item()
+
+
 def write_model_card(folder: Path, args: PretrainingArguments, config, metrics: dict) -> None:
     stacks = ", ".join(f"{name}: {layers} layers" for name, layers, _ in config.residual_stacks())
     loader = AUTO_MODEL_CLASSES[args.objective].__name__
@@ -507,7 +517,6 @@ def train(args: PretrainingArguments) -> dict:
     tokenizer_dir = run_dir / "tokenizer"
     with accelerator.main_process_first():
         splits = data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
-                                  validation_fraction=args.validation_fraction,
                                   default_corpus_megabytes=args.default_corpus_megabytes)
         reuse_saved = tokenizer_dir.is_dir() and (resume_dir is not None or not accelerator.is_main_process)
         if reuse_saved:
@@ -522,8 +531,8 @@ def train(args: PretrainingArguments) -> dict:
         data.check_tokenizer_for_objective(tokenizer, args.objective)
         if accelerator.is_main_process and not reuse_saved:
             tokenizer.save_pretrained(tokenizer_dir)
-        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
-        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
+        train_blocks, eval_blocks = data.train_and_validation_blocks(splits, tokenizer, args.block_size,
+                                                                     args.validation_fraction)
     collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
                                   args.noise_density, args.mean_span_length)
 
@@ -637,7 +646,11 @@ def train(args: PretrainingArguments) -> dict:
 
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
-    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"))
+    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"),
+                   replica_spread=replica_spread(accelerator, model))
+    accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
+    if metrics["replica_spread"] > 0:
+        say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
     final_dir = run_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if unwrapped.can_generate():
@@ -659,8 +672,9 @@ def train(args: PretrainingArguments) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
-    return train(parse_arguments(argv))
+def main(argv=None) -> None:
+    """Console entry point (`dslm-pretrain`); returns None so that the process exits with status 0."""
+    train(parse_arguments(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Pretraining data: the embedded corpus, tokenizer training, packing, and the CLM / MLM / span-corruption collators."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dslm_hf import data
+
+SHAKESPEARE = Path(__file__).parents[2] / "shared/data/tinyshakespeare/input.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_corpus("default", default_corpus_megabytes=0.3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return data.train_byte_level_bpe(corpus["train"]["text"], 512)
+
+
+@pytest.fixture(scope="module")
+def blocks(corpus, tokenizer):
+    return data.pack_into_blocks(corpus["train"], tokenizer, 64)
+
+
+def test_default_corpus_is_sorted_stdlib_source_within_budget():
+    files = data.default_corpus_files(0.5)
+    names = [p.name for p in files]
+    assert all(name.endswith(".py") for name in names)
+    assert files == sorted(files, key=lambda p: p.as_posix())
+    total = sum(p.stat().st_size for p in files)
+    assert total >= 0.5e6 and total - files[-1].stat().st_size < 0.5e6  # the budget is crossed by the last file only
+    assert data.default_corpus_files(0.5) == files  # deterministic
+
+
+def test_default_corpus_loads_through_datasets_with_a_text_column(corpus):
+    assert list(corpus) == ["train"]
+    assert corpus["train"].column_names == ["text"]
+    assert len(corpus["train"]) == len(data.default_corpus_files(0.3))
+
+
+def test_trained_tokenizer_has_the_special_tokens_and_round_trips_text(tokenizer):
+    assert len(tokenizer) == 512
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    text = "def f(x):\n    return x ** 2  # é"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_packed_blocks_are_full_and_separate_documents_with_eos(corpus, tokenizer, blocks):
+    assert blocks[0]["input_ids"].shape[0] == 64
+    stream = blocks[:]["input_ids"].flatten()
+    documents = (stream == tokenizer.eos_token_id).sum().item()
+    assert documents >= len(corpus["train"]) - 2  # one EOS per document (up to the dropped tail)
+
+
+def test_validation_tail_is_held_out_from_the_packed_stream(corpus, tokenizer, blocks):
+    train, validation = data.train_and_validation_blocks(corpus, tokenizer, 64, 0.1)
+    assert len(train) + len(validation) == len(blocks)
+    assert len(validation) == round(0.1 * len(blocks))
+    assert torch.equal(validation[0]["input_ids"], blocks[len(train)]["input_ids"])
+
+
+def test_text_files_load_one_row_per_paragraph():
+    splits = data.load_corpus(str(SHAKESPEARE))
+    assert len(splits["train"]) == 7222
+    assert splits["train"][0]["text"].startswith("First Citizen:\nBefore we proceed any further")
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="dataset file.*not found.*nothere.txt"):
+        data.load_corpus(str(tmp_path / "nothere.txt"))
+
+
+def test_mlm_collator_masks_15_percent_with_80_10_10(tokenizer, blocks):
+    collator = data.MaskedLMCollator(tokenizer, 0.15)
+    original = blocks[:]["input_ids"]  # ~20k selected tokens: shares within +-0.01 are > 4 sigma
+    batch = collator(original, torch.Generator().manual_seed(0))
+    selected = batch["labels"] != -100
+    maskable = ~torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    share = selected.sum().item() / maskable.sum().item()
+    assert abs(share - 0.15) < 0.005
+    assert torch.equal(batch["labels"][selected], original[selected])
+    assert not selected[~maskable].any()
+    masked = (batch["input_ids"] == tokenizer.mask_token_id) & selected
+    kept = (batch["input_ids"] == original) & selected
+    replaced = selected & ~masked & ~kept
+    n = selected.sum().item()
+    # A random replacement can draw the original token (kept) with probability 1/512.
+    assert abs(masked.sum().item() / n - 0.8) < 0.01
+    assert abs(kept.sum().item() / n - 0.1) < 0.01
+    assert abs(replaced.sum().item() / n - 0.1) < 0.01
+    assert torch.equal(batch["input_ids"][~selected], original[~selected])
+
+
+def test_mlm_collator_is_a_function_of_its_generator(tokenizer, blocks):
+    collator = data.MaskedLMCollator(tokenizer)
+    first = collator(blocks[:8]["input_ids"], torch.Generator().manual_seed(3))
+    second = collator(blocks[:8]["input_ids"], torch.Generator().manual_seed(3))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_span_corruption_restores_the_original_block(corpus):
+    tokenizer = data.train_byte_level_bpe(corpus["train"]["text"], 512)
+    count = data.span_corruption_sentinel_count(64, 0.15, 3.0)
+    assert count == 3  # round(64 * 0.15) = 10 noise tokens in round(10 / 3) = 3 spans
+    sentinels = data.add_sentinel_tokens(tokenizer, count)
+    assert sentinels == [512, 513, 514]
+    collator = data.SpanCorruptionCollator(tokenizer, 64)
+    original = data.pack_into_blocks(corpus["train"], tokenizer, 64)["input_ids"][:32]
+    batch = collator(original, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (32, 64 - 10 + 3 + 1)  # kept tokens + one sentinel per span + EOS
+    assert batch["labels"].shape == (32, 10 + 3 + 1)  # hidden tokens + sentinels + EOS
+    for inputs, labels, block in zip(batch["input_ids"], batch["labels"], original):
+        assert torch.equal(collator.restore(inputs, labels), block)
+        assert torch.isin(torch.tensor(sentinels), inputs).all() and torch.isin(torch.tensor(sentinels), labels).all()
+
+
+def test_span_corruption_without_sentinels_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="needs sentinel tokens <extra_id_0>"):
+        data.SpanCorruptionCollator(tokenizer, 64)
+
+
+def test_causal_collator_counts_shifted_label_tokens(blocks):
+    batch = data.CausalLMCollator()(blocks[:4]["input_ids"])
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert data.CausalLMCollator.count_label_tokens(batch).item() == 4 * 63
