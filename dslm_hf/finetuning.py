@@ -12,7 +12,6 @@ causal-sft (prompt -> response on a decoder; prompt tokens are masked out of the
 See docs/finetuning.md for the data formats and metrics.
 """
 
-import math
 import os
 import re
 import string
@@ -278,16 +277,20 @@ def accuracy_and_macro_f1(predictions: np.ndarray, references: np.ndarray) -> di
     return {"accuracy": float(np.mean(predictions == references)), "f1": float(np.mean(f1s))}
 
 
+def _logits(eval_prediction) -> np.ndarray:
+    """The logits among a head's outputs (hidden states or attentions follow them when requested)."""
+    predictions = eval_prediction.predictions
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
 def sequence_classification_metrics(eval_prediction) -> dict[str, float]:
-    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
-    return accuracy_and_macro_f1(logits.argmax(-1), eval_prediction.label_ids)
+    return accuracy_and_macro_f1(_logits(eval_prediction).argmax(-1), eval_prediction.label_ids)
 
 
 def token_classification_metrics(eval_prediction) -> dict[str, float]:
-    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
     labels = eval_prediction.label_ids
     scored = labels != IGNORE_INDEX
-    return accuracy_and_macro_f1(logits.argmax(-1)[scored], labels[scored])
+    return accuracy_and_macro_f1(_logits(eval_prediction).argmax(-1)[scored], labels[scored])
 
 
 def language_model_token_scores(label_shift: int) -> Callable:
@@ -310,7 +313,7 @@ def sft_metrics(eval_prediction) -> dict[str, float]:
     log_probability, hit = eval_prediction.predictions
     scored = hit >= 0.0  # padding between batches is -100, unscored positions -1
     mean_nll = float(-log_probability[scored].mean())
-    return {"token_accuracy": float(hit[scored].mean()), "perplexity": math.exp(min(mean_nll, 700.0))}
+    return {"token_accuracy": float(hit[scored].mean()), "perplexity": float(np.exp(mean_nll))}
 
 
 def normalize_answer(text: str) -> str:
@@ -333,17 +336,18 @@ def answer_f1(prediction: str, truth: str) -> float:
 def best_answers(start_logits, end_logits, features, examples, context_column, max_answer_length) -> list[str]:
     """Per example, the highest start+end logit span (start <= end, at most max_answer_length tokens, inside the
     context) over all of its features, as text cut from the context with the offset mapping."""
-    best = {}
-    for feature_index, feature in enumerate(features):
-        offsets, example = feature["offset_mapping"], feature["example_index"]
-        starts, ends = start_logits[feature_index], end_logits[feature_index]
-        for start in (k for k in range(len(offsets)) if offsets[k] is not None):
-            for end in range(start, min(start + max_answer_length, len(offsets))):
-                if offsets[end] is None:
-                    continue
-                score = starts[start] + ends[end]
-                if example not in best or score > best[example][0]:
-                    best[example] = (score, offsets[start][0], offsets[end][1])
+    best = {}  # example index -> (score, start char, end char)
+    for feature_index, (offsets, example) in enumerate(zip(features["offset_mapping"], features["example_index"])):
+        length = len(offsets)
+        in_context = np.array([offset is not None for offset in offsets])
+        scores = start_logits[feature_index, :length, None] + end_logits[feature_index, None, :length]  # (start, end)
+        allowed = np.triu(np.tril(np.ones((length, length), dtype=bool), max_answer_length - 1))  # 0 <= end-start < max
+        allowed &= in_context[:, None] & in_context[None, :]
+        if not allowed.any():
+            continue
+        start, end = np.unravel_index(np.where(allowed, scores, -np.inf).argmax(), scores.shape)
+        if example not in best or scores[start, end] > best[example][0]:
+            best[example] = (scores[start, end], offsets[start][0], offsets[end][1])
     answers = []
     for example_index, example in enumerate(examples):
         _, start_char, end_char = best.get(example_index, (None, 0, 0))
