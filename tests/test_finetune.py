@@ -151,6 +151,7 @@ def test_question_answering_learns_marked_span(workspace):
 def test_causal_sft_learns_fixed_mapping(workspace):
     result = run(finetune_args(workspace, "causal-sft", "sft", "decoder", "causal"))
     assert_eval_loss_drops(result, 0.5)
+    # one evaluation batch (32 rows): the token-level perplexity and the Trainer's loss describe the same tokens
     assert result["eval"]["eval_perplexity"] == pytest.approx(math.exp(result["eval"]["eval_loss"]), rel=1e-4)
     assert result["eval"]["eval_token_accuracy"] >= 0.5
 
