@@ -1,0 +1,278 @@
+"""Pieces every benchmark script shares: tinyshakespeare at character level, DeepScaleLM configs for it, a bounded
+training loop that reports loss, divergence and the per-layer gradient-norm spread, and the run metadata (machine,
+versions, date) that goes with every result file.
+
+The scripts import this as `common` (they put their own folder on sys.path), so each one runs from the repository
+root in one command: `python benchmarks/<name>.py --out benchmarks/results/<name>.json`.
+"""
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import get_scheduler
+
+import dslm_hf
+from dslm_hf.data import CausalLMCollator, MaskedLMCollator
+from dslm_hf.diagnostics import find_layer_stacks
+from dslm_hf.pretraining import adamw_parameter_groups
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+VALIDATION_FRACTION = 0.1
+OBJECTIVES = ("clm", "mlm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: characters as tokens, first 90% of the text for training, the last 10% held out
+# ----------------------------------------------------------------------------------------------------------------
+class CharTokenizer:
+    """One id per distinct character of the corpus (65 for tinyshakespeare), then the special tokens that
+    dslm_hf's masked-LM collator needs (they never occur in the text)."""
+
+    pad_token, eos_token, mask_token = "<pad>", "<eos>", "<mask>"
+
+    def __init__(self, text: str):
+        self.symbols = sorted(set(text))
+        self.special_tokens = [self.pad_token, self.eos_token, self.mask_token]
+        self.char_ids = {c: i for i, c in enumerate(self.symbols)}
+        self.pad_token_id, self.eos_token_id, self.mask_token_id = range(len(self.symbols), len(self.symbols) + 3)
+        self.all_special_ids = [self.pad_token_id, self.eos_token_id, self.mask_token_id]
+
+    def __len__(self) -> int:
+        return len(self.symbols) + len(self.special_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.char_ids[c] for c in text]
+
+    def decode(self, ids) -> str:
+        vocabulary = self.symbols + self.special_tokens
+        return "".join(vocabulary[i] for i in ids)
+
+
+class CharCorpus:
+    """Token ids of a text file, split into a training head and a held-out tail."""
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_TEXT):
+        path = Path(path)
+        if not path.is_file():
+            raise SystemExit(f"text file {path} not found: pass --text PATH (tinyshakespeare lives in ../shared/data)")
+        text = path.read_text(encoding="utf-8")
+        self.tokenizer = CharTokenizer(text)
+        ids = torch.tensor(self.tokenizer.encode(text))
+        cut = int(len(ids) * (1 - VALIDATION_FRACTION))
+        self.train_ids, self.validation_ids = ids[:cut], ids[cut:]
+
+    def random_blocks(self, batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch, context) windows of the training text at random offsets."""
+        starts = torch.randint(len(self.train_ids) - context, (batch,), generator=generator)
+        return torch.stack([self.train_ids[s:s + context] for s in starts.tolist()])
+
+    def validation_blocks(self, context: int, count: int) -> torch.Tensor:
+        """`count` evenly spaced, non-overlapping (count, context) windows of the held-out text."""
+        available = len(self.validation_ids) // context
+        if count > available:
+            raise SystemExit(f"the held-out text has only {available} blocks of {context} tokens, {count} requested")
+        stride = available // count
+        return torch.stack([self.validation_ids[i * stride * context:(i * stride + 1) * context] for i in range(count)])
+
+
+def make_collator(objective: str, tokenizer):
+    if objective == "clm":
+        return CausalLMCollator()
+    if objective == "mlm":
+        return MaskedLMCollator(tokenizer)
+    raise SystemExit(f"objective {objective!r} is not one of {OBJECTIVES}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def deepscalelm_config(corpus: CharCorpus, objective: str, *, layers: int, hidden: int, heads: int, context: int,
+                       init_scheme: str = "deepscalelm", norm_placement: str = "pre", r0: float | str = "data",
+                       **overrides) -> "dslm_hf.DeepScaleLMConfig":
+    """A char-level config; `r0="data"` sets embedding_correlation from 256 training blocks (the recipe needs the
+    data's r0), a number uses that value."""
+    config = dslm_hf.DeepScaleLMConfig(
+        vocab_size=len(corpus.tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=context, init_sequence_length=context, is_decoder=objective == "clm",
+        init_scheme=init_scheme, norm_placement=norm_placement, pad_token_id=corpus.tokenizer.pad_token_id,
+        eos_token_id=corpus.tokenizer.eos_token_id, **overrides,
+    )
+    if r0 == "data":
+        sample = corpus.random_blocks(256, context, torch.Generator().manual_seed(1234))
+        config.embedding_correlation = config.estimate_embedding_correlation(sample)
+    else:
+        config.embedding_correlation = float(r0)
+    return config
+
+
+def build_deepscalelm(config, seed: int = 0):
+    torch.manual_seed(seed)
+    head = dslm_hf.DeepScaleLMForCausalLM if config.is_decoder else dslm_hf.DeepScaleLMForMaskedLM
+    return head._from_config(config, attn_implementation="sdpa")
+
+
+def parameter_count(model, exclude_embeddings: bool = False) -> int:
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} if exclude_embeddings else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def layer_gradient_norms(model) -> list[float]:
+    """Norm of the weight-matrix gradients of each layer of the model's (first) layer stack, input side first."""
+    (_, layers), *_ = find_layer_stacks(model)
+    norms = []
+    for layer in layers:
+        squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
+        norms.append(float(torch.stack(squares).sum().sqrt()) if squares else float("nan"))
+    return norms
+
+
+def norm_spread(norms: list[float]) -> float:
+    """max/min of per-layer gradient norms: 1 is perfectly flat; inf/nan when a layer has no finite gradient."""
+    if not norms or not all(math.isfinite(n) for n in norms):
+        return float("nan")
+    return max(norms) / min(norms) if min(norms) > 0 else float("inf")
+
+
+@dataclass
+class TrainingSettings:
+    steps: int
+    batch: int
+    context: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    schedule: str = "linear"
+    validation_blocks: int = 64
+    seed: int = 0
+    log_every: int = 25
+
+
+@dataclass
+class TrainingResult:
+    steps_done: int
+    diverged: bool
+    diverged_at: int | None
+    final_train_loss: float
+    validation_loss: float
+    wall_s: float
+    layer_grad_norms_init: list[float]
+    layer_grad_norms_end: list[float]
+    grad_norm_spread_init: float
+    grad_norm_spread_end: float
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def validation_loss(model, collator, blocks: torch.Tensor, seed: int, batch: int = 16) -> float:
+    """Token-level mean loss over the held-out blocks (masked LM: the same masks for every model, from `seed`)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        inputs = collator(blocks[start:start + batch], generator)
+        count = int(collator.count_label_tokens(inputs))
+        total += float(model(**inputs).loss) * count
+        tokens += count
+    model.train()
+    return total / tokens
+
+
+def train(model, corpus: CharCorpus, objective: str, settings: TrainingSettings) -> TrainingResult:
+    """AdamW (decay on matrices only), warmup then `schedule`, clipping; stops at the first non-finite loss.
+
+    The data order, masks and dropout depend only on `settings.seed`, so every model of a comparison sees the same
+    batches. The loss reported as final is the mean over the last 10% of the steps (a single batch is noisy).
+    """
+    collator = make_collator(objective, corpus.tokenizer)
+    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, settings.weight_decay), lr=settings.learning_rate,
+                                  betas=(0.9, 0.98), eps=1e-8)
+    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                              num_training_steps=settings.steps)
+    data_generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    model.train()
+    losses, curve, norms_init, norms_end = [], [], [], []
+    diverged_at = None
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        batch = collator(corpus.random_blocks(settings.batch, settings.context, data_generator), data_generator)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            diverged_at = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            norms_init = layer_gradient_norms(model)
+        if step == settings.steps - 1:
+            norms_end = layer_gradient_norms(model)
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % settings.log_every == 0 or step == settings.steps - 1:
+            curve.append((step, losses[-1]))
+    wall = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    diverged = diverged_at is not None
+    held_out = float("nan") if diverged else validation_loss(
+        model, collator, corpus.validation_blocks(settings.context, settings.validation_blocks), settings.seed)
+    return TrainingResult(
+        steps_done=len(losses), diverged=diverged, diverged_at=diverged_at,
+        final_train_loss=float("nan") if diverged else sum(tail) / len(tail), validation_loss=held_out, wall_s=wall,
+        layer_grad_norms_init=norms_init, layer_grad_norms_end=norms_end,
+        grad_norm_spread_init=norm_spread(norms_init), grad_norm_spread_end=norm_spread(norms_end), train_curve=curve,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+def machine_description() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()[:10]
+    except (OSError, subprocess.CalledProcessError):
+        lscpu = [platform.processor()]
+    return {
+        "lscpu": lscpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+    }
+
+
+def write_results(path: str | os.PathLike, results: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine_description(), **results}, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def add_common_arguments(parser, default_out: str):
+    parser.add_argument("--out", default=default_out, help="result JSON (a plot PNG goes next to it)")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="training text (character level)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: the machine's 2 cores are shared with other work)")
+    parser.add_argument("--smoke", action="store_true", help="trivial sizes: checks that the script runs, measures nothing")
+    return parser
