@@ -656,7 +656,7 @@ def train(args: PretrainingArguments) -> dict:
     if unwrapped.can_generate():
         unwrapped.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-            decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens)
+            decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
     state_dict = accelerator.get_state_dict(model)
     unwrapped.save_pretrained(final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save)

@@ -1,0 +1,102 @@
+"""Pretraining loop, in process: each objective learns, gradient accumulation is token-exact, non-finite steps are
+skipped and counted, the final folder loads, bad arguments are clear errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dslm_hf import pretraining
+from pretrain_helpers import NO_DROPOUT, eval_losses, run_in_process, train_losses
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm", "seq2seq"])
+def test_objective_trains_and_held_out_loss_drops(tmp_path, objective):
+    metrics = run_in_process(tmp_path, "--objective", objective, "--max_steps", 30, "--eval_steps", 15,
+                             "--learning_rate", 3e-3, "--per_device_train_batch_size", 8, "--save_steps", 0)
+    losses = train_losses(tmp_path)
+    evals = eval_losses(tmp_path)
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses.values())
+    assert sum(list(losses.values())[-5:]) / 5 < losses[1] - 0.3
+    assert evals[30] < evals[15] < math.log(512) + 0.5
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+
+
+def test_final_folder_loads_with_auto_class_and_prints_a_sample(tmp_path, capsys):
+    run_in_process(tmp_path, "--max_steps", 3, "--save_steps", 0, "--sample_max_new_tokens", 8)
+    final = tmp_path / "final"
+    names = {p.name for p in final.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
+            "modeling_deepscalelm.py", "configuration_deepscalelm.py"} <= names
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("DeepScaleLMForCausalLM")
+    assert config["init_sequence_length"] == 32 and 0.0 < config["embedding_correlation"] < 0.1
+    model = AutoModelForCausalLM.from_pretrained(final)
+    saved = load_file(final / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert len(AutoTokenizer.from_pretrained(final)) == config["vocab_size"] == 512
+    assert "=== generated sample" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    common = ["--max_steps", 2, "--save_steps", 0, "--eval_steps", 100, *NO_DROPOUT]
+    run_in_process(tmp_path / "accumulated", *common, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2)
+    run_in_process(tmp_path / "big", *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1)
+    records = {name: [r for r in pretraining.read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+               for name in ("accumulated", "big")}
+    for accumulated, big in zip(records["accumulated"], records["big"]):
+        assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-6)
+        assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+    first, second = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("accumulated", "big"))
+    # Float summation order differs; Adam turns relative gradient noise of ~1e-7 into ~1e-6 weight differences.
+    assert max((first[k] - second[k]).abs().max().item() for k in first) < 1e-5
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
+    real_compute_loss, calls = pretraining.compute_loss, []
+
+    def loss_with_faults(model, batch, num_items_in_batch):
+        calls.append(None)
+        loss = real_compute_loss(model, batch, num_items_in_batch)
+        return loss * float("nan") if len(calls) in (2, 3) else loss
+
+    monkeypatch.setattr(pretraining, "compute_loss", loss_with_faults)
+    metrics = run_in_process(tmp_path, "--max_steps", 5, "--save_steps", 0, "--max_nonfinite_steps", 2)
+    assert metrics["nonfinite_steps"] == 2 and metrics["step"] == 5
+    assert sorted(train_losses(tmp_path)) == [1, 4, 5]  # steps 2 and 3 logged no loss
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretraining, "compute_loss", lambda model, batch, num_items_in_batch: torch.tensor(float("inf")))
+    with pytest.raises(SystemExit, match="stopping at step 3: 3 steps had a non-finite loss.*--max_nonfinite_steps=2"):
+        run_in_process(tmp_path, "--max_steps", 10, "--save_steps", 0, "--max_nonfinite_steps", 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "gpt"], "--objective='gpt' is invalid"),
+    (["--preset", "huge"], "--preset='huge' is invalid: expected one of"),
+    (["--preset", "tiny", "--config_name", "x.json"], "either --preset or --config_name"),
+    (["--mixed_precision", "fp8"], "--mixed_precision='fp8' is invalid"),
+    (["--block_size", "0"], "--block_size=0 is invalid"),
+])
+def test_invalid_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        pretraining.parse_arguments(["--output_dir", "unused", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_block_longer_than_the_positions_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--block_size=256 exceeds the model's max_position_embeddings=128"):
+        run_in_process(tmp_path, "--block_size", 256, "--max_steps", 1)
+
+
+def test_config_overrides_parse_json_values():
+    assert pretraining.parse_config_overrides("num_hidden_layers=4,hidden_dropout_prob=0.0,hidden_act=gelu") == {
+        "num_hidden_layers": 4, "hidden_dropout_prob": 0.0, "hidden_act": "gelu"}
+    with pytest.raises(ValueError, match="'layers' is not key=value"):
+        pretraining.parse_config_overrides("layers")
