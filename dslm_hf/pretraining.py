@@ -593,10 +593,11 @@ def train(args: PretrainingArguments) -> dict:
     while step < args.max_steps:
         # Dropout and masking of this step depend only on (seed, step, rank): a resumed run replays them.
         step_seed = derived_seed(args.seed, "step", step, accelerator.process_index)
-        torch.manual_seed(step_seed)
         generator = torch.Generator().manual_seed(step_seed)
         window = [to_device(collator(next(batches).cpu(), generator), accelerator.device)
                   for _ in range(args.gradient_accumulation_steps)]
+        # Seeded after fetching: starting a DataLoader iterator (a new epoch, a resume) draws from the global RNG.
+        torch.manual_seed(step_seed)
         loss, finite = training_window(accelerator, model, window, collator)
         grad_norm = None
         if finite and args.max_grad_norm > 0:
