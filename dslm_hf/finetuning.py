@@ -36,6 +36,7 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
@@ -407,9 +408,7 @@ def fresh_head_modules(model) -> list[str]:
 def attach_lora(model, args: FinetuneArguments):
     """LoRA on the default DeepScaleLM targets (dslm_hf.peft_support); fresh heads are trained in full and saved
     with the adapter. The causal and seq2seq heads are tied to the embeddings and stay frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    import dslm_hf.peft_support  # noqa: F401  registers the default targets even for remote-code models
+    from peft import LoraConfig, get_peft_model  # the package registered its default targets on import
 
     spec = TASKS[args.task]
     heads = fresh_head_modules(model) if spec.peft_task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") else None
@@ -440,6 +439,7 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
     check_tokenizer(tokenizer, args)
     classification = args.task in ("sequence-classification", "token-classification")
     label_names = label_names_of(raw, args) if classification else None
+    set_seed(training_args.seed)  # fresh heads (and LoRA matrices) start the same in every run and every process
     model = load_model(args, tokenizer, label_names)
     config = model.config
     max_length = args.max_length or config.max_position_embeddings
