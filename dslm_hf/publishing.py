@@ -1,11 +1,12 @@
 """Publish a trained DeepScaleLM checkpoint to the Hugging Face Hub: evaluate, validate, stage, card, push.
 
-    # 1. numbers for the card, measured on held-out text (the last 10% of the file by default)
-    python scripts/evaluate_checkpoint.py runs/deep-48 --text-file ../shared/data/tinyshakespeare/input.txt
+    # 1. numbers for the card: held-out loss of the weights (last 10% of the text) + the training run's record
+    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
+        --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
     # 2. stage the repository folder and list it without any network
-    dslm-publish runs/deep-48 --repo-id org/deepscalelm-48 --eval-file runs/deep-48/eval_results.json --dry-run
+    dslm-publish runs/deep-48/final --repo-id org/deepscalelm-48 --dry-run
     # 3. the same, pushed (create_repo + upload_folder)
-    dslm-publish runs/deep-48 --repo-id org/deepscalelm-48 --eval-file runs/deep-48/eval_results.json --token hf_...
+    dslm-publish runs/deep-48/final --repo-id org/deepscalelm-48 --token hf_...
 
 Staging refuses, before anything is uploaded, whatever would break users: pickle files, truncated or corrupt
 safetensors, weights that do not match the architecture the config describes, and a card whose numbers do not

@@ -1,0 +1,45 @@
+"""Write the evaluation file a model card is rendered from: held-out loss/perplexity of a checkpoint, plus the
+record of the training run that produced it (the card reports both, and nothing else).
+
+    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
+        --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
+
+The held-out split is the last --held-out-fraction of the text's paragraphs: train with the same
+`dslm-pretrain --validation_fraction` so that it was never trained on.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from dslm_hf.publishing import EVAL_FILE_NAME, PublishRefusal, evaluate_checkpoint, write_eval_file
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint_dir", type=Path)
+    parser.add_argument("--text-file", type=Path, required=True)
+    parser.add_argument("--training", required=True,
+                        help="JSON object (or a path to one) with at least tokens, wall_time_seconds, hardware")
+    parser.add_argument("--held-out-fraction", type=float, default=0.1)
+    parser.add_argument("--block-size", type=int, default=None, help="default: the config's init_sequence_length")
+    parser.add_argument("--dataset-id", default="karpathy/tiny_shakespeare")
+    parser.add_argument("--dataset-name", default="Tiny Shakespeare")
+    parser.add_argument("--output", type=Path, default=None, help=f"default: CHECKPOINT_DIR/{EVAL_FILE_NAME}")
+    args = parser.parse_args(argv)
+    training_text = Path(args.training).read_text() if Path(args.training).is_file() else args.training
+    try:
+        training = json.loads(training_text)
+        results = evaluate_checkpoint(args.checkpoint_dir, args.text_file, training, dataset_id=args.dataset_id,
+                                      dataset_name=args.dataset_name, held_out_fraction=args.held_out_fraction,
+                                      block_size=args.block_size)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--training is not a JSON object: {error}") from None
+    except PublishRefusal as error:
+        raise SystemExit(f"evaluate_checkpoint: {error}") from None
+    path = write_eval_file(results, args.output or args.checkpoint_dir / EVAL_FILE_NAME)
+    print(json.dumps(results["metrics"]), f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
