@@ -69,9 +69,10 @@ class FinetuneArguments:
     task: str = field(metadata={"help": "What to fine-tune for.", "choices": list(TASKS)})
     model_name_or_path: str = field(metadata={"help": "DeepScaleLM checkpoint: a local folder or a Hub repo id."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
-    revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of the checkpoint."})
+    revision: str = field(default="main", metadata={
+        "help": "Hub revision (branch, tag or commit) of the checkpoint (and of its tokenizer)."})
     trust_remote_code: bool = field(default=False, metadata={
-        "help": "Load the model code shipped with the checkpoint (needed where dslm_hf is not installed)."})
+        "help": "Allow code shipped with the checkpoint (DeepScaleLM itself runs from the installed dslm_hf)."})
     train_file: str | None = field(default=None, metadata={"help": "Local .csv/.json/.jsonl/.txt training data."})
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data (same format)."})
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` Hub dataset (instead of files)."})
@@ -434,8 +435,9 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
     """Data, tokenizer, model, collator and metrics for the task, all checked before any training step."""
     raw = load_raw_datasets(args, training_args.seed)
     check_columns(raw, args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path, revision=args.revision,
-                                              trust_remote_code=args.trust_remote_code)
+    tokenizer_source = {"pretrained_model_name_or_path": args.tokenizer_name} if args.tokenizer_name else {
+        "pretrained_model_name_or_path": args.model_name_or_path, "revision": args.revision}
+    tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=args.trust_remote_code)
     check_tokenizer(tokenizer, args)
     classification = args.task in ("sequence-classification", "token-classification")
     label_names = label_names_of(raw, args) if classification else None

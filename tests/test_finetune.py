@@ -240,8 +240,8 @@ def test_encoder_decoder_checkpoint_for_classification_is_refused(workspace):
 
 
 def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace, tmp_path):
-    """scripts/finetune.py in a fresh process, with the checkpoint given as a repo id resolved from a pre-filled
-    Hub cache (HF_HUB_OFFLINE=1: the Hub is never contacted)."""
+    """scripts/finetune.py in a fresh process, with the checkpoint given as a repo id and a pinned revision,
+    resolved from a pre-filled Hub cache (HF_HUB_OFFLINE=1: the Hub is never contacted)."""
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--dslm-test--tiny-encoder"
     shutil.copytree(workspace["checkpoints"]["encoder"], repo / "snapshots" / revision)
@@ -250,7 +250,7 @@ def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace,
     train_file, validation_file = workspace["data"]["classification"]
     output = tmp_path / "out"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--task", "sequence-classification",
-               "--model_name_or_path", "dslm-test/tiny-encoder", "--train_file", train_file,
+               "--model_name_or_path", "dslm-test/tiny-encoder", "--revision", revision, "--train_file", train_file,
                "--validation_file", validation_file, "--output_dir", str(output), "--max_steps", "20",
                "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",
                "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"]
