@@ -132,7 +132,8 @@ def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
         suffixes = {os.path.splitext(path)[1].lower() for path in data_files.values()}
         unknown = suffixes - set(_LOADERS_BY_SUFFIX)
         if unknown or len({_LOADERS_BY_SUFFIX[s] for s in suffixes}) != 1:
-            raise FinetuneInputError(f"data files must share one format of {sorted(_LOADERS_BY_SUFFIX)}; got {data_files}")
+            raise FinetuneInputError(
+                f"data files must share one format of {sorted(_LOADERS_BY_SUFFIX)}; got {data_files}")
         raw = load_dataset(_LOADERS_BY_SUFFIX[suffixes.pop()], data_files=data_files)
     if "train" not in raw:
         raise FinetuneInputError(f"the data has no 'train' split (splits: {list(raw)})")
@@ -194,8 +195,8 @@ def tokenize_token_classification(tokenizer, args, label2id, max_length):
         encoded["labels"] = []
         for row, (words, tags) in enumerate(zip(batch[args.tokens_column], batch[args.label_column])):
             if len(words) != len(tags):
-                raise FinetuneInputError(f"token-classification: a row has {len(words)} words in {args.tokens_column!r} "
-                                         f"but {len(tags)} tags in {args.label_column!r}: {words}")
+                raise FinetuneInputError(f"token-classification: a row has {len(words)} words in "
+                                         f"{args.tokens_column!r} but {len(tags)} tags in {args.label_column!r}: {words}")
             labels, previous_word = [], None
             for word in encoded.word_ids(row):
                 first_piece = word is not None and word != previous_word
@@ -214,7 +215,8 @@ def tokenize_question_answering(tokenizer, args, max_length, doc_stride):
 
     def tokenize(batch, indices):
         questions = [q.lstrip() for q in batch[args.question_column]]
-        first, second = (questions, batch[args.context_column]) if pad_on_right else (batch[args.context_column], questions)
+        contexts = batch[args.context_column]
+        first, second = (questions, contexts) if pad_on_right else (contexts, questions)
         encoded = tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
                             max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
                             return_offsets_mapping=True)
@@ -234,7 +236,9 @@ def tokenize_question_answering(tokenizer, args, max_length, doc_stride):
             end_char = start_char + len(answers["text"][0])
             context_tokens = [k for k, offset in enumerate(offsets) if offset is not None]
             start_token = end_token = 0
-            if context_tokens and offsets[context_tokens[0]][0] <= start_char and end_char <= offsets[context_tokens[-1]][1]:
+            answer_inside = (context_tokens and offsets[context_tokens[0]][0] <= start_char
+                             and end_char <= offsets[context_tokens[-1]][1])
+            if answer_inside:
                 start_token = next(k for k in context_tokens if offsets[k][1] > start_char)
                 end_token = next(k for k in reversed(context_tokens) if offsets[k][0] < end_char)
             encoded["start_positions"].append(start_token)
@@ -456,7 +460,8 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
         if args.task == "question-answering":
             doc_stride = args.doc_stride if args.doc_stride is not None else max_length // 4
             if not 0 <= doc_stride < max_length // 2:
-                raise FinetuneInputError(f"--doc_stride={doc_stride} must be in [0, max_length / 2) = [0, {max_length // 2})")
+                raise FinetuneInputError(
+                    f"--doc_stride={doc_stride} must be in [0, max_length / 2) = [0, {max_length // 2})")
             tokenize = tokenize_question_answering(tokenizer, args, max_length, doc_stride)
             features = {split: data.map(tokenize, batched=True, with_indices=True, remove_columns=data.column_names)
                         for split, data in raw.items()}
@@ -467,8 +472,8 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
         else:
             if classification:
                 label2id = {name: i for i, name in enumerate(label_names)}
-                make = tokenize_sequence_classification if args.task == "sequence-classification" else tokenize_token_classification
-                tokenize = make(tokenizer, args, label2id, max_length)
+                tokenize = (tokenize_sequence_classification if args.task == "sequence-classification"
+                            else tokenize_token_classification)(tokenizer, args, label2id, max_length)
                 compute_metrics = (sequence_classification_metrics if args.task == "sequence-classification"
                                    else token_classification_metrics)
                 collator = (DataCollatorWithPadding(tokenizer) if args.task == "sequence-classification"

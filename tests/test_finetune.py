@@ -80,7 +80,8 @@ def workspace(tmp_path_factory):
     for task in train:
         data[task] = (write_jsonl(root / f"{task}_train.jsonl", train[task]),
                       write_jsonl(root / f"{task}_validation.jsonl", validation[task]))
-    corpus = [" ".join(WORDS + [w.capitalize() for w in WORDS] + ["apple", "#", "map", ":", "which", "word", "is", "marked", "?"])] * 4
+    extra_words = ["apple", "#", "map", ":", "which", "word", "is", "marked", "?"]
+    corpus = [" ".join(WORDS + [w.capitalize() for w in WORDS] + extra_words)] * 4
     tokenizer = build_tokenizer(corpus)
     r0 = dslm_hf.DeepScaleLMConfig(vocab_size=len(tokenizer)).estimate_embedding_correlation(
         [tokenizer(row["text"])["input_ids"] for row in train["classification"]])
@@ -228,7 +229,8 @@ def test_missing_label_column_is_named_with_the_columns_present(workspace):
 
 def test_encoder_checkpoint_for_causal_sft_is_refused_with_advice(workspace):
     argv = finetune_args(workspace, "causal-sft", "sft", "encoder", "wrong_head")
-    with pytest.raises(SystemExit, match=r"cannot be fine-tuned for causal-sft: .*is_decoder.*needs a decoder checkpoint"):
+    advice = r"cannot be fine-tuned for causal-sft: .*is_decoder.*needs a decoder checkpoint"
+    with pytest.raises(SystemExit, match=advice):
         main(argv)
     assert not (workspace["root"] / "wrong_head").exists()  # refused before any training or saving
 
