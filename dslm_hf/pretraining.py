@@ -37,7 +37,7 @@ from transformers import (
     get_scheduler,
 )
 
-from . import data
+from . import data, parallel
 from .configuration_deepscalelm import DeepScaleLMConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -104,6 +104,9 @@ class PretrainingArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start fresh even if output_dir holds checkpoints."})
     max_nonfinite_steps: int = field(default=10, metadata={
         "help": "Steps with a NaN/inf loss or gradient are skipped; the run stops when more than this many were skipped."})
+    fully_shard: bool = field(default=False, metadata={
+        "help": "Shard parameters, gradients and optimizer state with FSDP2 fully_shard over the launched processes "
+                "(each DeepScaleLMLayer, then the root); works on gloo/CPU. No periodic checkpoints in this mode."})
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'; metrics.jsonl is always written."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of the generated sample printed at the end."})
 
@@ -145,6 +148,11 @@ class PretrainingArguments:
             fail("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             fail("max_train_minutes", "expected a positive number of minutes")
+        if self.fully_shard and (self.save_steps or self.resume_from_checkpoint):
+            fail("fully_shard", "periodic save_state checkpoints of a fully_shard run are not supported: pass "
+                                "--save_steps 0 (on GPUs, accelerate_configs/fsdp2.yaml checkpoints sharded states)")
+        if self.fully_shard and self.mixed_precision != "no":
+            fail("fully_shard", "mixed precision is not wired into --fully_shard; use accelerate_configs/fsdp2.yaml on GPUs")
         if self.report_to not in ("tensorboard", "none"):
             fail("report_to", "expected 'tensorboard' or 'none'")
 
@@ -543,6 +551,11 @@ def train(args: PretrainingArguments) -> dict:
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}")
 
+    if args.fully_shard:
+        if accelerator.num_processes < 2:
+            raise ValueError("--fully_shard shards over the launched processes: launch at least 2 "
+                             "(e.g. ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...)")
+        model = parallel.shard_model(model.to(accelerator.device))
     optimizer = torch.optim.AdamW(adamw_parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     # The scheduler is stepped once per optimizer step on every rank and is not given to prepare(), which would
@@ -562,7 +575,10 @@ def train(args: PretrainingArguments) -> dict:
                          f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
     eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)), batch_size=args.per_device_eval_batch_size,
                                               collate_fn=stack_blocks)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     if len(train_loader) == 0:
         raise ValueError(f"the training split has {len(train_blocks)} blocks, fewer than one batch on each of "
                          f"{accelerator.num_processes} processes")
@@ -601,7 +617,7 @@ def train(args: PretrainingArguments) -> dict:
         loss, finite = training_window(accelerator, model, window, collator)
         grad_norm = None
         if finite and args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             finite = bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -647,20 +663,27 @@ def train(args: PretrainingArguments) -> dict:
 
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
-    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"),
-                   replica_spread=replica_spread(accelerator, model))
-    accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
-    if metrics["replica_spread"] > 0:
-        say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
+    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"))
+    if not args.fully_shard:  # replicas exist only without sharding
+        metrics["replica_spread"] = replica_spread(accelerator, model)
+        accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
+        if metrics["replica_spread"] > 0:
+            say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
     final_dir = run_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if unwrapped.can_generate():
         unwrapped.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
             decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped.save_pretrained(final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save)
+    if args.fully_shard:
+        full = parallel.full_state_dict(model)  # collective: every rank takes part
+        unwrapped = parallel.unsharded_copy(model, full) if accelerator.is_main_process else None
+        state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    if unwrapped is not None:
+        unwrapped.save_pretrained(final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
         write_model_card(final_dir, args, config, metrics)
