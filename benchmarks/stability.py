@@ -48,7 +48,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--budget-s", type=float, default=2400, help="wall-time budget of the whole grid")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.depths, args.deep_depth, args.deep_steps, args.steps = [2], 3, 2, 3
+        args.depths, args.deep_depth, args.deep_schemes, args.deep_steps, args.steps = [2], 3, args.deep_schemes[:1], 2, 3
         args.hidden, args.heads, args.batch, args.context = 16, 2, 2, 16
     return args
 
