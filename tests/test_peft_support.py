@@ -7,6 +7,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 import dslm_hf
+from dslm_hf.finetuning import FinetuneArguments, attach_lora
 from dslm_hf.peft_support import DEFAULT_LORA_TARGET_MODULES
 
 VOCAB = 50
@@ -131,3 +132,24 @@ def test_lora_classification_head_is_saved_with_the_adapter(tmp_path):
     reloaded = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, expected, atol=0.0, rtol=0.0)
+
+
+@pytest.mark.parametrize("task, head_class, head", [
+    ("sequence-classification", dslm_hf.DeepScaleLMForSequenceClassification, "score"),
+    ("token-classification", dslm_hf.DeepScaleLMForTokenClassification, "score"),
+    ("question-answering", dslm_hf.DeepScaleLMForQuestionAnswering, "qa_outputs"),
+])
+def test_finetune_lora_trains_fresh_task_heads_in_full(task, head_class, head):
+    model = head_class(tiny_config(is_decoder=False, num_labels=3))
+    args = FinetuneArguments(task=task, model_name_or_path="unused", train_file="unused.jsonl", lora=True, lora_r=4)
+    peft_model = attach_lora(model, args)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    head_parameters = {name for name in trainable if f".{head}." in name}
+    assert head_parameters and all("modules_to_save" in name for name in head_parameters)
+    assert trainable - head_parameters and all("lora_" in name for name in trainable - head_parameters)
+
+
+def test_finetune_lora_keeps_the_tied_lm_head_frozen():
+    args = FinetuneArguments(task="causal-sft", model_name_or_path="unused", train_file="unused.jsonl", lora=True)
+    peft_model = attach_lora(dslm_hf.DeepScaleLMForCausalLM(tiny_config()), args)
+    assert all("lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad)
