@@ -1,0 +1,98 @@
+"""Markdown tables of the benchmark results (the JSON files the other scripts write), for benchmarks/RESULTS.md.
+
+    python benchmarks/report.py --results benchmarks/results --out benchmarks/results/tables.md
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stability_tables(results: dict) -> str:
+    out = []
+    groups = sorted({(r["objective"], r["layers"]) for r in results["runs"]}, key=lambda g: (g[0], g[1]))
+    for objective, layers in groups:
+        rows = []
+        for r in (r for r in results["runs"] if (r["objective"], r["layers"]) == (objective, layers)):
+            init = r["layer_grad_norms_init"]
+            first_last = init[0] / init[-1] if init and init[-1] else None
+            rows.append([r["scheme"], r["steps_done"], "yes at step %d" % r["diverged_at"] if r["diverged"] else "no",
+                         r["final_train_loss"], r["validation_loss"], r["grad_norm_spread_init"], first_last,
+                         r["grad_norm_spread_end"], round(r["wall_s"])])
+        out.append(f"**{objective}, {layers} layers**\n\n" + table(
+            ["scheme", "steps", "diverged", "train loss", "val loss", "grad spread init (max/min)",
+             "first/last layer grad init", "grad spread end", "wall s"], rows))
+    if results.get("skipped"):
+        out.append("Skipped (over the time budget): " + ", ".join(
+            f"{s['objective']} {s['layers']} {s['scheme']}" for s in results["skipped"]))
+    return "\n\n".join(out)
+
+
+def quality_table(results: dict) -> str:
+    rows = [[r["variant"], f"{r['layers']} x {r['hidden']}", f"{r['parameters'] / 1e6:.3f}M", r["learning_rate"],
+             r["r0"], r["final_train_loss"], r["validation_loss"], round(r["wall_s"])] for r in results["runs"]]
+    text = table(["variant", "layers x width", "params", "lr", "r0", "train loss", "val loss", "wall s"], rows)
+    if results.get("skipped"):
+        text += "\n\nSkipped (over the time budget): " + ", ".join(results["skipped"])
+    return text
+
+
+def speed_table(results: dict) -> str:
+    rows = []
+    for r in results["comparisons"]:
+        medians = r["median_tokens_per_s"]
+        residual = "residual" in r["comparison"]
+        target = 0.98 if residual else 1.0
+        rows.append([r["comparison"], medians["deepscalelm"], medians["counterpart"], r["ratio"],
+                     f">= {target}: " + ("met" if r["ratio"] >= target else "MISSED")])
+    return table(["comparison", "DeepScaleLM tok/s (median)", "counterpart tok/s (median)", "ratio", "target"], rows)
+
+
+def memory_tables(results: dict) -> str:
+    gib = 2 ** 30
+    rows = [[r["layers"], "on" if r["checkpointing"] else "off", r.get("parameters"),
+             r["peak_rss_bytes"] / gib if r.get("trained") else r.get("failure"), r.get("seconds_per_step")]
+            for r in results["comparison"] + results["depth_search"][1:]]
+    text = table(["layers", "activation checkpointing", "parameters", "peak RSS GiB", "s/step"], rows)
+    text += (f"\n\nLargest depth trained: {results['largest_trained_depth']} (search stopped: "
+             f"{results['search_stopped']}).")
+    if results.get("bytes_per_layer_with_checkpointing"):
+        text += (f" Peak RSS grows by {results['bytes_per_layer_with_checkpointing'] / 2**20:.2f} MiB per layer with "
+                 f"checkpointing; a straight-line extrapolation to all {results['machine_memory_bytes'] / gib:.1f} GiB "
+                 f"of the machine gives about {results['extrapolated_max_depth_whole_machine']} layers (a prediction, "
+                 "not a run).")
+    return text
+
+
+SECTIONS = {"stability": stability_tables, "quality": quality_table, "speed": speed_table, "memory": memory_tables}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results/tables.md")
+    args = parser.parse_args(argv)
+    parts = []
+    for name, render in SECTIONS.items():
+        for path in sorted(Path(args.results).glob(f"{name}*.json")):
+            parts.append(f"## {path.name}\n\n{render(json.loads(path.read_text()))}")
+    Path(args.out).write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
