@@ -26,11 +26,11 @@ VARIANTS = {  # name: (layers, hidden, init_scheme, learning rate, r0, config ov
     "32x48-deepscalelm": (32, 48, "deepscalelm", BASE_LR, "data", {}),
     "4x128-deepscalelm": (4, 128, "deepscalelm", BASE_LR, "data", {}),
     "16x64-deepscalelm-lr2e-3": (16, 64, "deepscalelm", 2 * BASE_LR, "data", {}),
-    "16x64-deepscalelm-lr5e-4": (16, 64, "deepscalelm", BASE_LR / 2, "data", {}),
-    "16x64-deepscalelm-k1": (16, 64, "deepscalelm", BASE_LR, "data", {"residual_k": 1.0}),
     "16x64-deepscalelm-k4": (16, 64, "deepscalelm", BASE_LR, "data", {"residual_k": 4.0}),
     "16x64-deepscalelm-r0default": (16, 64, "deepscalelm", BASE_LR, 0.221, {}),
     "16x64-deepscalelm-gelu": (16, 64, "deepscalelm", BASE_LR, "data", {"hidden_act": "gelu"}),
+    "16x64-deepscalelm-lr4e-3": (16, 64, "deepscalelm", 4 * BASE_LR, "data", {}),
+    "16x64-deepscalelm-k1": (16, 64, "deepscalelm", BASE_LR, "data", {"residual_k": 1.0}),
 }
 HEAD_SIZE = 16
 
