@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -549,8 +549,12 @@ def train(args: PretrainingArguments) -> dict:
     set_seed(args.seed)
     model = build_model(config, args.objective)
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}")
+        f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; {accelerator.num_processes} "
+        f"process(es), {accelerator.distributed_type.value}{', fully_shard' if args.fully_shard else ''}")
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
+        raise ValueError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
+                         "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
     if args.fully_shard:
         if accelerator.num_processes < 2:
             raise ValueError("--fully_shard shards over the launched processes: launch at least 2 "
@@ -618,7 +622,8 @@ def train(args: PretrainingArguments) -> dict:
         grad_norm = None
         if finite and args.max_grad_norm > 0:
             grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            finite = bool(torch.isfinite(grad_norm))
+            # DeepSpeed clips inside its engine (gradient_clipping in its config) and returns no norm.
+            finite = grad_norm is None or bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
         else:
@@ -664,7 +669,8 @@ def train(args: PretrainingArguments) -> dict:
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
     metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"))
-    if not args.fully_shard:  # replicas exist only without sharding
+    if not args.fully_shard and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Replicas exist only without sharding.
         metrics["replica_spread"] = replica_spread(accelerator, model)
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
         if metrics["replica_spread"] > 0:

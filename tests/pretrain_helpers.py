@@ -38,11 +38,12 @@ def free_port() -> int:
 
 
 def pretrain_command(output_dir, *extra, processes: int = 1) -> list[str]:
-    """`accelerate launch` of scripts/pretrain.py: one CPU process, or `processes` gloo ranks."""
+    """`accelerate launch` of scripts/pretrain.py: one CPU process, or `processes` gloo ranks (the shipped
+    accelerate_configs/cpu_2proc.yaml; cpu_environment() sets the ACCELERATE_USE_CPU it needs)."""
     if processes == 1:
         launch = ["--cpu", "--num_processes", "1"]
     else:
-        launch = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        launch = ["--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", str(processes),
                   "--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *launch, "--mixed_precision", "no",
             "--dynamo_backend", "no", str(PRETRAIN_SCRIPT), "--output_dir", str(output_dir), *TINY_RUN, *map(str, extra)]

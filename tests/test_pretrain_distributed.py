@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dslm_hf import pretraining
-from pretrain_helpers import NO_DROPOUT, eval_losses, run_in_process, run_launched, train_losses
+from pretrain_helpers import REPO, NO_DROPOUT, eval_losses, run_in_process, run_launched, train_losses
 
 RUN = ["--max_steps", 4, "--eval_steps", 2, "--save_steps", 0, *NO_DROPOUT]
 
@@ -70,3 +70,14 @@ def test_shardable_layers_are_the_deepscalelm_layers():
     model = DeepScaleLMForCausalLM(DeepScaleLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
                                                      num_attention_heads=2, max_position_embeddings=16))
     assert [type(m).__name__ for m in shardable_layers(model)] == ["DeepScaleLMLayer"] * 3
+
+
+def test_shipped_accelerate_configs_parse_and_shard_deepscalelm_layers():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "accelerate_configs").glob("*.yaml")}
+    assert sorted(configs) == ["cpu_2proc", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
+    assert configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert configs["fsdp2"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "DeepScaleLMLayer"
+    assert [configs[f"deepspeed_zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]
+    assert configs["cpu_2proc"].num_processes == 2
