@@ -12,6 +12,7 @@ causal-sft (prompt -> response on a decoder; prompt tokens are masked out of the
 See docs/finetuning.md for the data formats and metrics.
 """
 
+import glob
 import os
 import re
 import string
@@ -38,6 +39,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
 
@@ -492,9 +494,18 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
                    compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
 
+def check_resume_checkpoint(training_args: TrainingArguments) -> None:
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        found = sorted(glob.glob(os.path.join(training_args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-*")))
+        raise FinetuneInputError(f"--resume_from_checkpoint {checkpoint} is not a folder; Trainer checkpoints in "
+                                 f"{training_args.output_dir}: {found or 'none'}")
+
+
 def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Train (resuming from `training_args.resume_from_checkpoint` if set), save, evaluate; returns the metrics
     and the Trainer's log history."""
+    check_resume_checkpoint(training_args)
     trainer = build_trainer(args, training_args)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

@@ -212,6 +212,13 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(workspace):
     assert resumed["eval"]["eval_loss"] == pytest.approx(uninterrupted["eval"]["eval_loss"], abs=1e-6)
 
 
+def test_resume_from_a_missing_checkpoint_lists_the_checkpoints_there(workspace):
+    argv = finetune_args(workspace, "causal-sft", "sft", "decoder", "resume_missing", "--resume_from_checkpoint",
+                         str(workspace["root"] / "resume_missing" / "checkpoint-7"))
+    with pytest.raises(SystemExit, match=r"checkpoint-7 is not a folder; Trainer checkpoints in .*resume_missing: none"):
+        main(argv)
+
+
 def test_unknown_task_lists_the_valid_ones(workspace, capsys):
     argv = finetune_args(workspace, "summarization", "sft", "decoder", "unknown")
     with pytest.raises(SystemExit):
