@@ -100,3 +100,10 @@ def test_config_overrides_parse_json_values():
         "num_hidden_layers": 4, "hidden_dropout_prob": 0.0, "hidden_act": "gelu"}
     with pytest.raises(ValueError, match="'layers' is not key=value"):
         pretraining.parse_config_overrides("layers")
+
+
+def test_bf16_mixed_precision_runs_under_autocast(tmp_path):
+    run_in_process(tmp_path / "fp32", "--max_steps", 1, "--save_steps", 0, *NO_DROPOUT)
+    run_in_process(tmp_path / "bf16", "--max_steps", 1, "--save_steps", 0, "--mixed_precision", "bf16", *NO_DROPOUT)
+    fp32, bf16 = train_losses(tmp_path / "fp32")[1], train_losses(tmp_path / "bf16")[1]
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.1)  # bf16 matmuls round differently, same model
