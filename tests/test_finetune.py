@@ -260,7 +260,7 @@ def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace,
     output = tmp_path / "out"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--task", "sequence-classification",
                "--model_name_or_path", "dslm-test/tiny-encoder", "--revision", revision, "--train_file", train_file,
-               "--validation_file", validation_file, "--output_dir", str(output), "--max_steps", "20",
+               "--validation_file", validation_file, "--output_dir", str(output), "--max_steps", "40", "--seed", "0",
                "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",
                "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"]
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
