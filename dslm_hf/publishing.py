@@ -285,17 +285,17 @@ def held_out_metrics(model, tokenizer, text_file: Path, task: str, *, held_out_f
                      batch_size: int, seed: int) -> tuple[dict, int]:
     """({"eval_loss", "eval_perplexity"}, blocks) of `model` on the held-out tail of `text_file`.
 
-    The split is the one pretraining holds out with the same `--validation_fraction` (`dslm_hf.data.load_corpus`:
-    the last `held_out_fraction` of the paragraphs, never trained on), and the loss is pretraining's own
-    token-level `evaluate`, whose masking / span corruption is seeded per batch from `seed`: reproducible.
+    The split is the one pretraining holds out with the same `--validation_fraction`
+    (`dslm_hf.data.train_and_validation_blocks`: the last `held_out_fraction` of the packed token blocks, never
+    trained on), and the loss is pretraining's own token-level `evaluate`, whose masking / span corruption is
+    seeded per batch from `seed`: reproducible.
     """
     from accelerate import Accelerator
 
-    from .data import load_corpus, make_collator, pack_into_blocks
+    from .data import load_corpus, make_collator, train_and_validation_blocks
     from .pretraining import evaluate, stack_blocks
 
-    held_out = load_corpus(str(text_file), validation_fraction=held_out_fraction)["validation"]
-    blocks = pack_into_blocks(held_out, tokenizer, block_size)
+    _, blocks = train_and_validation_blocks(load_corpus(str(text_file)), tokenizer, block_size, held_out_fraction)
     loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=stack_blocks)
     collator = make_collator(OBJECTIVE_OF_TASK[task], tokenizer, block_size)
     return evaluate(Accelerator(cpu=True), model, loader, collator, seed), len(blocks)
@@ -490,7 +490,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
     ]
     held_out = (
         f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`), the last "
-        f"{dataset['held_out_fraction']:.0%} of its paragraphs (never trained on), in {dataset['block_size']}-token blocks."
+        f"{dataset['held_out_fraction']:.0%} of its {dataset['block_size']}-token blocks (never trained on)."
     )
     training_rows = [(TRAINING_LABELS.get(name, name.replace("_", " ")), _format_training_value(name, value))
                      for name, value in training.items()]

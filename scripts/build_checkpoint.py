@@ -43,7 +43,7 @@ def main(argv=None):
                                           "--validation_fraction", str(args.held_out_fraction)]
     settings = pretraining.parse_arguments(pretrain_argv)
     started = time.monotonic()
-    metrics = pretraining.main(pretrain_argv)
+    metrics = pretraining.train(settings)
     wall_time = time.monotonic() - started
     training = {
         "tokens": metrics["step"] * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
@@ -56,7 +56,7 @@ def main(argv=None):
         "block_size": settings.block_size,
         "peak_learning_rate": settings.learning_rate,
         "schedule": f"{settings.lr_scheduler_type}, {settings.warmup_ratio:.0%} warmup",
-        "training_data": f"{args.dataset_name}, first {1 - args.held_out_fraction:.0%} of the paragraphs",
+        "training_data": f"{args.dataset_name}, first {1 - args.held_out_fraction:.0%} of the token blocks",
         "command": "dslm-pretrain " + " ".join(pretrain_argv),
     }
     final_dir = Path(metrics["final_dir"])

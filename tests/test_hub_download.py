@@ -28,9 +28,9 @@ from publish_support import build_tiny_checkpoint, write_text_sample, write_tiny
 REPO_ID = "dslm-test/tiny-decoder"
 PROMPT = "ROMEO: I will go"
 
-# Runs in the fresh process: block every import of dslm_hf, load the repository by id, save its logits.
-LOAD_FROM_HUB = textwrap.dedent("""
-    import importlib.abc, json, sys
+# Prepended to the code of every fresh process: any import of dslm_hf raises ImportError.
+BLOCK_DSLM_HF = textwrap.dedent("""
+    import importlib.abc, sys
 
     class BlockDslmHf(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -38,6 +38,11 @@ LOAD_FROM_HUB = textwrap.dedent("""
                 raise ImportError(f"{name} is blocked: the model must come from the repository's own code")
 
     sys.meta_path.insert(0, BlockDslmHf())
+""")
+# Loads the repository by id (optionally at a revision) and saves its logits for PROMPT.
+LOAD_FROM_HUB = textwrap.dedent("""
+    import json
+
     try:
         import dslm_hf
         package_importable = True
@@ -113,16 +118,21 @@ def hub(tmp_path_factory):
     return {"root": root, "cache": cache, "staged": staged, "commits": commits}
 
 
+def run_in_fresh_process(hub, code, *args, tag):
+    """Run `code` offline against the Hub cache, with every dslm_hf import refused; return its stdout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub["cache"]), HF_HOME=str(hub["root"] / f"home-{tag}"),
+               OMP_NUM_THREADS="1",  # a tiny model: one thread avoids stalls on a loaded machine
+               PYTHONPATH="")
+    completed = subprocess.run([sys.executable, "-c", BLOCK_DSLM_HF + code, *args], cwd=hub["root"], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
 def load_in_fresh_process(hub, revision, tag):
     output = hub["root"] / f"logits-{tag}.safetensors"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub["cache"]), HF_HOME=str(hub["root"] / f"home-{tag}"),
-               PYTHONPATH="")
-    completed = subprocess.run(
-        [sys.executable, "-c", LOAD_FROM_HUB, REPO_ID, revision or "", PROMPT, str(output)],
-        cwd=hub["root"], env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1]), load_file(output)
+    stdout = run_in_fresh_process(hub, LOAD_FROM_HUB, REPO_ID, revision or "", PROMPT, str(output), tag=tag)
+    return json.loads(stdout.strip().splitlines()[-1]), load_file(output)
 
 
 def original_logits(staged, input_ids):
@@ -154,3 +164,11 @@ def test_pinned_revision_loads_that_revisions_weights(hub):
     second = original_logits(hub["staged"][1], loaded["input_ids"])
     torch.testing.assert_close(loaded["logits"], first, rtol=0, atol=1e-6)
     assert (loaded["logits"] - second).abs().max() > 0.1
+
+
+def test_the_cards_usage_example_runs_as_written(hub):
+    readme = (hub["staged"][1] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert f'from_pretrained("{REPO_ID}", trust_remote_code=True)' in example
+    printed = run_in_fresh_process(hub, "import torch; torch.manual_seed(0)\n" + example, tag="card")
+    assert printed.strip().startswith("ROMEO:")
