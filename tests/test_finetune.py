@@ -248,6 +248,7 @@ def test_encoder_decoder_checkpoint_for_classification_is_refused(workspace):
         main(argv)
 
 
+@pytest.mark.slow
 def test_script_finetunes_a_hub_repo_id_served_from_the_offline_cache(workspace, tmp_path):
     """scripts/finetune.py in a fresh process, with the checkpoint given as a repo id and a pinned revision,
     resolved from a pre-filled Hub cache (HF_HUB_OFFLINE=1: the Hub is never contacted)."""
