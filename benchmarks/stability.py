@@ -32,7 +32,8 @@ SCHEMES = {  # name: (init_scheme, norm_placement)
 def parse_arguments(argv=None):
     parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
                                          "benchmarks/results/stability.json")
-    parser.add_argument("--depths", type=int, nargs="+", default=[12, 48], help="depths run with every scheme")
+    parser.add_argument("--depths", type=int, nargs="*", default=[12, 48], help="depths run with every --schemes")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--deep-depth", type=int, default=192, help="the extra, expensive depth (0: none)")
     parser.add_argument("--deep-schemes", nargs="+", default=["deepscalelm-pre", "deepscalelm-post", "xavier-pre", "xavier-post"],
                         choices=list(SCHEMES))
@@ -55,7 +56,7 @@ def parse_arguments(argv=None):
 
 def planned_runs(args) -> list[tuple[str, int, str, int]]:
     """(objective, depth, scheme, steps), shallow depths first so a budget cut only loses the deepest runs."""
-    runs = [(o, d, s, args.steps) for d in args.depths for o in args.objectives for s in SCHEMES]
+    runs = [(o, d, s, args.steps) for d in args.depths for o in args.objectives for s in args.schemes]
     if args.deep_depth:
         runs += [(o, args.deep_depth, s, args.deep_steps) for o in args.objectives for s in args.deep_schemes]
     return runs
