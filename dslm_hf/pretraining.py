@@ -32,6 +32,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     GenerationConfig,
     HfArgumentParser,
     get_scheduler,
@@ -484,8 +485,6 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new_tokens: int, collator=None) -> str:
     """Reload the saved folder (proving it loads) and produce text: a continuation (clm), the filled spans
     (seq2seq) or the predictions at masked positions (mlm)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AUTO_MODEL_CLASSES[objective].from_pretrained(folder).eval()
     generator = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from dslm_hf import pretraining
@@ -21,12 +22,18 @@ NO_DROPOUT = ["--config_overrides", "hidden_dropout_prob=0,attention_probs_dropo
 
 
 def run_in_process(output_dir, *extra) -> dict:
-    """pretraining.train on TINY_RUN + extra; accelerate's process-wide state is reset around it."""
+    """pretraining.train on TINY_RUN + extra; accelerate's process-wide state is reset around it.
+
+    One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine spinning
+    threads of several test processes slow each other down severalfold."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return pretraining.train(pretraining.parse_arguments(["--output_dir", str(output_dir), *TINY_RUN, *map(str, extra)]))
     finally:
+        torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
