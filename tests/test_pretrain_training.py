@@ -107,3 +107,14 @@ def test_bf16_mixed_precision_runs_under_autocast(tmp_path):
     run_in_process(tmp_path / "bf16", "--max_steps", 1, "--save_steps", 0, "--mixed_precision", "bf16", *NO_DROPOUT)
     fp32, bf16 = train_losses(tmp_path / "fp32")[1], train_losses(tmp_path / "bf16")[1]
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.1)  # bf16 matmuls round differently, same model
+
+
+def test_existing_tokenizer_is_used_and_saved_with_the_model(tmp_path):
+    from dslm_hf import data
+
+    corpus = data.load_corpus("default", default_corpus_megabytes=0.1)
+    data.train_byte_level_bpe(corpus["train"]["text"], 300).save_pretrained(tmp_path / "my_tokenizer")
+    run_in_process(tmp_path / "run", "--tokenizer_name", tmp_path / "my_tokenizer", "--max_steps", 1, "--save_steps", 0)
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["vocab_size"] == 300 and config["eos_token_id"] == 2 and config["pad_token_id"] == 0
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "final")) == 300
