@@ -6,7 +6,8 @@ Causal character-level LM on tinyshakespeare, every model trained on the same ba
 (AdamW, warmup then linear decay, clipping 1.0, dropout 0.1). The first three variants are the comparison (about
 0.8M parameters each: 4 x 128 with the standard init vs 16 x 64 and 32 x 48 DeepScaleLM); the others pull the
 method's levers on the 16 x 64 model (learning rate, k in beta^2 = k/N, the default r0 = 0.221 instead of the
-data's, GeLU) and a 4 x 128 DeepScaleLM control separates the effect of depth from that of the init.
+data's, GeLU); a 4 x 128 DeepScaleLM control separates the effect of depth from that of the init, and the 4 x 128
+baseline at the higher learning rates keeps the tuning fair.
 """
 
 import argparse
@@ -31,6 +32,8 @@ VARIANTS = {  # name: (layers, hidden, init_scheme, learning rate, r0, config ov
     "16x64-deepscalelm-gelu": (16, 64, "deepscalelm", BASE_LR, "data", {"hidden_act": "gelu"}),
     "16x64-deepscalelm-lr4e-3": (16, 64, "deepscalelm", 4 * BASE_LR, "data", {}),
     "16x64-deepscalelm-k1": (16, 64, "deepscalelm", BASE_LR, "data", {"residual_k": 1.0}),
+    "4x128-standard-lr2e-3": (4, 128, "standard", 2 * BASE_LR, "data", {}),
+    "4x128-standard-lr4e-3": (4, 128, "standard", 4 * BASE_LR, "data", {}),
 }
 HEAD_SIZE = 16
 
