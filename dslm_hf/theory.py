@@ -208,20 +208,34 @@ def layer_norm_forward(x: Moments) -> Moments:
 
 
 def layer_norm_backward(
-    g: GradientMoments, x: Moments, width: int, orthogonal: bool = False, token_variance: float | None = None
+    g: GradientMoments, x: Moments, width: int, aligned_fraction: float | None = None, token_variance: float | None = None
 ) -> GradientMoments:
     """dx = (1/sigma) P dy: P projects out the mean and the output direction, sigma^2 the input's per-position variance.
 
-    An upstream gradient independent of the output loses 2 of d directions, (d-2)/d of its variance. One already
-    orthogonal to both (`orthogonal=True`: every path above ends in another LayerNorm, which is invariant to the scale
-    and shift of its input, as between Post-LN layers) loses nothing.
+    P removes the part of the upstream gradient along those two directions: for a gradient independent of the
+    output, 2 of d directions' worth, `aligned_fraction` = 2/d (the default). Between Post-LN layers the gradient
+    reaching a LayerNorm's output has already passed the next LayerNorm, which is invariant to the scale and shift of
+    its input, so it is nearly orthogonal to both and P removes almost nothing (`post_ln_aligned_fraction`).
     1/sigma^2: for Gaussian inputs sigma^2 = s^2 chi^2_{d-1}/d, so E[1/sigma^2] = d/((d-3) s^2) and an independent
     gradient gets var = g^2 (d-2)/((d-3) s^2). `token_variance` gives sigma^2 directly when it hardly fluctuates
     (a LayerNorm output plus a small branch, as in a Post-LN residual).
     """
     inverse_sigma2 = 1.0 / token_variance if token_variance is not None else width / ((width - 3.0) * x.variance)
-    kept = 1.0 if orthogonal else (width - 2.0) / width
-    return g.scaled(kept * inverse_sigma2)
+    aligned = 2.0 / width if aligned_fraction is None else aligned_fraction
+    return g.scaled((1.0 - aligned) * inverse_sigma2)
+
+
+def post_ln_aligned_fraction(skip_scale: float, branch_scale: float, branch_variance: float, branch_gain: float,
+                             width: int) -> float:
+    """Share of the gradient at a Post-LN layer output y along y and the mean direction (what its LayerNorm removes).
+
+    y feeds s = lambda y + beta f(y), normalised by the next LayerNorm, whose gradient g_s is orthogonal to s and to
+    the mean: so y.g_y = -beta f.g_s + beta y.J^T g_s and 1.g_y = beta 1.J^T g_s, giving
+    beta^2 (var_f + 2 j) / (d (lambda^2 + beta^2 j)) with j the branch's backward gain. Small for DeepScaleLM's beta;
+    for a plain residual (beta = 1) it is what makes vanilla Post-LN gradients decay faster at small width.
+    """
+    lam2, beta2 = skip_scale**2, branch_scale**2
+    return beta2 * (branch_variance + 2.0 * branch_gain) / (width * (lam2 + beta2 * branch_gain))
 
 
 # Probabilists' Gauss-Hermite nodes, weights normalised to a standard normal expectation.
@@ -709,7 +723,8 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
         outputs.append((stream, row_variance))
     final_hidden = layer_norm_forward(stream) if pre_ln else stream
 
-    gradient = final_gradient = GradientMoments(1.0, label_same)
+    gradient = GradientMoments(1.0, label_same)
+    aligned_fraction = None  # the loss gradient is independent of the last LayerNorm's output
     if pre_ln:
         gradient = layer_norm_backward(gradient, stream, d)
     layers = [None] * plan.num_layers
@@ -717,14 +732,13 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
         at_output = gradient
         norms = {}
         for kind, stream_in, branch_in, weights, summed in reversed(branch_records[layer_idx]):
+            branch_variance = (summed.variance - lam**2 * stream_in.variance) / beta**2
             if pre_ln:
                 at_sum = gradient
             else:
                 # The skip is a LayerNorm output (zero mean per position): only the branch's per-position mean counts.
-                branch_var = summed.variance - lam**2 * stream_in.variance
-                token_variance = summed.variance - branch_var / d
-                at_sum = layer_norm_backward(gradient, summed, d, orthogonal=gradient is not final_gradient,
-                                             token_variance=token_variance)
+                token_variance = summed.variance - beta**2 * branch_variance / d
+                at_sum = layer_norm_backward(gradient, summed, d, aligned_fraction, token_variance)
             to_skip, to_branch = residual_backward(at_sum, lam, beta)
             if kind == "ffn":
                 at_branch_in, branch_norms = ffn_block_backward(to_branch, branch_in, d, weights, p, length)
@@ -737,6 +751,8 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
             norms |= branch_norms
             through_branch = layer_norm_backward(at_branch_in, stream_in, d) if pre_ln else at_branch_in
             gradient = merge_gradients(to_skip, through_branch)
+            branch_gain = through_branch.variance / to_branch.variance
+            aligned_fraction = post_ln_aligned_fraction(lam, beta, branch_variance, branch_gain, d)
         out, row_variance = outputs[layer_idx]
         layers[layer_idx] = LayerPrediction(
             stream_variance=out.variance,
@@ -783,6 +799,7 @@ __all__ = [
     "activation_backward",
     "layer_norm_forward",
     "layer_norm_backward",
+    "post_ln_aligned_fraction",
     "softmax_power_sum",
     "softmax_forward",
     "softmax_backward",
