@@ -1,8 +1,8 @@
 """Pretraining data: corpora through `datasets`, tokenizers, packing into blocks, and the objectives' collators.
 
 Every source goes the same path: a `DatasetDict` with a "text" column (a "train" split, and "validation" if the
-source has one), tokenized and packed into fixed-length blocks of token ids (without a validation split, the tail
-of the packed stream is held out), then turned into model inputs by a collator (causal LM, masked LM or T5-style
+source has one, otherwise evenly spaced documents are held out), tokenized and packed into fixed-length blocks of
+token ids, then turned into model inputs by a collator (causal LM, masked LM or T5-style
 span corruption for seq2seq).
 
 The embedded default corpus is the Python standard library's own source text: it exists on every machine that
@@ -299,20 +299,22 @@ def make_collator(objective: str, tokenizer, block_size: int, mlm_probability: f
     raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
 
 
-def train_and_validation_blocks(splits: DatasetDict, tokenizer, block_size: int,
-                                validation_fraction: float) -> tuple[Dataset, Dataset]:
-    """Packed (train, validation) blocks. Without a validation split, the last `validation_fraction` of the packed
-    training stream is held out: a contiguous tail, so held-out text shares at most one document with training."""
-    train = pack_into_blocks(splits["train"], tokenizer, block_size)
+def hold_out_documents(splits: DatasetDict, validation_fraction: float) -> DatasetDict:
+    """"train" and "validation" splits. Without a validation split of its own, `validation_fraction` of the training
+    documents (at least one), evenly spaced through the corpus, is held out whole: deterministic, disjoint from the
+    training text, and spread over all kinds of documents rather than one contiguous tail (the tail of the sorted
+    standard library is mostly codec tables, far easier than the rest)."""
     if "validation" in splits:
-        return train, pack_into_blocks(splits["validation"], tokenizer, block_size)
+        return splits
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction} must lie in (0, 1)")
-    held_out = max(1, round(len(train) * validation_fraction))
-    if held_out >= len(train):
-        raise ValueError(f"the corpus packs into {len(train)} block(s) of {block_size} tokens: too few to hold out a "
-                         "validation tail; use more text or a smaller block")
-    return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train)))
+    documents = len(splits["train"])
+    count = max(1, round(documents * validation_fraction))
+    if count >= documents:
+        raise ValueError(f"the training split has {documents} document(s): too few to hold out a validation split")
+    held_out = sorted({int((j + 0.5) * documents / count) for j in range(count)})
+    kept = sorted(set(range(documents)) - set(held_out))
+    return DatasetDict(train=splits["train"].select(kept), validation=splits["train"].select(held_out))
 
 
 def token_sample(blocks: Dataset, max_blocks: int) -> list[list[int]]:

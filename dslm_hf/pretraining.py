@@ -70,7 +70,7 @@ class PretrainingArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     default_corpus_megabytes: float = field(default=4.0, metadata={"help": "Size of the embedded default corpus."})
-    validation_fraction: float = field(default=0.05, metadata={"help": "Held-out tail of the packed blocks when the dataset has no validation split."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Share of the documents held out (evenly spaced) when the dataset has no validation split."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Existing tokenizer (path or Hub id). "
                                                                         "Unset: train a byte-level BPE on the training text."})
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained byte-level BPE."})
@@ -523,8 +523,10 @@ def train(args: PretrainingArguments) -> dict:
     # Data and tokenizer: rank 0 first (it trains and saves the tokenizer), the others load what it saved.
     tokenizer_dir = run_dir / "tokenizer"
     with accelerator.main_process_first():
-        splits = data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
-                                  default_corpus_megabytes=args.default_corpus_megabytes)
+        splits = data.hold_out_documents(
+            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+                             default_corpus_megabytes=args.default_corpus_megabytes),
+            args.validation_fraction)
         reuse_saved = tokenizer_dir.is_dir() and (resume_dir is not None or not accelerator.is_main_process)
         if reuse_saved:
             tokenizer = data.load_tokenizer(str(tokenizer_dir))
@@ -538,8 +540,8 @@ def train(args: PretrainingArguments) -> dict:
         data.check_tokenizer_for_objective(tokenizer, args.objective)
         if accelerator.is_main_process and not reuse_saved:
             tokenizer.save_pretrained(tokenizer_dir)
-        train_blocks, eval_blocks = data.train_and_validation_blocks(splits, tokenizer, args.block_size,
-                                                                     args.validation_fraction)
+        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
+        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
     collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
                                   args.noise_density, args.mean_span_length)
 

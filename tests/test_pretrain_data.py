@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import DatasetDict
 
 from dslm_hf import data
 
@@ -55,11 +56,21 @@ def test_packed_blocks_are_full_and_separate_documents_with_eos(corpus, tokenize
     assert documents >= len(corpus["train"]) - 2  # one EOS per document (up to the dropped tail)
 
 
-def test_validation_tail_is_held_out_from_the_packed_stream(corpus, tokenizer, blocks):
-    train, validation = data.train_and_validation_blocks(corpus, tokenizer, 64, 0.1)
-    assert len(train) + len(validation) == len(blocks)
-    assert len(validation) == round(0.1 * len(blocks))
-    assert torch.equal(validation[0]["input_ids"], blocks[len(train)]["input_ids"])
+def test_held_out_documents_are_evenly_spaced_and_disjoint_from_training():
+    splits = data.hold_out_documents(data.load_corpus("default", default_corpus_megabytes=1.0), 0.1)
+    documents = data.load_corpus("default", default_corpus_megabytes=1.0)["train"]["text"]
+    held_out = [documents.index(text) for text in splits["validation"]["text"]]
+    assert len(held_out) == round(0.1 * len(documents))
+    assert held_out == [int((j + 0.5) * len(documents) / len(held_out)) for j in range(len(held_out))]
+    assert len(splits["train"]) + len(held_out) == len(documents)
+    assert not set(splits["validation"]["text"]) & set(splits["train"]["text"])
+
+
+def test_own_validation_split_is_kept_and_too_small_corpus_is_an_error(corpus):
+    own = DatasetDict(train=corpus["train"], validation=corpus["train"].select([0]))
+    assert data.hold_out_documents(own, 0.05) is own
+    with pytest.raises(ValueError, match="has 1 document"):
+        data.hold_out_documents(DatasetDict(train=corpus["train"].select([0])), 0.05)
 
 
 def test_text_files_load_one_row_per_paragraph():
