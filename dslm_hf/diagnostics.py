@@ -1,0 +1,588 @@
+"""`dslm-diagnose`: measure signal propagation through any Hugging Face transformer and overlay the theory.
+
+    dslm-diagnose MODEL --output-dir DIR                 # MODEL: a model id, a folder, or a config.json
+    dslm-diagnose MODEL --output-dir DIR --text-file ../shared/data/tinyshakespeare/input.txt --tokenizer bytes
+    dslm-diagnose --plan --hidden-size 256 --output-dir DIR
+
+For every layer of every stack (decoder-only, encoder-only, or both stacks of an encoder-decoder) one training-mode
+forward and backward pass measures the residual stream's variance and the correlation between positions (rank
+collapse: correlation -> 1), the norm of the gradient of the layer's weight matrices, and the gradient reaching the
+layer's output; a separate eval-mode pass (eager attention, no dropout on the probabilities) measures the variance of
+the attention logits within a row and the attention entropy. For DeepScaleLM configs the predictions of
+`dslm_hf.theory` are overlaid; any other model is "not covered" and gets the measurements alone.
+Writes DIR/report.json and DIR/signal_propagation.png (`--plan`: DIR/depth_plan.json and DIR/depth_plan.png).
+
+Python API: `load_model`, `measure_signal_propagation`, `diagnose`, `plan_depths`.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configuration_deepscalelm import DeepScaleLMConfig
+from .recipe_deepscalelm import embedding_correlation_estimate
+from .theory import predict_model
+
+LAYER_STACK_NAMES = ("layers", "h", "layer", "block")
+EXIT_BAD_INPUT = 2
+
+
+class DiagnoseError(ValueError):
+    """Bad input to dslm-diagnose: the message says what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading any model: a DeepScaleLM or transformers config (random init) or a checkpoint (its weights)
+# ----------------------------------------------------------------------------------------------------------------
+def _head_class(config):
+    """The auto class whose loss exercises every layer: seq2seq LM, masked LM (encoders), causal LM, else the base."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    if getattr(config, "is_encoder_decoder", False) and type(config) in AutoModelForSeq2SeqLM._model_mapping:
+        return AutoModelForSeq2SeqLM
+    if not getattr(config, "is_decoder", False) and type(config) in AutoModelForMaskedLM._model_mapping:
+        return AutoModelForMaskedLM
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """A model from a model id, a folder (config.json, with weights if present) or a config.json path.
+
+    A config alone (or `random_init=True`) gives a freshly initialised model; weights are loaded otherwise. Attention
+    runs in eager mode so that attention probabilities can be returned. Raises DiagnoseError for anything unusable.
+    """
+    from transformers import AutoConfig
+
+    path = Path(spec)
+    if path.is_file() and path.suffix != ".json":
+        raise DiagnoseError(f"{spec} is a file but not a config.json: pass a model folder, a config.json or a model id")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.is_file() else spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = "a local folder, a config.json, or a model id in the local Hugging Face cache" + (
+            " (HF_HUB_OFFLINE is set, so the Hub is not asked)" if offline else ""
+        )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiagnoseError(f"cannot load a model config from {spec!r}: {first_line}. MODEL must be {where}") from None
+    if path.is_file():
+        config_only = True
+    elif path.is_dir():
+        config_only = random_init or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+    else:  # a model id: its weights come from the local cache
+        config_only = random_init
+    head = _head_class(config)
+    try:
+        if config_only:
+            return head.from_config(config, attn_implementation="eager", trust_remote_code=trust_remote_code)
+        return head.from_pretrained(spec, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DiagnoseError(f"cannot build a model from {spec!r}: {first_line}") from None
+
+
+def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of layers: ModuleLists named layers / h / layer / block, outermost only, in definition order."""
+    stacks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or name.rsplit(".", 1)[-1] not in LAYER_STACK_NAMES or len(module) == 0:
+            continue
+        if any(name.startswith(found + ".") for found, _ in stacks):
+            continue
+        stacks.append((name, module))
+    if not stacks:
+        raise DiagnoseError(
+            f"{type(model).__name__} has no layer stack (an nn.ModuleList named one of {LAYER_STACK_NAMES}): "
+            "dslm-diagnose measures transformers built as a list of layers"
+        )
+    return stacks
+
+
+def _stack_role(stack_name: str) -> str:
+    """'encoder' or 'decoder' for a stack inside an encoder-decoder; 'main' for a single stack."""
+    parts = stack_name.split(".")
+    for role in ("encoder", "decoder"):
+        if role in parts:
+            return role
+    return "main"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+def zipf_token_ids(vocab_size: int, batch_size: int, sequence_length: int, seed: int = 0, exponent: float = 1.0) -> torch.Tensor:
+    """Random token ids with a Zipf law over a shuffled vocabulary: repeats as frequent as in real text."""
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    probabilities = ranks.pow(-exponent)
+    samples = torch.multinomial(probabilities / probabilities.sum(), batch_size * sequence_length, replacement=True, generator=generator)
+    permutation = torch.randperm(vocab_size, generator=generator)
+    return permutation[samples].view(batch_size, sequence_length)
+
+
+def text_token_ids(text: str, tokenizer, vocab_size: int, batch_size: int, sequence_length: int) -> torch.Tensor:
+    """batch_size consecutive windows of sequence_length tokens of `text`.
+
+    tokenizer: a transformers tokenizer, or "bytes" (UTF-8 bytes as token ids, for byte/char-level vocabularies).
+    """
+    if tokenizer == "bytes":
+        if vocab_size < 256:
+            raise DiagnoseError(f"--tokenizer bytes needs a vocabulary of at least 256 ids, the model has {vocab_size}")
+        ids = list(text.encode("utf-8"))
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    needed = batch_size * sequence_length
+    if len(ids) < needed:
+        raise DiagnoseError(
+            f"the text gives {len(ids)} tokens, fewer than batch_size x sequence_length = {needed}: "
+            "give more text or lower --batch-size / --sequence-length"
+        )
+    if max(ids[:needed]) >= vocab_size:
+        raise DiagnoseError(f"the tokenizer produced id {max(ids[:needed])} outside the model's vocabulary ({vocab_size})")
+    return torch.tensor(ids[:needed]).view(batch_size, sequence_length)
+
+
+def _model_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict:
+    """Inputs whose loss reaches every layer: labels = the tokens (seq2seq: the decoder reads them too)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": input_ids, "decoder_input_ids": input_ids, "labels": input_ids}
+    if "labels" in inspect.signature(model.forward).parameters:
+        return {"input_ids": input_ids, "labels": input_ids}
+    return {"input_ids": input_ids}
+
+
+def _loss(output) -> torch.Tensor:
+    if getattr(output, "loss", None) is not None:
+        return output.loss
+    # No head, or no labels: a quadratic read-out of the output reaches every layer.
+    return 0.5 * _first_tensor(output).float().pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------
+def token_correlation(hidden: torch.Tensor) -> float:
+    """Mean correlation between the hidden vectors of two different positions of a sequence (B, T, d)."""
+    centered = hidden.double() - hidden.double().mean()
+    per_position = centered.pow(2).sum(-1)  # (B, T)
+    summed = centered.sum(1).pow(2).sum(-1)  # (B,)  ||sum_t x_t||^2
+    off_diagonal = (summed - per_position.sum(1)).sum()
+    return float(off_diagonal / ((hidden.shape[1] - 1) * per_position.sum()))
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next(t for t in output if isinstance(t, torch.Tensor))
+    return output[0]
+
+
+def _attention_statistics(probabilities: torch.Tensor) -> tuple[float, float]:
+    """(variance of the logits within a row over its visible keys, entropy) averaged over rows of (B, H, Tq, Tk)."""
+    p = probabilities.double()
+    visible = p > 0
+    counts = visible.sum(-1)
+    log_p = torch.where(visible, p.clamp_min(1e-300).log(), torch.zeros_like(p))
+    entropy = -(p * log_p).sum(-1)
+    # Logits and log-probabilities differ by a constant per row, so their within-row variances are equal.
+    mean = log_p.sum(-1) / counts
+    variance = (torch.where(visible, (log_p - mean.unsqueeze(-1)) ** 2, torch.zeros_like(p)).sum(-1)
+                / (counts - 1).clamp_min(1))
+    rows = counts > 1
+    return float(variance[rows].mean()), float(entropy.mean())
+
+
+def _attention_outputs(output, stacks: list[tuple[str, nn.ModuleList]]) -> dict[str, tuple]:
+    found = {}
+    for name, layers in stacks:
+        role = _stack_role(name)
+        key = {"encoder": "encoder_attentions", "decoder": "decoder_attentions"}.get(role, "attentions")
+        attentions = getattr(output, key, None)
+        if attentions is not None and len(attentions) == len(layers) and all(a is not None for a in attentions):
+            found[name] = attentions
+    return found
+
+
+def measure_signal_propagation(model: nn.Module, input_ids: torch.Tensor, progress: bool = True, seed: int = 0) -> dict:
+    """Per-stack, per-layer measurements of one training-mode step (no optimizer step) and one eval-mode pass.
+
+    Returns {stack name: [{"stream_variance", "stream_correlation", "gradient_variance", "weight_gradient_norm",
+    "attention_logit_variance", "attention_entropy"}, ...]} (attention entries None where the model does not
+    return attention probabilities).
+    """
+    stacks = find_layer_stacks(model)
+    records = {name: [dict() for _ in layers] for name, layers in stacks}
+    total_layers = sum(len(layers) for _, layers in stacks)
+    bar = tqdm(total=3 * total_layers, desc="diagnose (forward, backward, attention)", disable=not progress, leave=False)
+    handles = []
+
+    def hook(name: str, index: int):
+        def record(module, args, output):
+            if not torch.is_grad_enabled():
+                bar.update(1)
+                return
+            hidden = _first_tensor(output)
+            records[name][index]["stream_variance"] = float(hidden.detach().double().var())
+            records[name][index]["stream_correlation"] = token_correlation(hidden.detach())
+            if hidden.requires_grad:
+                def on_gradient(grad):
+                    records[name][index]["gradient_variance"] = float(grad.double().pow(2).mean())
+                    bar.update(1)
+                hidden.register_hook(on_gradient)
+            bar.update(1)
+        return record
+
+    for name, layers in stacks:
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(hook(name, index)))
+    was_training = model.training
+    try:
+        torch.manual_seed(seed)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        inputs = _model_inputs(model, input_ids)
+        _loss(model(**inputs)).backward()
+        for name, layers in stacks:
+            for index, layer in enumerate(layers):
+                squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
+                records[name][index]["weight_gradient_norm"] = float(torch.stack(squares).sum().sqrt()) if squares else None
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        # Only eager attention materialises the probabilities; switch to it for this pass and back afterwards.
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if implementation not in (None, "eager"):
+            model.set_attn_implementation("eager")
+        with torch.no_grad():
+            attention = _attention_outputs(model(**inputs, output_attentions=True), stacks)
+        if implementation not in (None, "eager"):
+            model.set_attn_implementation(implementation)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        bar.close()
+    for name, layers in stacks:
+        for index in range(len(layers)):
+            entry = records[name][index]
+            entry.setdefault("gradient_variance", None)
+            logit_variance, entropy = _attention_statistics(attention[name][index]) if name in attention else (None, None)
+            entry["attention_logit_variance"], entry["attention_entropy"] = logit_variance, entropy
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Theory overlay
+# ----------------------------------------------------------------------------------------------------------------
+def theory_coverage(config) -> str | None:
+    """None if the theory predicts this config, else the reason it does not."""
+    if not isinstance(config, DeepScaleLMConfig):
+        return f"not covered: the theory predicts DeepScaleLM configs; this is a {getattr(config, 'model_type', type(config).__name__)!r} model"
+    if config.position_embedding_type != "absolute":
+        return "not covered: rotary positions (the theory assumes learned absolute position embeddings)"
+    return None
+
+
+def _predictions(config, input_ids: torch.Tensor, stacks: list[str]) -> dict[str, list[dict]]:
+    same_token = embedding_correlation_estimate(input_ids.tolist(), num_tables=1)
+    predicted = predict_model(config, input_ids.shape[1], token_same_probability=same_token)
+    by_stack = {}
+    for name in stacks:
+        role = _stack_role(name)
+        prediction = predicted["decoder" if role == "main" and config.is_decoder else "encoder" if role == "main" else role]
+        relative = prediction.relative_weight_gradient_norms()
+        by_stack[name] = [
+            {
+                "stream_variance": layer.stream_variance,
+                "stream_correlation": layer.stream_correlation,
+                "gradient_variance": layer.gradient_variance,
+                "relative_weight_gradient_norm": rel,
+                "attention_logit_variance": layer.attention_logit_variance,
+                "attention_entropy": layer.attention_entropy,
+            }
+            for layer, rel in zip(prediction.layers, relative)
+        ]
+    return by_stack
+
+
+def diagnose(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    output_dir: str | os.PathLike | None = None,
+    source: str = "",
+    progress: bool = True,
+) -> dict:
+    """Measure, overlay the theory where it applies, and (with output_dir) write report.json and the plot."""
+    measured = measure_signal_propagation(model, input_ids, progress=progress)
+    coverage = theory_coverage(model.config)
+    predicted = _predictions(model.config, input_ids, list(measured)) if coverage is None else {}
+    stacks = []
+    for name, layers in measured.items():
+        last = layers[-1]["weight_gradient_norm"]
+        for entry in layers:
+            norm = entry["weight_gradient_norm"]
+            entry["relative_weight_gradient_norm"] = norm / last if norm is not None and last else None
+        stacks.append({
+            "name": name,
+            "layers": [
+                {"index": i, "measured": entry, "predicted": predicted[name][i] if name in predicted else None}
+                for i, entry in enumerate(layers)
+            ],
+        })
+    config = model.config
+    report = {
+        "model": source or type(model).__name__,
+        "model_class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "input": {
+            "batch_size": input_ids.shape[0],
+            "sequence_length": input_ids.shape[1],
+            "same_token_probability": embedding_correlation_estimate(input_ids.tolist(), num_tables=1),
+        },
+        "theory": coverage or "covered: predictions from dslm_hf.theory (train mode, per unit gradient at the last hidden state)",
+        "stacks": stacks,
+    }
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+        plot_report(report, output_dir / "signal_propagation.png")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+PANELS = (  # (key, title, log scale allowed)
+    ("stream_variance", "stream variance", True),
+    ("relative_weight_gradient_norm", "weight-gradient norm / last layer's", True),
+    ("stream_correlation", "token correlation (1 = rank collapse)", False),
+    ("attention_logit_variance", "attention-logit variance within a row (eval)", True),
+    ("attention_entropy", "attention entropy, nats (eval)", False),
+)
+
+
+def _set_scale(axis):
+    """Log scale when a panel spans more than a decade (variance growth, gradient decay)."""
+    values = [v for line in axis.get_lines() for v in line.get_ydata() if v == v]
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        axis.set_yscale("log")
+
+
+def plot_report(report: dict, path: str | os.PathLike):
+    """One PNG: a panel per quantity, a colour per stack, measured solid, theory dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8.5))
+    axes = grid.flat
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (key, title, log_allowed), axis in zip(PANELS, axes):
+        for stack, color in zip(report["stacks"], colors):
+            layers = stack["layers"]
+            x = [entry["index"] + 1 for entry in layers]
+            measured = [entry["measured"][key] for entry in layers]
+            if any(v is not None for v in measured):
+                axis.plot(x, [math.nan if v is None else v for v in measured], color=color, label=f"{stack['name']} measured")
+            if layers[0]["predicted"] is not None:
+                axis.plot(x, [entry["predicted"][key] for entry in layers], color=color, linestyle="--",
+                          label=f"{stack['name']} theory")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("layer")
+        axis.grid(alpha=0.3)
+        if log_allowed:
+            _set_scale(axis)
+    axes[0].legend(fontsize=8)
+    summary = axes[len(PANELS)]
+    summary.axis("off")
+    inputs = report["input"]
+    summary.text(0.0, 0.95, "\n".join([
+        f"model: {report['model']}",
+        f"class: {report['model_class']} ({report['model_type']})",
+        f"parameters: {report['num_parameters']:,}",
+        f"input: {inputs['batch_size']} x {inputs['sequence_length']} tokens,",
+        f"  same-token probability {inputs['same_token_probability']:.3f}",
+        "train mode (dropout on) for stream and gradients;",
+        "eval mode, eager attention for the attention panels",
+        "",
+        "theory: " + report["theory"].split(":")[0],
+        *_wrap(report["theory"].split(":", 1)[1].strip(), 48),
+    ]), va="top", family="monospace", fontsize=9, transform=summary.transAxes)
+    fig.suptitle(f"Signal propagation at initialisation: {report['model']}", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return ["  " + line for line in textwrap.wrap(text, width)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth planning: the theory alone, vanilla (Xavier) vs DeepScaleLM, depths 12..1000
+# ----------------------------------------------------------------------------------------------------------------
+def plan_depths(hidden_size: int, depths: list[int], sequence_length: int = 128, norm_placement: str = "pre",
+                num_attention_heads: int | None = None, vocab_size: int = 32000, embedding_correlation: float = 0.05,
+                dropout: float = 0.1, is_decoder: bool = True) -> dict:
+    """Predicted stream variance and relative gradient norm per layer for xavier and deepscalelm at each depth."""
+    heads = num_attention_heads or max(1, hidden_size // 64)
+    plan = {"hidden_size": hidden_size, "sequence_length": sequence_length, "norm_placement": norm_placement,
+            "embedding_correlation": embedding_correlation, "schemes": {}}
+    for scheme in ("xavier", "deepscalelm"):
+        plan["schemes"][scheme] = {}
+        for depth in depths:
+            config = DeepScaleLMConfig(
+                vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=depth, num_attention_heads=heads,
+                max_position_embeddings=sequence_length, init_scheme=scheme, norm_placement=norm_placement,
+                embedding_correlation=embedding_correlation, hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout, is_decoder=is_decoder,
+            )
+            (prediction,) = predict_model(config, sequence_length).values()
+            plan["schemes"][scheme][depth] = {
+                "stream_variance": [layer.stream_variance for layer in prediction.layers],
+                "stream_correlation": [layer.stream_correlation for layer in prediction.layers],
+                "relative_weight_gradient_norm": prediction.relative_weight_gradient_norms(),
+            }
+    return plan
+
+
+def plot_plan(plan: dict, path: str | os.PathLike):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    depths = list(next(iter(plan["schemes"].values())))
+    shades = {"xavier": plt.cm.Reds, "deepscalelm": plt.cm.Blues}
+    for scheme, profiles in plan["schemes"].items():
+        for i, depth in enumerate(depths):
+            profile = profiles[depth]
+            x = [(k + 1) / depth for k in range(depth)]
+            color = shades[scheme](0.4 + 0.6 * i / max(1, len(depths) - 1))
+            label = f"{'vanilla (xavier)' if scheme == 'xavier' else 'DeepScaleLM'}, {depth} layers"
+            axes[0].plot(x, profile["stream_variance"], color=color, label=label)
+            axes[1].plot(x, profile["relative_weight_gradient_norm"], color=color, label=label)
+    axes[0].set_title("predicted stream variance")
+    axes[1].set_title("predicted weight-gradient norm / last layer's")
+    for axis in axes:
+        axis.set_yscale("log")
+        axis.set_xlabel("relative depth (layer / N)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Depth plan: d={plan['hidden_size']}, {plan['norm_placement']}-LN, L={plan['sequence_length']}, "
+                 f"r0={plan['embedding_correlation']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dslm-diagnose",
+        description="Measure per-layer signal propagation (variance, gradients, rank collapse, attention) of any "
+        "Hugging Face transformer, with the DeepScaleLM theory overlaid where it applies.",
+    )
+    parser.add_argument("model", nargs="?", help="model id (local cache), model folder, or config.json")
+    parser.add_argument("--output-dir", required=True, help="where report.json and the PNG plots go")
+    parser.add_argument("--random-init", action="store_true", help="ignore weights: a fresh model from the config")
+    parser.add_argument("--text", help="text to feed (default: Zipf-distributed random tokens)")
+    parser.add_argument("--text-file", help="file whose text to feed")
+    parser.add_argument("--tokenizer", help="tokenizer id/folder for --text, or 'bytes' (UTF-8 bytes as ids); "
+                        "default: the model's own")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sequence-length", type=int, help="default: min(128, the model's maximum positions)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plan = parser.add_argument_group("depth planning (--plan: theory only, no MODEL)")
+    plan.add_argument("--plan", action="store_true", help="plot predicted profiles at several depths, vanilla vs DeepScaleLM")
+    plan.add_argument("--hidden-size", type=int, default=256)
+    plan.add_argument("--depths", default="12,48,192,1000", help="comma-separated depths")
+    plan.add_argument("--norm-placement", choices=("pre", "post"), default="pre")
+    plan.add_argument("--embedding-correlation", type=float, default=0.05, help="r0 of the data (see the config)")
+    return parser
+
+
+def _sequence_length(config, requested: int | None) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if requested is None:
+        return min(128, limit) if limit else 128
+    if requested < 2:
+        raise DiagnoseError(f"--sequence-length must be >= 2 (correlation between positions), got {requested}")
+    if limit and requested > limit:
+        raise DiagnoseError(f"--sequence-length {requested} exceeds the model's {limit} positions")
+    return requested
+
+
+def _run(args) -> str:
+    if args.plan:
+        depths = [int(d) for d in args.depths.split(",")]
+        if any(d < 1 for d in depths):
+            raise DiagnoseError(f"--depths must be positive integers, got {args.depths}")
+        plan = plan_depths(args.hidden_size, depths, sequence_length=args.sequence_length or 128,
+                           norm_placement=args.norm_placement, embedding_correlation=args.embedding_correlation)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "depth_plan.json").write_text(json.dumps(plan))
+        plot_plan(plan, out / "depth_plan.png")
+        return f"wrote {out / 'depth_plan.png'} and {out / 'depth_plan.json'}"
+    if args.model is None:
+        raise DiagnoseError("give a MODEL (model id, folder or config.json), or --plan for the depth-planning view")
+    if args.batch_size < 1:
+        raise DiagnoseError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = load_model(args.model, random_init=args.random_init, trust_remote_code=args.trust_remote_code)
+    config = model.config
+    length = _sequence_length(config, args.sequence_length)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if args.text is not None or args.text_file is not None:
+        text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
+        tokenizer = args.tokenizer
+        if tokenizer != "bytes":
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise DiagnoseError(
+                    f"no tokenizer for {tokenizer or args.model!r} ({str(error).splitlines()[0]}): pass --tokenizer "
+                    "NAME, or --tokenizer bytes for a byte/char-level vocabulary"
+                ) from None
+        input_ids = text_token_ids(text, tokenizer, vocab_size, args.batch_size, length)
+    else:
+        input_ids = zipf_token_ids(vocab_size, args.batch_size, length, seed=args.seed)
+    report = diagnose(model, input_ids, args.output_dir, source=args.model, progress=not args.no_progress)
+    return f"wrote {Path(args.output_dir) / 'report.json'} and signal_propagation.png ({report['theory'].split(':')[0]} by the theory)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        message = _run(args)
+    except DiagnoseError as error:
+        parser.exit(EXIT_BAD_INPUT, f"dslm-diagnose: error: {error}\n")
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
