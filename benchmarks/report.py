@@ -1,11 +1,17 @@
-"""Markdown tables of the benchmark results (the JSON files the other scripts write), for benchmarks/RESULTS.md.
+"""Markdown tables of the benchmark results (the JSON files the other scripts write), for benchmarks/RESULTS.md, and
+the stability and quality plots over all result files of each kind (stability_all.png, quality_all.png).
 
     python benchmarks/report.py --results benchmarks/results --out benchmarks/results/tables.md
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+import stability  # noqa: E402
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -86,10 +92,15 @@ def main(argv=None):
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/results/tables.md")
     args = parser.parse_args(argv)
-    parts = []
+    parts, runs = [], {}
     for name, render in SECTIONS.items():
         for path in sorted(Path(args.results).glob(f"{name}*.json")):
-            parts.append(f"## {path.name}\n\n{render(json.loads(path.read_text()))}")
+            results = json.loads(path.read_text())
+            parts.append(f"## {path.name}\n\n{render(results)}")
+            runs.setdefault(name, []).extend(results.get("runs", []))
+    for name, plot in (("stability", stability.plot), ("quality", quality.plot)):
+        if runs.get(name):
+            plot(runs[name], Path(args.results) / f"{name}_all.png")
     Path(args.out).write_text("\n\n".join(parts) + "\n")
     print(f"wrote {args.out}")
 

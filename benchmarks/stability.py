@@ -63,6 +63,8 @@ def planned_runs(args) -> list[tuple[str, int, str, int]]:
 
 
 def plot(records: list[dict], path: Path):
+    """Per-layer gradient-norm spread against depth: at initialisation (top) and at the last step (bottom; x marks a
+    diverged run). Validation losses are in the tables: runs of different depths may train different step counts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -76,14 +78,14 @@ def plot(records: list[dict], path: Path):
             if not rows:
                 continue
             depths = [r["layers"] for r in rows]
-            line, = axes[0][column].plot(depths, [r["validation_loss"] for r in rows], "o-", label=scheme)
+            line, = axes[0][column].plot(depths, [r["grad_norm_spread_init"] for r in rows], "o-", label=scheme)
+            axes[1][column].plot(depths, [r["grad_norm_spread_end"] for r in rows], "o-", color=line.get_color())
             for r in rows:
                 if r["diverged"]:
-                    axes[0][column].plot([r["layers"]], [4.5], "x", color=line.get_color(), markersize=10)
-            axes[1][column].plot(depths, [r["grad_norm_spread_end"] for r in rows], "o-", label=scheme)
-        axes[0][column].set(title=f"{objective}: validation loss (x: diverged)", xscale="log", xlabel="layers")
-        axes[1][column].set(title=f"{objective}: per-layer gradient-norm spread (max/min) at the end", xscale="log",
-                            yscale="log", xlabel="layers")
+                    axes[1][column].plot([r["layers"]], [1.0], "x", color=line.get_color(), markersize=10)
+        for row, when in enumerate(("at initialisation", "at the last step")):
+            axes[row][column].set(title=f"{objective}: per-layer weight-gradient norm max/min {when}", xscale="log",
+                                  yscale="log", xlabel="layers")
         axes[0][column].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
