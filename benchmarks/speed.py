@@ -50,6 +50,7 @@ def parse_arguments(argv=None):
     shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="timed calls per round")
+    parser.add_argument("--only", help="run only the comparisons whose label contains this text (e.g. 'train clm')")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.heads, args.vocab, args.sequence, args.batch = 2, 16, 2, 32, 8, 2
@@ -183,6 +184,8 @@ def main(argv=None):
          lambda: deepscalelm(args, "mlm", init_scheme="xavier", norm_placement="post"), TrainingStep),
     ]
     for label, build_ours, build_theirs, work in plan:
+        if args.only and args.only not in label:
+            continue
         torch.manual_seed(0)
         comparisons.append(compare(label, build_ours(), build_theirs(), work, args))
         common.write_results(args.out, {"settings": vars(args), "comparisons": comparisons})
