@@ -63,9 +63,14 @@ def speed_table(results: dict) -> str:
         medians = r["median_tokens_per_s"]
         residual = "residual" in r["comparison"]
         target = 0.98 if residual else 1.0
-        rows.append([r["comparison"], medians["deepscalelm"], medians["counterpart"], r["ratio"],
-                     f">= {target}: " + ("met" if r["ratio"] >= target else "MISSED")])
-    return table(["comparison", "DeepScaleLM tok/s (median)", "counterpart tok/s (median)", "ratio", "target"], rows)
+        paired = r.get("median_round_ratio")
+        if paired is None:  # results written before the per-round ratio was recorded
+            paired = sorted(a / b for a, b in zip(r["per_round"]["deepscalelm"], r["per_round"]["counterpart"]))[
+                len(r["per_round"]["deepscalelm"]) // 2]
+        rows.append([r["comparison"], medians["deepscalelm"], medians["counterpart"], r["ratio"], paired,
+                     f">= {target}: " + ("met" if min(r["ratio"], paired) >= target else "MISSED")])
+    return table(["comparison", "DeepScaleLM tok/s (median)", "counterpart tok/s (median)", "ratio of medians",
+                  "median of per-round ratios", "target"], rows)
 
 
 def memory_tables(results: dict) -> str:

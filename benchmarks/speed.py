@@ -154,14 +154,17 @@ def interleaved_throughput(workloads: dict, rounds: int, steps: int) -> dict:
 
 
 def compare(label: str, ours, theirs, make_work, args) -> dict:
-    """Interleaved throughput of two models; ratio = median(ours) / median(theirs)."""
+    """Interleaved throughput of two models: ratio = median(ours) / median(theirs), and the median over rounds of the
+    per-round ratio (each round's pair ran back to back, so it shares that moment's load from other processes)."""
     per_round = interleaved_throughput({"deepscalelm": make_work(ours, args), "counterpart": make_work(theirs, args)},
                                        args.rounds, args.steps)
     medians = {name: statistics.median(values) for name, values in per_round.items()}
     ratio = medians["deepscalelm"] / medians["counterpart"]
+    paired = statistics.median(a / b for a, b in zip(per_round["deepscalelm"], per_round["counterpart"]))
     print(f"{label:48s} deepscalelm {medians['deepscalelm']:9.1f} tok/s  counterpart {medians['counterpart']:9.1f} "
-          f"tok/s  ratio {ratio:.3f}", flush=True)
-    return {"comparison": label, "median_tokens_per_s": medians, "ratio": ratio, "per_round": per_round,
+          f"tok/s  ratio {ratio:.3f} (per-round median {paired:.3f})", flush=True)
+    return {"comparison": label, "median_tokens_per_s": medians, "ratio": ratio, "median_round_ratio": paired,
+            "per_round": per_round,
             "parameters": {"deepscalelm": common.parameter_count(ours), "counterpart": common.parameter_count(theirs)}}
 
 
