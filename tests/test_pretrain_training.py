@@ -118,3 +118,14 @@ def test_existing_tokenizer_is_used_and_saved_with_the_model(tmp_path):
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["vocab_size"] == 300 and config["eos_token_id"] == 2 and config["pad_token_id"] == 0
     assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "final")) == 300
+
+
+def test_main_command_preset_deep_48_trains_evaluates_and_saves_a_loadable_model(tmp_path, capsys):
+    """The README command on a small budget: the 48-layer preset, a few steps, evaluation, save, sample."""
+    metrics = run_in_process(tmp_path, "--preset", "deep-48", "--max_steps", 3, "--per_device_train_batch_size", 4,
+                             "--learning_rate", 1e-3, "--save_steps", 3, "--sample_max_new_tokens", 4)
+    assert metrics["step"] == 3 and math.isfinite(metrics["eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert model.config.num_hidden_layers == 48 and len(model.model.layers) == 48
+    assert pretraining.verify_checkpoint(tmp_path / "checkpoints" / "step_00000003") == 3
+    assert "=== generated sample" in capsys.readouterr().out
