@@ -170,6 +170,22 @@ def scaled_output_std(initializer_range: float, num_layers: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Attention averaging and the correlation recurrence
 # ----------------------------------------------------------------------------------------------------------------
+def _attention_position_variances(
+    r: float, sequence_length: int, causal: bool, hidden_size: int, attention_dropout: float, logit_variance: float
+) -> list[float]:
+    """v_n: variance of an attention average over n keys (RECIPE section 3, single-head attention), n = 1..L."""
+    sq, d = logit_variance, hidden_size
+
+    def at_length(n: int) -> float:
+        coupling = (1.0 - r) * (n - 1) / n * sq / d
+        concentration = min(1.0, math.exp((1.0 - r) * sq) * (1.0 + 4.0 * (1.0 - r) * sq / d) / n)
+        return r + (1.0 - r) * (coupling + concentration / (1.0 - attention_dropout))
+
+    if causal:
+        return [at_length(n) for n in range(1, sequence_length + 1)]
+    return [at_length(sequence_length)]
+
+
 def attention_variance_ratio(
     r: float, sequence_length: int, causal: bool, hidden_size: int, attention_dropout: float, logit_variance: float = 1.0
 ) -> float:
@@ -182,16 +198,31 @@ def attention_variance_ratio(
     Bidirectional: every position sees L keys. Causal: position i sees i keys; the average over i = 1..L is returned.
     For long bidirectional sequences this tends to r, the paper's approximation.
     """
-    sq, d = logit_variance, hidden_size
+    variances = _attention_position_variances(r, sequence_length, causal, hidden_size, attention_dropout, logit_variance)
+    return sum(variances) / len(variances)
 
-    def at_length(n: int) -> float:
-        coupling = (1.0 - r) * (n - 1) / n * sq / d
-        concentration = min(1.0, math.exp((1.0 - r) * sq) * (1.0 + 4.0 * (1.0 - r) * sq / d) / n)
-        return r + (1.0 - r) * (coupling + concentration / (1.0 - attention_dropout))
 
-    if causal:
-        return sum(at_length(i) for i in range(1, sequence_length + 1)) / sequence_length
-    return at_length(sequence_length)
+def attention_output_correlation(
+    r: float, sequence_length: int, causal: bool, hidden_size: int, attention_dropout: float, logit_variance: float = 1.0
+) -> float:
+    """Correlation between the attention outputs of two different query positions (before the branch dropout).
+
+    Two queries share their keys' common part r and the overlap of their weights: E[sum_j a_ij a_kj] ~ 1/L
+    (bidirectional, independent softmax weights) or 1/k (causal, i < k: query i sees i keys of weight ~1/i, query k
+    weighs each ~1/k). Divided by the per-position variances. The reference recurrence takes this as 1 (outputs
+    ~identical), the limit of long sequences with r >> 1/L; at short context or small r0 it is far below 1.
+    Causal: averaged over all pairs i < k with prefix sums, O(L).
+    """
+    variances = _attention_position_variances(r, sequence_length, causal, hidden_size, attention_dropout, logit_variance)
+    if not causal:
+        return min(1.0, (r + (1.0 - r) / sequence_length) / variances[0])
+    total, prefix = 0.0, 0.0  # prefix = sum_{i<k} 1/sqrt(v_i)
+    for k in range(1, sequence_length + 1):
+        v_k = variances[k - 1]
+        total += (r + (1.0 - r) / k) / math.sqrt(v_k) * prefix
+        prefix += 1.0 / math.sqrt(v_k)
+    pairs = sequence_length * (sequence_length - 1) / 2
+    return min(1.0, total / pairs) if pairs else 1.0
 
 
 def embedding_correlation_estimate(token_ids, num_tables: int, token_type_ids=None) -> float:
@@ -224,14 +255,14 @@ def embedding_correlation_estimate(token_ids, num_tables: int, token_type_ids=No
     return r0
 
 
-def branch_output_correlation(kind: str, r_in: float, dropout: float, activation: str) -> float:
-    """Correlation between positions of a branch's output after its dropout (reference recurrence).
+def branch_output_correlation(kind: str, r_in: float, dropout: float, activation: str, attention_correlation: float = 1.0) -> float:
+    """Correlation between positions of a branch's output after its dropout.
 
-    Attention averages tokens into near-identical outputs that dropout decorrelates: 1 - p. The FFN maps r through
-    the activation's correlation kernel, then dropout multiplies by 1 - p.
+    Attention: `attention_correlation` (see attention_output_correlation; the reference code's value is 1, outputs
+    ~identical) times 1 - p. FFN: r through the activation's correlation kernel, times 1 - p.
     """
     if kind == "attention":
-        return 1.0 - dropout
+        return (1.0 - dropout) * attention_correlation
     if kind == "ffn":
         return (1.0 - dropout) * activation_output_correlation(activation, r_in)
     raise ValueError(f"kind must be 'attention' or 'ffn', got {kind!r}")
@@ -252,12 +283,19 @@ def correlation_recurrence(
     activation: str,
     lam2: float,
     beta2: float,
+    sequence_length: int | None = None,
+    hidden_size: int | None = None,
+    attention_dropout: float = 0.0,
+    causal: bool = False,
+    cross_correlation: float | None = None,
 ) -> list[list[float]]:
-    """Correlation at the input of every branch of every layer, run through the stack as the reference does.
+    """Correlation at the input of every branch of every layer, run through the stack.
 
     Starts from r0 (1 - p) after embedding dropout, with unit stream variance. Returns, per layer, the input
-    correlation of each branch in `branch_kinds` order, plus (as a last list) the output correlation.
-    Cross-attention ("cross") is a branch whose output, like self-attention's, is ~identical across positions.
+    correlation of each branch in `branch_kinds` order ("attention", "cross", "ffn"), plus (as a last list) the
+    output correlation. With `sequence_length=None` attention outputs are taken as identical across positions
+    (the reference code); with the sequence geometry (length, width, mask) they follow attention_output_correlation.
+    Cross-attention averages encoder tokens of correlation `cross_correlation` bidirectionally.
     """
     r, s = embedding_correlation * (1.0 - dropout), 1.0
     per_layer = []
@@ -265,7 +303,16 @@ def correlation_recurrence(
         inputs = []
         for kind in branch_kinds:
             inputs.append(r)
-            r_out = branch_output_correlation("ffn" if kind == "ffn" else "attention", r, dropout, activation)
+            if kind == "ffn":
+                r_out = branch_output_correlation("ffn", r, dropout, activation)
+            else:
+                attention_correlation = 1.0
+                if sequence_length is not None:
+                    keys_r, keys_causal = (cross_correlation, False) if kind == "cross" else (r, causal)
+                    attention_correlation = attention_output_correlation(
+                        keys_r, sequence_length, keys_causal, hidden_size, attention_dropout
+                    )
+                r_out = branch_output_correlation("attention", r, dropout, activation, attention_correlation)
             r, s = mix_residual(r, s, r_out, 1.0, lam2, beta2)
         per_layer.append(inputs)
     per_layer.append([r])
@@ -301,13 +348,14 @@ def stack_init_plan(config, stack: str) -> StackInitPlan:
     return _stack_init_plan(_recipe_key(config), stack)
 
 
-def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...]):
+def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...], causal: bool, cross_correlation=None):
     """(lambda, beta, per-layer branch-input correlations) of a DeepScaleLM stack with these branch kinds."""
-    _, _, _, _, _, _, act, p, _, k, counting, beta2_override, r0, _ = key
+    _, d, _, _, _, _, act, p, p_attn, k, counting, beta2_override, r0, seq_len = key
     lam, beta = deepscalelm_residual_scales(k, residual_branch_total(layers, len(kinds), counting), beta2_override)
     correlations = correlation_recurrence(
         num_layers=layers, branch_kinds=kinds, embedding_correlation=r0, dropout=p, activation=act,
-        lam2=lam * lam, beta2=beta * beta,
+        lam2=lam * lam, beta2=beta * beta, sequence_length=seq_len, hidden_size=d, attention_dropout=p_attn,
+        causal=causal, cross_correlation=cross_correlation,
     )
     return lam, beta, correlations
 
@@ -323,16 +371,18 @@ def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
     if scheme != "deepscalelm":
         return StackInitPlan(1.0, 1.0, (), (), 1.0, layers)
 
-    kinds = ("attention", "cross", "ffn") if has_cross else ("attention", "ffn")
-    lam, beta, correlations = _residual_and_correlations(key, layers, kinds)
     causal = stack == "decoder"
+    r_encoder = None
+    if has_cross:
+        # Cross-attention averages the encoder's output tokens (bidirectionally) at the encoder's final correlation.
+        r_encoder = _residual_and_correlations(key, num_layers, ("attention", "ffn"), False)[2][-1][0]
+    kinds = ("attention", "cross", "ffn") if has_cross else ("attention", "ffn")
+    lam, beta, correlations = _residual_and_correlations(key, layers, kinds, causal, r_encoder)
     self_vo = tuple(
         value_output_std(p, attention_variance_ratio(r[0], seq_len, causal, d, p_attn), d) for r in correlations[:-1]
     )
     cross_vo = ()
     if has_cross:
-        # Cross-attention averages the encoder's output tokens (bidirectionally) at the encoder's final correlation.
-        r_encoder = _residual_and_correlations(key, num_layers, ("attention", "ffn"))[2][-1][0]
         cross_vo = (value_output_std(p, attention_variance_ratio(r_encoder, seq_len, False, d, p_attn), d),) * layers
     return StackInitPlan(lam, beta, self_vo, cross_vo, 1.0, layers)
 
