@@ -49,9 +49,10 @@ def stability_tables(results: dict) -> str:
 
 
 def quality_table(results: dict) -> str:
-    rows = [[r["variant"], f"{r['layers']} x {r['hidden']}", f"{r['parameters'] / 1e6:.3f}M", r["learning_rate"],
-             r["r0"], r["final_train_loss"], r["validation_loss"], round(r["wall_s"])] for r in results["runs"]]
-    text = table(["variant", "layers x width", "params", "lr", "r0", "train loss", "val loss", "wall s"], rows)
+    rows = [[r["variant"], f"{r['layers']} x {r['hidden']}", f"{r['parameters'] / 1e6:.3f}M", f"{r['learning_rate']:g}",
+             r["r0"], r["steps_done"], r["final_train_loss"], r["validation_loss"], round(r["wall_s"])]
+            for r in results["runs"]]
+    text = table(["variant", "layers x width", "params", "lr", "r0", "steps", "train loss", "val loss", "wall s"], rows)
     if results.get("skipped"):
         text += "\n\nSkipped (over the time budget): " + ", ".join(results["skipped"])
     return text
