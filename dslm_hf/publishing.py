@@ -286,16 +286,17 @@ def held_out_metrics(model, tokenizer, text_file: Path, task: str, *, held_out_f
     """({"eval_loss", "eval_perplexity"}, blocks) of `model` on the held-out tail of `text_file`.
 
     The split is the one pretraining holds out with the same `--validation_fraction`
-    (`dslm_hf.data.train_and_validation_blocks`: the last `held_out_fraction` of the packed token blocks, never
-    trained on), and the loss is pretraining's own token-level `evaluate`, whose masking / span corruption is
-    seeded per batch from `seed`: reproducible.
+    (`dslm_hf.data.hold_out_documents`: that fraction of the text's documents, evenly spaced, never trained on),
+    and the loss is pretraining's own token-level `evaluate`, whose masking / span corruption is seeded per batch
+    from `seed`: reproducible.
     """
     from accelerate import Accelerator
 
-    from .data import load_corpus, make_collator, train_and_validation_blocks
+    from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks
     from .pretraining import evaluate, stack_blocks
 
-    _, blocks = train_and_validation_blocks(load_corpus(str(text_file)), tokenizer, block_size, held_out_fraction)
+    held_out = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)["validation"]
+    blocks = pack_into_blocks(held_out, tokenizer, block_size)
     loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=stack_blocks)
     collator = make_collator(OBJECTIVE_OF_TASK[task], tokenizer, block_size)
     return evaluate(Accelerator(cpu=True), model, loader, collator, seed), len(blocks)
@@ -489,8 +490,9 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
         ("held-out tokens", f"{dataset['tokens']:,}"),
     ]
     held_out = (
-        f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`), the last "
-        f"{dataset['held_out_fraction']:.0%} of its {dataset['block_size']}-token blocks (never trained on)."
+        f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`): "
+        f"{dataset['held_out_fraction']:.0%} of its paragraphs, evenly spaced and never trained on, in "
+        f"{dataset['block_size']}-token blocks."
     )
     training_rows = [(TRAINING_LABELS.get(name, name.replace("_", " ")), _format_training_value(name, value))
                      for name, value in training.items()]

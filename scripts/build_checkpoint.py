@@ -56,7 +56,7 @@ def main(argv=None):
         "block_size": settings.block_size,
         "peak_learning_rate": settings.learning_rate,
         "schedule": f"{settings.lr_scheduler_type}, {settings.warmup_ratio:.0%} warmup",
-        "training_data": f"{args.dataset_name}, first {1 - args.held_out_fraction:.0%} of the token blocks",
+        "training_data": f"{args.dataset_name}, all but {args.held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
         "command": "dslm-pretrain " + " ".join(pretrain_argv),
     }
     final_dir = Path(metrics["final_dir"])

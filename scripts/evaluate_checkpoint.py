@@ -4,7 +4,7 @@ record of the training run that produced it (the card reports both, and nothing 
     python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
         --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
 
-The held-out split is the last --held-out-fraction of the text's packed token blocks: train with the same
+The held-out split is --held-out-fraction of the text's paragraphs, evenly spaced: train with the same
 `dslm-pretrain --validation_fraction` so that it was never trained on.
 """
 
