@@ -73,7 +73,7 @@ def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = F
         where = "a local folder, a config.json, or a model id in the local Hugging Face cache" + (
             " (HF_HUB_OFFLINE is set, so the Hub is not asked)" if offline else ""
         )
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise DiagnoseError(f"cannot load a model config from {spec!r}: {first_line}. MODEL must be {where}") from None
     if path.is_file():
         config_only = True
@@ -369,15 +369,18 @@ PANELS = (  # (key, title, log scale allowed)
     ("relative_weight_gradient_norm", "weight-gradient norm / last layer's", True),
     ("stream_correlation", "token correlation (1 = rank collapse)", False),
     ("attention_logit_variance", "attention-logit variance within a row (eval)", True),
-    ("attention_entropy", "attention entropy, nats (eval)", False),
+    ("attention_entropy", "attention entropy, nats (eval)", True),
 )
 
 
 def _set_scale(axis):
-    """Log scale when a panel spans more than a decade (variance growth, gradient decay)."""
+    """Log scale when a panel spans more than a decade (variance growth, gradient decay); otherwise from 0, so that
+    a flat profile looks flat rather than a zoomed-in wiggle."""
     values = [v for line in axis.get_lines() for v in line.get_ydata() if v == v]
     if values and min(values) > 0 and max(values) / min(values) > 10:
         axis.set_yscale("log")
+    elif values:
+        axis.set_ylim(0.0, 1.25 * max(values))
 
 
 def plot_report(report: dict, path: str | os.PathLike):
@@ -405,6 +408,8 @@ def plot_report(report: dict, path: str | os.PathLike):
         axis.grid(alpha=0.3)
         if log_allowed:
             _set_scale(axis)
+        elif key == "stream_correlation":
+            axis.set_ylim(0.0, 1.0)
     axes[0].legend(fontsize=8)
     summary = axes[len(PANELS)]
     summary.axis("off")
