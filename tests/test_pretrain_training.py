@@ -14,15 +14,18 @@ from pretrain_helpers import NO_DROPOUT, eval_losses, run_in_process, train_loss
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm", "seq2seq"])
-def test_objective_trains_and_held_out_loss_drops(tmp_path, objective):
+def test_objective_trains_and_held_out_loss_drops(tmp_path, objective, capsys):
     metrics = run_in_process(tmp_path, "--objective", objective, "--max_steps", 30, "--eval_steps", 15,
-                             "--learning_rate", 3e-3, "--per_device_train_batch_size", 8, "--save_steps", 0)
+                             "--learning_rate", 3e-3, "--per_device_train_batch_size", 8, "--save_steps", 0,
+                             "--sample_max_new_tokens", 4)
     losses = train_losses(tmp_path)
     evals = eval_losses(tmp_path)
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses.values())
     assert sum(list(losses.values())[-5:]) / 5 < losses[1] - 0.3
     assert evals[30] < evals[15] < math.log(512) + 0.5
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    sample = capsys.readouterr().out.split("=== generated sample")[1]
+    assert {"clm": "", "mlm": "filled: ", "seq2seq": "spans: "}[objective] in sample
 
 
 def test_final_folder_loads_with_auto_class_and_prints_a_sample(tmp_path, capsys):
@@ -129,3 +132,18 @@ def test_main_command_preset_deep_48_trains_evaluates_and_saves_a_loadable_model
     assert model.config.num_hidden_layers == 48 and len(model.model.layers) == 48
     assert pretraining.verify_checkpoint(tmp_path / "checkpoints" / "step_00000003") == 3
     assert "=== generated sample" in capsys.readouterr().out
+
+
+def test_time_limit_stops_early_then_evaluates_and_saves(tmp_path, capsys):
+    metrics = run_in_process(tmp_path, "--max_steps", 1000, "--max_train_minutes", 1e-4, "--save_steps", 500)
+    assert metrics["step"] == 1 and math.isfinite(metrics["eval_loss"])
+    assert pretraining.verify_checkpoint(tmp_path / "checkpoints" / "step_00000001") == 1
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert "--max_train_minutes=0.0001 reached at step 1: stopping" in capsys.readouterr().out
+
+
+def test_tensorboard_tracker_writes_events_beside_the_jsonl(tmp_path):
+    run_in_process(tmp_path, "--max_steps", 2, "--save_steps", 0, "--report_to", "tensorboard")
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    records = pretraining.read_metrics(tmp_path / "metrics.jsonl")
+    assert "config" in records[0] and [r["step"] for r in records if "loss" in r] == [1, 2]
