@@ -505,6 +505,74 @@ def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new
         return f"input: {tokenizer.decode(batch['input_ids'][0])}\nfilled: {tokenizer.decode(filled)}"
 
 
+def save_final_model(args: PretrainingArguments, accelerator, model, config, tokenizer, metrics: dict, folder: Path):
+    """save_pretrained (safetensors, config with auto_map, remote code, generation config) + tokenizer + model card.
+
+    The full state dict comes from accelerate (DDP, FSDP, DeepSpeed) or, under --fully_shard, from FSDP2's
+    full_state_dict gathered into a plain copy of the model on rank 0."""
+    unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.can_generate():
+        unwrapped.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
+    if args.fully_shard:
+        full = parallel.full_state_dict(model)  # collective: every rank takes part
+        unwrapped = parallel.unsharded_copy(model, full) if accelerator.is_main_process else None
+        state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    if unwrapped is not None:
+        unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(folder)
+        write_model_card(folder, args, config, metrics)
+
+
+def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resuming: bool):
+    """(tokenizer, train blocks, held-out blocks). Rank 0 goes first: it trains (or loads) the tokenizer and saves it
+    to run_dir/tokenizer; the other ranks, and resumed runs, load that saved tokenizer."""
+    tokenizer_dir = run_dir / "tokenizer"
+    with accelerator.main_process_first():
+        splits = data.hold_out_documents(
+            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+                             default_corpus_megabytes=args.default_corpus_megabytes),
+            args.validation_fraction)
+        reuse_saved = tokenizer_dir.is_dir() and (resuming or not accelerator.is_main_process)
+        if reuse_saved:
+            tokenizer = data.load_tokenizer(str(tokenizer_dir))
+        elif args.tokenizer_name:
+            tokenizer = data.load_tokenizer(args.tokenizer_name)
+        else:
+            tokenizer = data.train_byte_level_bpe(splits["train"]["text"], args.vocab_size)
+        if args.objective == "seq2seq":
+            data.add_sentinel_tokens(tokenizer, data.span_corruption_sentinel_count(
+                args.block_size, args.noise_density, args.mean_span_length))
+        data.check_tokenizer_for_objective(tokenizer, args.objective)
+        if accelerator.is_main_process and not reuse_saved:
+            tokenizer.save_pretrained(tokenizer_dir)
+        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
+        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
+    return tokenizer, train_blocks, eval_blocks
+
+
+def make_dataloaders(args: PretrainingArguments, num_processes: int, train_blocks, eval_blocks):
+    """(sampler, train loader, eval loader) before accelerator.prepare. Evaluation takes whole rounds of
+    per_device_eval_batch_size x processes blocks, so no rank sees a padded or duplicated block and 1 and N
+    processes evaluate the same blocks."""
+    sampler = EpochPermutationSampler(len(train_blocks), args.seed)
+    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=args.per_device_train_batch_size,
+                                               sampler=sampler, drop_last=True, collate_fn=stack_blocks)
+    eval_round = args.per_device_eval_batch_size * num_processes
+    eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
+    if eval_count == 0:
+        raise ValueError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
+                         f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
+    eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)),
+                                              batch_size=args.per_device_eval_batch_size, collate_fn=stack_blocks)
+    return sampler, train_loader, eval_loader
+
+
 def train(args: PretrainingArguments) -> dict:
     """Run pretraining; returns the final metrics (step, eval_loss, eval_perplexity, nonfinite_steps, paths)."""
     run_dir = Path(args.output_dir)
@@ -520,28 +588,7 @@ def train(args: PretrainingArguments) -> dict:
         raise SystemExit(f"dslm-pretrain: {run_dir} already holds checkpoints: pass --resume_from_checkpoint latest "
                          "to continue, or --overwrite_output_dir to start over")
 
-    # Data and tokenizer: rank 0 first (it trains and saves the tokenizer), the others load what it saved.
-    tokenizer_dir = run_dir / "tokenizer"
-    with accelerator.main_process_first():
-        splits = data.hold_out_documents(
-            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
-                             default_corpus_megabytes=args.default_corpus_megabytes),
-            args.validation_fraction)
-        reuse_saved = tokenizer_dir.is_dir() and (resume_dir is not None or not accelerator.is_main_process)
-        if reuse_saved:
-            tokenizer = data.load_tokenizer(str(tokenizer_dir))
-        elif args.tokenizer_name:
-            tokenizer = data.load_tokenizer(args.tokenizer_name)
-        else:
-            tokenizer = data.train_byte_level_bpe(splits["train"]["text"], args.vocab_size)
-        if args.objective == "seq2seq":
-            data.add_sentinel_tokens(tokenizer, data.span_corruption_sentinel_count(
-                args.block_size, args.noise_density, args.mean_span_length))
-        data.check_tokenizer_for_objective(tokenizer, args.objective)
-        if accelerator.is_main_process and not reuse_saved:
-            tokenizer.save_pretrained(tokenizer_dir)
-        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
-        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
+    tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming=resume_dir is not None)
     collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
                                   args.noise_density, args.mean_span_length)
 
@@ -569,17 +616,7 @@ def train(args: PretrainingArguments) -> dict:
                               num_training_steps=args.max_steps)
     accelerator.register_for_checkpointing(scheduler)
 
-    sampler = EpochPermutationSampler(len(train_blocks), args.seed)
-    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=args.per_device_train_batch_size,
-                                               sampler=sampler, drop_last=True, collate_fn=stack_blocks)
-    # Whole evaluation rounds only, so that no rank sees a padded or duplicated block.
-    eval_round = args.per_device_eval_batch_size * accelerator.num_processes
-    eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
-    if eval_count == 0:
-        raise ValueError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
-                         f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
-    eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)), batch_size=args.per_device_eval_batch_size,
-                                              collate_fn=stack_blocks)
+    sampler, train_loader, eval_loader = make_dataloaders(args, accelerator.num_processes, train_blocks, eval_blocks)
     if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
         optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
     else:
@@ -676,28 +713,11 @@ def train(args: PretrainingArguments) -> dict:
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
         if metrics["replica_spread"] > 0:
             say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
-    final_dir = run_dir / "final"
-    unwrapped = accelerator.unwrap_model(model)
-    if unwrapped.can_generate():
-        unwrapped.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-            decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
-    if args.fully_shard:
-        full = parallel.full_state_dict(model)  # collective: every rank takes part
-        unwrapped = parallel.unsharded_copy(model, full) if accelerator.is_main_process else None
-        state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
-    else:
-        state_dict = accelerator.get_state_dict(model)
-    if unwrapped is not None:
-        unwrapped.save_pretrained(final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                                  save_function=accelerator.save)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(final_dir)
-        write_model_card(final_dir, args, config, metrics)
-        if args.sample_max_new_tokens:
-            prompt = eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
-            sample = generate_sample(final_dir, args.objective, prompt, args.sample_max_new_tokens, collator)
-            print(f"\n=== generated sample (greedy, from {final_dir}) ===\n{sample}\n", flush=True)
+    save_final_model(args, accelerator, model, config, tokenizer, metrics, run_dir / "final")
+    if accelerator.is_main_process and args.sample_max_new_tokens:
+        prompt = eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
+        sample = generate_sample(run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, collator)
+        print(f"\n=== generated sample (greedy, from {run_dir / 'final'}) ===\n{sample}\n", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
