@@ -48,6 +48,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
 TRAINER_STATE = "trainer_state.json"
+RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard")
 
 
 def available_presets() -> list[str]:
@@ -102,7 +103,8 @@ class PretrainingArguments:
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none) or a checkpoint path."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start fresh even if output_dir holds checkpoints."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start fresh in an output_dir that holds checkpoints: its previous run outputs are deleted."})
     max_nonfinite_steps: int = field(default=10, metadata={
         "help": "Steps with a NaN/inf loss or gradient are skipped; the run stops when more than this many were skipped."})
     fully_shard: bool = field(default=False, metadata={
@@ -584,9 +586,17 @@ def train(args: PretrainingArguments) -> dict:
         resume_dir = resolve_checkpoint(args.resume_from_checkpoint, run_dir, say)
     except CheckpointError as error:
         raise SystemExit(f"dslm-pretrain: cannot resume: {error}") from None
-    if resume_dir is None and not args.overwrite_output_dir and checkpoint_folders(run_dir):
-        raise SystemExit(f"dslm-pretrain: {run_dir} already holds checkpoints: pass --resume_from_checkpoint latest "
-                         "to continue, or --overwrite_output_dir to start over")
+    if resume_dir is None and checkpoint_folders(run_dir):
+        if not args.overwrite_output_dir:
+            raise SystemExit(f"dslm-pretrain: {run_dir} already holds checkpoints: pass --resume_from_checkpoint latest "
+                             "to continue, or --overwrite_output_dir to start over")
+        # Starting over: a stale checkpoint of the old run must never be taken for `latest` of the new one.
+        if accelerator.is_main_process:
+            for name in RUN_OUTPUTS:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            say(f"--overwrite_output_dir: removed the previous run's {', '.join(RUN_OUTPUTS)} from {run_dir}")
+        accelerator.wait_for_everyone()
 
     tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming=resume_dir is not None)
     collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,

@@ -84,6 +84,15 @@ def test_fresh_run_into_a_folder_with_checkpoints_is_refused(finished_run):
         run_in_process(finished_run, "--max_steps", 6)
 
 
+def test_overwrite_output_dir_starts_over_without_the_old_checkpoints(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {finished_run} {run_dir}")
+    run_in_process(run_dir, "--max_steps", 3, "--save_steps", 3, "--overwrite_output_dir")
+    assert [f.name for f in pretraining.checkpoint_folders(run_dir)] == ["step_00000003"]
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    assert "removed the previous run's checkpoints" in capsys.readouterr().out
+
+
 def test_resume_from_the_final_checkpoint_has_nothing_left_to_train(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     os.system(f"cp -r {finished_run} {run_dir}")
