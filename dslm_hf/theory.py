@@ -767,21 +767,6 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
     return StackPrediction(stack, first_stream, layers, final_hidden, logits)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Depth planning
-# ----------------------------------------------------------------------------------------------------------------
-def depth_profile(config, sequence_length: int) -> dict[str, list[float]]:
-    """Relative depth (0..1), stream variance and relative gradient norm per layer of a single-stack config."""
-    (prediction,) = predict_model(config, sequence_length).values()
-    n = len(prediction.layers)
-    return {
-        "relative_depth": [(i + 1) / n for i in range(n)],
-        "stream_variance": [layer.stream_variance for layer in prediction.layers],
-        "stream_correlation": [layer.stream_correlation for layer in prediction.layers],
-        "relative_gradient_norm": prediction.relative_weight_gradient_norms(),
-    }
-
-
 __all__ = [
     "Moments",
     "GradientMoments",
@@ -826,5 +811,4 @@ __all__ = [
     "LayerPrediction",
     "StackPrediction",
     "predict_model",
-    "depth_profile",
 ]

@@ -143,6 +143,18 @@ def test_deepscalelm_profiles_are_flat_and_match_the_theory(norm):
     assert max(entry["stream_correlation"] for entry in measured) < 0.8  # no rank collapse
 
 
+@pytest.mark.parametrize("scheme, norm, correlation_tolerance", [("standard", "pre", 0.08), ("deepnet", "post", 0.03)])
+def test_gpt2_standard_and_deepnet_stacks_match_the_theory(scheme, norm, correlation_tolerance):
+    """GPT-2's scaled init (tiny, slowly growing variance) and DeepNorm (Post-LN, flat) at 48 layers."""
+    model, ids = build(scheme, norm, layers=48, width=64, length=64, decoder=True, text=True, batch=8)
+    measured, predicted = measure_and_predict(model, ids)
+    for entry, layer in zip(measured, predicted.layers):
+        assert entry["stream_variance"] == pytest.approx(layer.stream_variance, rel=0.1)
+        assert abs(entry["stream_correlation"] - layer.stream_correlation) < correlation_tolerance
+    assert quarter_ratio(relative_gradients(measured)) == pytest.approx(
+        quarter_ratio(predicted.relative_weight_gradient_norms()), abs=0.2)
+
+
 @pytest.mark.parametrize("scheme, norm", [("deepscalelm", "pre"), ("xavier", "pre"), ("standard", "pre"), ("deepnet", "post")])
 def test_theory_init_sigmas_are_the_models(scheme, norm):
     """The sigmas the theory assumes are the ones the model draws its weights with (4096+ entries each: ~2% noise)."""
