@@ -49,16 +49,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .recipe_deepscalelm import (
-    deepnet_constants,
-    embedding_std,
-    ffn_stds,
-    head_dense_std,
-    query_key_std,
-    scaled_output_std,
-    tied_logit_scale,
-    xavier_std,
-)
+from .recipe_deepscalelm import embedding_table_std, linear_init_std, output_logit_scale, stack_init_plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,14 +535,6 @@ def attention_block_backward(
 # ----------------------------------------------------------------------------------------------------------------
 # What each init scheme puts in the model
 # ----------------------------------------------------------------------------------------------------------------
-def _stack_plan(config, stack: str):
-    # The residual scales and per-layer W_v/W_o sigmas are computed once, in the model's init plan (pure math on the
-    # config; see /tmp/requests_theory.md: it should move to recipe_deepscalelm.py, and then this import with it).
-    from .modeling_deepscalelm import stack_init_plan
-
-    return stack_init_plan(config, stack)
-
-
 def embedding_table_stds(config) -> list[float]:
     """Standard deviation of each embedding table: word, then absolute position, then token type (if present)."""
     rows = [config.vocab_size]
@@ -559,40 +542,17 @@ def embedding_table_stds(config) -> list[float]:
         rows.append(config.max_position_embeddings)
     if config.type_vocab_size > 0:
         rows.append(config.type_vocab_size)
-    scheme = config.init_scheme
-    if scheme == "deepscalelm":
-        return [embedding_std(config.hidden_dropout_prob, config.num_embedding_tables)] * len(rows)
-    if scheme == "standard":
-        return [config.initializer_range] * len(rows)
-    return [xavier_std(n, config.hidden_size) for n in rows]
+    return [embedding_table_std(config, (n, config.hidden_size)) for n in rows]
 
 
 def layer_init_stds(config, stack: str, layer_idx: int) -> dict[str, float]:
     """Weight sigmas of one layer: q_proj, k_proj, v_proj, o_proj, fc1, fc2 (+ cross_* in a decoder with cross-attention)."""
     d, d_ff = config.hidden_size, config.intermediate_size
-    plan = _stack_plan(config, stack)
-    scheme = config.init_scheme
-    has_cross = config.is_encoder_decoder and stack == "decoder"
-    if scheme == "deepscalelm":
-        fc1, fc2 = ffn_stds(config.hidden_act, config.hidden_dropout_prob, d, d_ff)
-        vo = plan.value_output_stds[layer_idx]
-        stds = {"q_proj": query_key_std(d), "k_proj": query_key_std(d), "v_proj": vo, "o_proj": vo, "fc1": fc1, "fc2": fc2}
-        if has_cross:
-            cross_vo = plan.cross_value_output_stds[layer_idx]
-            stds |= {"cross_q_proj": query_key_std(d), "cross_k_proj": query_key_std(d), "cross_v_proj": cross_vo,
-                     "cross_o_proj": cross_vo}
-        return stds
-    if scheme == "standard":
-        std, out = config.initializer_range, scaled_output_std(config.initializer_range, plan.num_layers)
-        attn = {"q_proj": std, "k_proj": std, "v_proj": std, "o_proj": out}
-        stds = attn | {"fc1": std, "fc2": out}
-    else:  # xavier, deepnet (gain 1 for xavier)
-        gain = plan.branch_gain
-        attn = {"q_proj": xavier_std(d, d), "k_proj": xavier_std(d, d), "v_proj": xavier_std(d, d, gain),
-                "o_proj": xavier_std(d, d, gain)}
-        stds = attn | {"fc1": xavier_std(d, d_ff, gain), "fc2": xavier_std(d_ff, d, gain)}
-    if has_cross:
-        stds |= {f"cross_{name}": value for name, value in attn.items()}
+    shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d), "fc1": (d, d_ff), "fc2": (d_ff, d)}
+    stds = {role: linear_init_std(config, role, stack, layer_idx, False, *shape) for role, shape in shapes.items()}
+    if config.is_encoder_decoder and stack == "decoder":
+        for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            stds[f"cross_{role}"] = linear_init_std(config, role, stack, layer_idx, True, d, d)
     return stds
 
 
@@ -601,13 +561,9 @@ def logit_variance(config, final_hidden: Moments) -> float:
     d = config.hidden_size
     if config.tie_word_embeddings:
         sigma = embedding_table_stds(config)[0]
-        scale = tied_logit_scale(d, sigma) if config.init_scheme == "deepscalelm" else 1.0
     else:
-        scheme = config.init_scheme
-        sigma = {"deepscalelm": head_dense_std(d), "standard": config.initializer_range}.get(
-            scheme, xavier_std(d, config.vocab_size))
-        scale = 1.0
-    return d * sigma**2 * scale**2 * final_hidden.second_moment
+        sigma = linear_init_std(config, "lm_head", None, None, False, d, config.vocab_size)
+    return d * sigma**2 * output_logit_scale(config) ** 2 * final_hidden.second_moment
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -686,7 +642,7 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
     d, p, p_attn = config.hidden_size, config.hidden_dropout_prob, config.attention_probs_dropout_prob
     pre_ln = config.norm_placement == "pre"
     causal = stack == "decoder"
-    plan = _stack_plan(config, stack)
+    plan = stack_init_plan(config, stack)
     lam, beta = plan.residual_skip, plan.residual_branch
 
     same_rows = [token_same]
