@@ -14,15 +14,17 @@ Two levels:
    weight matrices, for any `DeepScaleLMConfig` (Pre-LN and Post-LN, every init scheme), run in train mode
    (dropout on), with the loss gradient entering at the last hidden state.
 
-How each init scheme initialises the model (what the predictions assume; `layer_init_stds` returns the sigmas and
-`tests/test_theory_stack.py` pins them against a freshly built model). Every weight is N(0, sigma^2), biases are
-zero, LayerNorms have weight 1 and bias 0.
+How each init scheme initialises the model (what the predictions assume). The sigmas, residual scales and logit
+scale are read from the recipe's init tables (`stack_init_plan`, `linear_init_std`, `embedding_table_std`,
+`output_logit_scale` in recipe_deepscalelm.py), the same functions the model's `_init_weights` calls, so the two can
+not disagree; `tests/test_theory_stack.py` also pins them against a freshly built model. Every weight is
+N(0, sigma^2), biases are zero, LayerNorms have weight 1 and bias 0.
 
 - "deepscalelm": RECIPE section 2. Each embedding table (word, absolute position, token type) sigma^2 =
   (1-p)/n_tables (`embedding_std`); W_q, W_k 1/d (`query_key_std`); W_v and W_o of layer l each
   sqrt((1-p)/a_l)/d (`value_output_std`), a_l = `attention_variance_ratio` at the layer's input correlation r_l from
-  `correlation_recurrence`, at `init_sequence_length`, causal in a decoder stack (cross-attention: bidirectional,
-  at the encoder's final correlation); FFN W_1, W_2 from `ffn_stds`; residual out = lambda skip + beta Dropout(F)
+  `correlation_recurrence` (mask- and length-aware), at `init_sequence_length`, causal in a decoder stack
+  (cross-attention: bidirectional, at the encoder's final correlation); FFN W_1, W_2 from `ffn_stds`; residual out = lambda skip + beta Dropout(F)
   with beta^2 = k/N, lambda^2 = 1 - beta^2 (`deepscalelm_residual_scales`); tied logits computed from the hidden
   state times 1/sqrt(d sigma_e^2) (`tied_logit_scale`); an untied head 1/d.
 - "xavier" (the paper's vanilla baseline): xavier-normal, sigma^2 = 2/(fan_in + fan_out), on every Linear and every
@@ -40,7 +42,9 @@ normalises the embedding sum, applies dropout, and every branch ends in LN(lambd
 Approximations (document them before trusting a number): attention weights are treated as uniform over the visible
 keys in the backward pass and in the correlation of the outputs (logit variance ~1 at init); the causal mask is
 averaged over positions; the hidden vectors of two different sequences are independent; token and label statistics
-enter only through the probability that two positions hold the same token. No torch here: pure math on floats.
+enter only through the probability that two positions hold the same token. Post-LN: the gradient between layers is
+taken as nearly orthogonal to each LayerNorm's output (`post_ln_aligned_fraction`). No torch here: math on floats,
+numpy for one quadrature (`softmax_power_sum`).
 """
 
 import math
