@@ -87,8 +87,9 @@ def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = F
             return head.from_config(config, attn_implementation="eager", trust_remote_code=trust_remote_code)
         return head.from_pretrained(spec, attn_implementation="eager", trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise DiagnoseError(f"cannot build a model from {spec!r}: {first_line}") from None
+        first_line = str(error).strip().splitlines()[0].rstrip(".")
+        hint = "" if config_only else " (pass --random-init to build it from its config alone)"
+        raise DiagnoseError(f"cannot build a model from {spec!r}: {first_line}{hint}") from None
 
 
 def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:

@@ -165,3 +165,20 @@ def test_unknown_model_id_offline_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "dslm-diagnose: error: cannot load a model config from 'no-such-org/no-such-model'" in result.stderr
     assert "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_model_id_is_served_from_the_local_cache_offline(tmp_path):
+    """A repo id resolves through a pre-filled Hugging Face cache with HF_HUB_OFFLINE=1 (no network)."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-dslm" / "snapshots" / ("0" * 40)
+    tiny_dslm_config().save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-dslm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-dslm" / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    result = subprocess.run(
+        [sys.executable, "-m", "dslm_hf.diagnostics", "acme/tiny-dslm", "--random-init", "--sequence-length", "16",
+         "--no-progress", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"] == "acme/tiny-dslm" and report["theory"].startswith("covered")
