@@ -1,9 +1,15 @@
 """Shared test fixtures: real text (tinyshakespeare, character level) and small DeepScaleLM configs."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite runs on 2 cores in two pytest-xdist workers: one intra-op thread per process (and per subprocess it
+# starts) avoids oversubscribed, spinning OpenMP threads, which made small-model steps 5-40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 import dslm_hf  # noqa: F401  registers the Auto classes
 
