@@ -34,6 +34,8 @@ VARIANTS = {  # name: (layers, hidden, init_scheme, learning rate, r0, config ov
     "16x64-deepscalelm-k1": (16, 64, "deepscalelm", BASE_LR, "data", {"residual_k": 1.0}),
     "4x128-standard-lr2e-3": (4, 128, "standard", 2 * BASE_LR, "data", {}),
     "4x128-standard-lr4e-3": (4, 128, "standard", 4 * BASE_LR, "data", {}),
+    "16x64-deepscalelm-lr8e-3": (16, 64, "deepscalelm", 8 * BASE_LR, "data", {}),
+    "4x128-standard-lr8e-3": (4, 128, "standard", 8 * BASE_LR, "data", {}),
 }
 HEAD_SIZE = 16
 
