@@ -104,7 +104,6 @@ def test_xavier_pre_ln_gradient_falls_like_inverse_sqrt_depth(xavier_pre_ln):
     assert first_layers == pytest.approx(math.sqrt(depth / 2), rel=0.4)
 
 
-@pytest.mark.slow
 def test_xavier_post_ln_gradient_decays_exponentially_toward_the_input():
     model, ids = build("xavier", "post", layers=48, width=128, length=128, decoder=False)
     measured, predicted = measure_and_predict(model, ids)
@@ -165,9 +164,9 @@ def test_theory_init_sigmas_are_the_models(scheme, norm):
     for index in (0, 5):
         layer, stds = model.model.layers[index], layer_init_stds(config, "decoder", index)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            assert float(getattr(layer.self_attn, name).weight.std()) == pytest.approx(stds[name], rel=0.05), name
+            assert float(getattr(layer.self_attn, name).weight.detach().std()) == pytest.approx(stds[name], rel=0.05), name
         for name in ("fc1", "fc2"):
-            assert float(getattr(layer.mlp, name).weight.std()) == pytest.approx(stds[name], rel=0.05), name
+            assert float(getattr(layer.mlp, name).weight.detach().std()) == pytest.approx(stds[name], rel=0.05), name
     word, position = embedding_table_stds(config)
-    assert float(model.model.embed_tokens.weight.std()) == pytest.approx(word, rel=0.05)
-    assert float(model.model.embed_positions.weight.std()) == pytest.approx(position, rel=0.05)
+    assert float(model.model.embed_tokens.weight.detach().std()) == pytest.approx(word, rel=0.05)
+    assert float(model.model.embed_positions.weight.detach().std()) == pytest.approx(position, rel=0.05)
