@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import struct
@@ -278,7 +279,9 @@ def describe_hardware() -> str:
     if cpuinfo.is_file():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
         processor = names[0] if names else processor
-    return f"{torch.get_num_threads()} CPU threads ({processor}), torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return (f"{threads} CPU thread{'s' if threads > 1 else ''} of a {os.cpu_count()}-core machine ({processor}), "
+            f"torch {torch.__version__}")
 
 
 def held_out_metrics(model, tokenizer, text_file: Path, task: str, *, held_out_fraction: float, block_size: int,
@@ -448,7 +451,8 @@ def architecture_rows(config: DeepScaleLMConfig) -> list[tuple[str, str]]:
     return rows
 
 
-TRAINING_LABELS = {"tokens": "training tokens", "wall_time_seconds": "wall time", "hardware": "hardware"}
+TRAINING_LABELS = {"tokens": "training tokens", "wall_time_seconds": "wall time", "hardware": "hardware",
+                   "batch_size_blocks": "batch size (blocks)", "optimizer_steps": "optimizer steps"}
 
 
 def _format_training_value(name: str, value) -> str:

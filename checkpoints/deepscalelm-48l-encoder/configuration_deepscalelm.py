@@ -1,0 +1,200 @@
+"""DeepScaleLM configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .recipe_deepscalelm import (
+    ACTIVATIONS,
+    BRANCH_COUNTINGS,
+    INIT_SCHEMES,
+    NORM_PLACEMENTS,
+    embedding_correlation_estimate,
+    residual_branch_total,
+)
+
+POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
+
+
+@strict
+class DeepScaleLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DeepScaleLM transformer (Kedia et al., "Transformers Get Stable", ICML 2024): a decoder
+    (`is_decoder=True`, causal LM), an encoder (`is_decoder=False`, masked LM) or a Bart-style encoder-decoder
+    (`is_encoder_decoder=True`, `decoder_layers`), Pre-LN or Post-LN, initialised so that the forward signal and
+    the gradients keep unit variance at any depth.
+
+    Args:
+        vocab_size (`int`, defaults to 32000): vocabulary size.
+        hidden_size (`int`, defaults to 768): width d of the residual stream.
+        num_hidden_layers (`int`, defaults to 12): layers of the decoder-only / encoder-only stack, or of the encoder.
+        num_attention_heads (`int`, defaults to 12): heads; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*): FFN width d_ff; `None` means 4 * hidden_size as in the paper.
+        hidden_act (`str`, defaults to `"relu"`): FFN and MLM-head activation, `"relu"` (the paper) or `"gelu"`.
+        hidden_dropout_prob (`float`, defaults to 0.1): dropout p on embeddings and every residual branch.
+        attention_probs_dropout_prob (`float`, defaults to 0.1): dropout on attention probabilities.
+        max_position_embeddings (`int`, defaults to 512): rows of the learned position table (and the longest input).
+        position_embedding_type (`str`, defaults to `"absolute"`): learned absolute positions (the paper) or `"rotary"`.
+        rope_theta (`float`, defaults to 10000.0): rotary base, used only with `"rotary"`.
+        type_vocab_size (`int`, defaults to 0): token-type (segment) table rows; 0 disables the table.
+        layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
+        norm_placement (`str`, defaults to `"pre"`): `"pre"` (LN inside each branch, final LN) or `"post"` (BERT order).
+        init_scheme (`str`, defaults to `"deepscalelm"`): `"deepscalelm"` (the recipe and its residual scaling),
+            `"xavier"` (the paper's vanilla baseline), `"standard"` (N(0, initializer_range), GPT-2 scaled output
+            projections) or `"deepnet"` (DeepNorm, Post-LN only).
+        residual_k (`float`, defaults to 2.0): k in beta^2 = k / N.
+        residual_branch_count (`str`, defaults to `"branches"`): what N counts: the stack's residual `"branches"`
+            (2 per layer, 3 in a decoder with cross-attention; k=2 gives the reference code's beta^2 ~ 1/layers) or its
+            `"layers"` (k=2 gives beta^2 = 2/layers as in other re-implementations).
+        residual_beta2 (`float`, *optional*): a raw beta^2 overriding k / N; lambda^2 = 1 - beta^2 always.
+        embedding_correlation (`float`, defaults to 0.221): r0, the correlation of two positions' summed embeddings
+            (the reference code's BERT/Wikipedia value). It depends on the data: estimate it with
+            `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for your tokenizer and corpus.
+        init_sequence_length (`int`, *optional*): sequence length the recipe assumes when it undoes attention's
+            averaging; `None` means `max_position_embeddings`.
+        initializer_range (`float`, defaults to 0.02): std of the `"standard"` scheme.
+        classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` means hidden dropout.
+        is_decoder (`bool`, defaults to `True`): causal self-attention (decoder) or bidirectional (encoder).
+        is_encoder_decoder (`bool`, defaults to `False`): build an encoder-decoder (`DeepScaleLMForSeq2SeqLM`).
+        decoder_layers (`int`, *optional*): decoder depth of an encoder-decoder; `None` means `num_hidden_layers`.
+        tie_word_embeddings (`bool`, defaults to `True`): tie the output projection to the word embeddings.
+    """
+
+    model_type = "deepscalelm"
+    keys_to_ignore_at_inference = ["cache"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.fc1": "colwise",
+        "layers.*.mlp.fc2": "rowwise",
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    hidden_act: str = "relu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    max_position_embeddings: int = 512
+    position_embedding_type: str = "absolute"
+    rope_theta: float | int = 10000.0
+    type_vocab_size: int = 0
+    layer_norm_eps: float = 1e-5
+    norm_placement: str = "pre"
+    init_scheme: str = "deepscalelm"
+    residual_k: float | int = 2.0
+    residual_branch_count: str = "branches"
+    residual_beta2: float | None = None
+    embedding_correlation: float = 0.221
+    init_sequence_length: int | None = None
+    initializer_range: float = 0.02
+    classifier_dropout: float | int | None = None
+    is_decoder: bool = True
+    is_encoder_decoder: bool = False
+    decoder_layers: int | None = None
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    decoder_start_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.init_sequence_length is None:
+            self.init_sequence_length = self.max_position_embeddings
+        if self.is_encoder_decoder and self.decoder_layers is None:
+            self.decoder_layers = self.num_hidden_layers
+        self.check_values()
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation (construction and save): the same checks as at construction."""
+        self.check_values()
+
+    def check_values(self):
+        """Raise ValueError naming the field, the value and what is allowed for the first invalid value."""
+
+        def fail(field, allowed):
+            raise ValueError(f"DeepScaleLMConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings", "init_sequence_length"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(field, "expected a positive integer")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_attention_heads) % 2:
+            fail("num_attention_heads", "rotary positions need an even head size (hidden_size / num_attention_heads)")
+        if self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", f"expected one of {ACTIVATIONS} (the recipe's constants are derived for these only)")
+        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                fail(field, "expected a probability in [0, 1)")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            fail("classifier_dropout", "expected None or a probability in [0, 1)")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            fail("position_embedding_type", f"expected one of {POSITION_EMBEDDING_TYPES}")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "expected a positive number")
+        if isinstance(self.type_vocab_size, bool) or self.type_vocab_size < 0:
+            fail("type_vocab_size", "expected 0 (no token-type table) or a positive number of segment ids")
+        if self.layer_norm_eps <= 0:
+            fail("layer_norm_eps", "expected a positive number")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            fail("norm_placement", f"expected one of {NORM_PLACEMENTS}")
+        if self.init_scheme not in INIT_SCHEMES:
+            fail("init_scheme", f"expected one of {INIT_SCHEMES}")
+        if self.init_scheme == "deepnet" and self.norm_placement != "post":
+            fail("init_scheme", "'deepnet' (DeepNorm) is a Post-LN method: set norm_placement='post'")
+        if self.residual_k <= 0:
+            fail("residual_k", "expected a positive number (beta^2 = k / N)")
+        if self.residual_branch_count not in BRANCH_COUNTINGS:
+            fail("residual_branch_count", f"expected one of {BRANCH_COUNTINGS}")
+        if self.residual_beta2 is not None and not 0.0 < self.residual_beta2 < 1.0:
+            fail("residual_beta2", "expected None or a beta^2 in (0, 1) (lambda^2 = 1 - beta^2)")
+        if not 0.0 < self.embedding_correlation < 1.0:
+            fail("embedding_correlation", "expected r0 in (0, 1); estimate it with estimate_embedding_correlation")
+        if self.initializer_range <= 0:
+            fail("initializer_range", "expected a positive standard deviation")
+        if self.is_encoder_decoder:
+            if isinstance(self.decoder_layers, bool) or not isinstance(self.decoder_layers, int) or self.decoder_layers < 1:
+                fail("decoder_layers", "expected a positive integer for an encoder-decoder")
+        elif self.decoder_layers is not None:
+            fail("decoder_layers", "only an encoder-decoder (is_encoder_decoder=True) has decoder layers; leave it None")
+        for field in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
+            value = getattr(self, field)
+            if value is not None and not 0 <= value < self.vocab_size:
+                fail(field, f"expected None or a token id in [0, vocab_size={self.vocab_size})")
+        if self.init_scheme == "deepscalelm":
+            for stack, layers, branches in self.residual_stacks():
+                beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches)
+                if beta2 >= 1.0:
+                    fail("residual_k", f"beta^2 = k / N = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
+
+    # -- helpers the model and the theory share ----------------------------------------------------------------
+    @property
+    def num_embedding_tables(self) -> int:
+        """Word table, plus the learned position table, plus the token-type table when present."""
+        return 1 + (self.position_embedding_type == "absolute") + (self.type_vocab_size > 0)
+
+    def residual_stacks(self) -> list[tuple[str, int, int]]:
+        """(name, layers, residual branches per layer) of each stack of the model."""
+        if self.is_encoder_decoder:
+            return [("encoder", self.num_hidden_layers, 2), ("decoder", self.decoder_layers, 3)]
+        return [("decoder" if self.is_decoder else "encoder", self.num_hidden_layers, 2)]
+
+    def _branch_total(self, layers: int, branches_per_layer: int) -> int:
+        return residual_branch_total(layers, branches_per_layer, self.residual_branch_count)
+
+    def estimate_embedding_correlation(self, token_ids, token_type_ids=None) -> float:
+        """r0 for this config's embedding tables from a sample of token ids (a list of sequences or a 2-D tensor)."""
+        return embedding_correlation_estimate(token_ids, self.num_embedding_tables, token_type_ids)
+
+
+__all__ = ["DeepScaleLMConfig"]

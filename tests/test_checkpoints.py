@@ -1,0 +1,153 @@
+"""Our published checkpoints (checkpoints/<name>/, each a staged Hub repository): they load with the Auto classes,
+their cards' numbers are the evaluation files' and re-evaluating the weights on the same held-out text reproduces
+them, and what they produce is sensible.
+
+Tolerance of the re-evaluation: 1e-4 relative on the loss (the same CPU code; only float summation order may
+differ with the thread count), and the card's 4-decimal rounding of it.
+"""
+
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+from dslm_hf.data import hold_out_documents, load_corpus
+from dslm_hf.publishing import check_checkpoint, evaluate_checkpoint, weights_digest
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+DECODER = CHECKPOINTS / "deepscalelm-48l-decoder"
+ENCODER = CHECKPOINTS / "deepscalelm-48l-encoder"
+ENCODER_DECODER = CHECKPOINTS / "deepscalelm-48x48l-encoder-decoder"
+LANGUAGE_MODELS = [DECODER, ENCODER]
+# After its ~11 CPU minutes the decoder predicts from context (held-out perplexity about half that of token
+# frequencies); the masked-LM encoder is still at the token-frequency stage (see docs/publishing.md).
+USES_CONTEXT = [DECODER]
+PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER]
+MIN_LAYERS = 48
+TOTAL_SIZE_LIMIT = 30 * 2**20
+
+
+def eval_record(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "eval_results.json").read_text())
+
+
+def test_checkpoints_total_under_30_mb():
+    total = sum(path.stat().st_size for path in CHECKPOINTS.rglob("*") if path.is_file())
+    assert total < TOTAL_SIZE_LIMIT, f"checkpoints/ holds {total / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: path.name)
+def test_checkpoint_is_deep_and_publishable(checkpoint):
+    config = check_checkpoint(checkpoint)  # no pickles, intact safetensors, weights match the config
+    assert min(layers for _, layers, _ in config.residual_stacks()) >= MIN_LAYERS
+    assert weights_digest(checkpoint) == eval_record(checkpoint)["weights_sha256"]
+
+
+@pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: path.name)
+def test_card_reports_the_evaluation_files_numbers(checkpoint):
+    results = eval_record(checkpoint)
+    card = ModelCard.load(checkpoint / "README.md")
+    reported = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert reported == {"loss": round(results["metrics"]["loss"], 4),
+                        "perplexity": round(results["metrics"]["perplexity"], 4)}
+    training = results["training"]
+    assert f"| training tokens | {training['tokens']:,} |" in card.text
+    assert f"| wall time | {training['wall_time_seconds']:.0f} s" in card.text
+    assert f"| hardware | {training['hardware']} |" in card.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: path.name)
+def test_reevaluation_reproduces_the_cards_numbers(checkpoint):
+    recorded = eval_record(checkpoint)
+    dataset, evaluation = recorded["dataset"], recorded["evaluation"]
+    assert dataset["file_sha256"] == hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest()
+    measured = evaluate_checkpoint(
+        checkpoint, SHAKESPEARE, recorded["training"], dataset_id=dataset["id"], dataset_name=dataset["name"],
+        held_out_fraction=dataset["held_out_fraction"], block_size=dataset["block_size"],
+        batch_size=evaluation["batch_size"], seed=evaluation["seed"],
+    )
+    assert measured["dataset"]["blocks"] == dataset["blocks"]
+    assert measured["metrics"]["loss"] == pytest.approx(recorded["metrics"]["loss"], rel=1e-4)
+    card_loss = {r.metric_type: r.metric_value for r in ModelCard.load(checkpoint / "README.md").data.eval_results}["loss"]
+    assert abs(measured["metrics"]["loss"] - card_loss) <= 5e-5 + 1e-4 * card_loss
+
+
+@functools.cache
+def shakespeare_splits(held_out_fraction: float = 0.1):
+    """The documents pretraining trained on and held out (dslm_hf.data.hold_out_documents)."""
+    return hold_out_documents(load_corpus(str(SHAKESPEARE)), held_out_fraction)
+
+
+def token_ids(tokenizer, texts) -> torch.Tensor:
+    return torch.tensor([t for text in texts for t in tokenizer(text, add_special_tokens=False).input_ids])
+
+
+def unigram_perplexity(checkpoint: Path) -> float:
+    """Held-out perplexity of token frequencies alone (counted on the training documents, add-one smoothed):
+    what a model that ignores context scores."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    counts = torch.bincount(token_ids(tokenizer, shakespeare_splits()["train"]["text"]), minlength=len(tokenizer))
+    log_probs = ((counts.double() + 1) / (counts.sum() + len(tokenizer))).log()
+    return math.exp(-log_probs[token_ids(tokenizer, shakespeare_splits()["validation"]["text"])].mean().item())
+
+
+@pytest.mark.parametrize("checkpoint", LANGUAGE_MODELS, ids=lambda path: path.name)
+def test_perplexity_is_far_below_the_vocabulary_size(checkpoint):
+    vocabulary = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    assert eval_record(checkpoint)["metrics"]["perplexity"] < vocabulary / 4
+
+
+@pytest.mark.parametrize("checkpoint", USES_CONTEXT, ids=lambda path: path.name)
+def test_model_uses_context_beating_token_frequencies(checkpoint):
+    assert eval_record(checkpoint)["metrics"]["perplexity"] < unigram_perplexity(checkpoint)
+
+
+def test_decoder_generates_valid_shakespeare_like_text():
+    tokenizer = AutoTokenizer.from_pretrained(DECODER)
+    model = AutoModelForCausalLM.from_pretrained(DECODER).eval()
+    prompt = tokenizer("ROMEO:\n", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt.input_ids.shape[1]:]
+    assert len(generated) > 0 and int(generated.max()) < model.config.vocab_size
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    assert text.strip() and all(ch.isprintable() or ch.isspace() for ch in text)
+    letters = sum(ch.isalpha() for ch in text)
+    assert letters / len(text) > 0.5, text  # words, not punctuation or byte soup
+
+
+def test_encoder_fills_masks_far_above_chance():
+    tokenizer = AutoTokenizer.from_pretrained(ENCODER)
+    model = AutoModelForMaskedLM.from_pretrained(ENCODER).eval()
+    input_ids = token_ids(tokenizer, shakespeare_splits()["validation"]["text"])[:1024].view(8, 128)
+    generator = torch.Generator().manual_seed(0)
+    masked = torch.rand(input_ids.shape, generator=generator) < 0.15
+    corrupted = input_ids.masked_fill(masked, tokenizer.mask_token_id)
+    with torch.no_grad():
+        predictions = model(input_ids=corrupted).logits.argmax(-1)
+    accuracy = (predictions[masked] == input_ids[masked]).float().mean().item()
+    assert accuracy > 5 / model.config.vocab_size, f"masked-token accuracy {accuracy:.3f}"
+
+
+def test_encoder_runs_the_cards_fill_mask_example():
+    tokenizer = AutoTokenizer.from_pretrained(ENCODER)
+    fill = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(ENCODER), tokenizer=tokenizer)
+    candidates = fill(f"ROMEO: I will {tokenizer.mask_token} thee.")
+    assert len(candidates) == 5 and all(0 <= c["token"] < len(tokenizer) for c in candidates)
+    assert candidates[0]["score"] > 1 / len(tokenizer)
+
+
+def test_encoder_decoder_fills_a_span_with_its_sentinel_and_text():
+    tokenizer = AutoTokenizer.from_pretrained(ENCODER_DECODER)
+    model = AutoModelForSeq2SeqLM.from_pretrained(ENCODER_DECODER).eval()
+    inputs = tokenizer("ROMEO:\nI will <extra_id_0> thee, and so farewell.", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0].tolist()
+    assert max(generated) < model.config.vocab_size
+    first = generated[1] if generated[0] == model.config.decoder_start_token_id else generated[0]
+    assert first == tokenizer.convert_tokens_to_ids("<extra_id_0>")  # the target format: sentinel, then its span
