@@ -1,6 +1,6 @@
 """Publish a trained DeepScaleLM checkpoint to the Hugging Face Hub: evaluate, validate, stage, card, push.
 
-    # 1. numbers for the card: held-out loss of the weights (last 10% of the text) + the training run's record
+    # 1. numbers for the card: held-out loss of the weights (the 10% of the text dslm-pretrain held out) + the run's record
     python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
         --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
     # 2. stage the repository folder and list it without any network
@@ -196,7 +196,7 @@ def expected_weight_shapes(config: DeepScaleLMConfig) -> tuple[dict[str, tuple[i
     return shapes, set(model.all_tied_weights_keys)  # already empty when the config unties the embeddings
 
 
-def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> None:
     """Refuse weights that miss, add or reshape tensors against the architecture `config` describes.
 
     A tied tensor (the LM head sharing the word embeddings) may be absent: save_pretrained drops it and
@@ -223,7 +223,6 @@ def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> dict[
             f"the weights in {folder} do not match its config.json ({config.architectures[0]}, "
             f"{config.num_hidden_layers} layers, hidden_size {config.hidden_size}): " + "; ".join(problems)
         )
-    return stored
 
 
 def weights_digest(folder: Path) -> str:
