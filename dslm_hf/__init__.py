@@ -4,19 +4,11 @@
 friends work without `trust_remote_code`; saved checkpoints also carry the code for `trust_remote_code=True`.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import transformers
 
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .modeling_deepscalelm import (
+    AUTO_CLASSES,
     DeepScaleLMForCausalLM,
     DeepScaleLMForMaskedLM,
     DeepScaleLMForQuestionAnswering,
@@ -29,17 +21,11 @@ from .modeling_deepscalelm import (
     DeepScaleLMSeq2SeqModel,
 )
 
-AutoConfig.register("deepscalelm", DeepScaleLMConfig, exist_ok=True)
-for _auto, _model in (
-    (AutoModel, DeepScaleLMModel),
-    (AutoModelForCausalLM, DeepScaleLMForCausalLM),
-    (AutoModelForMaskedLM, DeepScaleLMForMaskedLM),
-    (AutoModelForSeq2SeqLM, DeepScaleLMForSeq2SeqLM),
-    (AutoModelForSequenceClassification, DeepScaleLMForSequenceClassification),
-    (AutoModelForTokenClassification, DeepScaleLMForTokenClassification),
-    (AutoModelForQuestionAnswering, DeepScaleLMForQuestionAnswering),
-):
-    _auto.register(DeepScaleLMConfig, _model, exist_ok=True)
+transformers.AutoConfig.register("deepscalelm", DeepScaleLMConfig, exist_ok=True)
+for _auto_name, _model_class in AUTO_CLASSES.items():
+    getattr(transformers, _auto_name).register(DeepScaleLMConfig, _model_class, exist_ok=True)
+
+from . import peft_support  # noqa: E402,F401  registers LoRA's default target modules for "deepscalelm"
 
 __all__ = [
     "DeepScaleLMConfig",
@@ -54,4 +40,3 @@ __all__ = [
     "DeepScaleLMForTokenClassification",
     "DeepScaleLMForQuestionAnswering",
 ]
-from . import peft_support  # noqa: F401,E402  registers LoRA defaults
