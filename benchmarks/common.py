@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ from dslm_hf.pretraining import adamw_parameter_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 VALIDATION_FRACTION = 0.1
 OBJECTIVES = ("clm", "mlm")
 
@@ -259,19 +258,14 @@ def machine_description() -> dict:
 def write_results(path: str | os.PathLike, results: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine_description(), **results}, indent=1, default=_jsonable))
+    path.write_text(json.dumps({"machine": machine_description(), **results}, indent=1))
     return path
 
 
-def _jsonable(value):
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def add_common_arguments(parser, default_out: str):
-    parser.add_argument("--out", default=default_out, help="result JSON (a plot PNG goes next to it)")
-    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="training text (character level)")
+def add_common_arguments(parser, default_out: str, trains_on_text: bool = True):
+    parser.add_argument("--out", default=default_out, help="result JSON (plots, where a script makes one, go next to it)")
+    if trains_on_text:
+        parser.add_argument("--text", default=str(DEFAULT_TEXT), help="training text (character level)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: the machine's 2 cores are shared with other work)")
     parser.add_argument("--smoke", action="store_true", help="trivial sizes: checks that the script runs, measures nothing")

@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 def parse_arguments(argv=None):
     parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
-                                         "benchmarks/results/memory.json")
+                                         "benchmarks/results/memory.json", trains_on_text=False)
     parser.add_argument("--depth", type=int, default=1000, help="depth of the with/without checkpointing comparison")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)

@@ -46,7 +46,7 @@ def shape_arguments(parser):
 
 def parse_arguments(argv=None):
     parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
-                                         "benchmarks/results/speed.json")
+                                         "benchmarks/results/speed.json", trains_on_text=False)
     shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="timed calls per round")
