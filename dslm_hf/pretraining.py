@@ -58,7 +58,7 @@ def available_presets() -> list[str]:
 @dataclass
 class PretrainingArguments:
     output_dir: str = field(metadata={"help": "Run folder: tokenizer/, checkpoints/, final/, metrics.jsonl, tensorboard/."})
-    objective: str = field(default="clm", metadata={"help": f"One of {data.OBJECTIVES}: causal LM, masked LM (15%, "
+    objective: str = field(default="clm", metadata={"help": f"One of {data.OBJECTIVES}: causal LM, masked LM (15%%, "
                                                             "80/10/10) or encoder-decoder span corruption."})
     preset: str | None = field(default=None, metadata={"help": "Model preset from dslm_hf/presets (tiny, deep-48, "
                                                                 "deep-192, deep-1000). Default tiny unless --config_name."})
@@ -90,7 +90,7 @@ class PretrainingArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {SCHEDULES} (transformers.get_scheduler)."})
-    warmup_ratio: float = field(default=0.01, metadata={"help": "Warmup steps as a share of max_steps (the paper: 1%)."})
+    warmup_ratio: float = field(default=0.01, metadata={"help": "Warmup steps as a share of max_steps (the paper: 1%%)."})
     max_steps: int = field(default=200, metadata={"help": "Optimizer steps; the schedule decays over them."})
     max_train_minutes: float | None = field(default=None, metadata={
         "help": "Stop (evaluate, save) after this many minutes even before max_steps; the schedule stays set by max_steps."})
