@@ -275,7 +275,7 @@ class CheckpointError(ValueError):
     pass
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -284,7 +284,7 @@ def _file_digest(path: Path) -> str:
 
 
 def write_checkpoint_marker(folder: Path, step: int) -> None:
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file()}
     marker = folder / CHECKPOINT_MARKER
     marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
@@ -310,7 +310,7 @@ def verify_checkpoint(folder: Path) -> int:
         if path.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
                                   f"expected {expected['bytes']}")
-        if _file_digest(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its recorded sha256")
     return step
 

@@ -263,14 +263,6 @@ def task_of(config: DeepScaleLMConfig) -> str:
     return HEADS[config.architectures[0]][2]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe_hardware() -> str:
     """What a CPU run trained or evaluated on, in words: processor, cores torch used, torch version."""
     processor = platform.processor() or platform.machine()
@@ -313,6 +305,8 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
     it is copied as given. The record names the weights it measured by `weights_digest`, so a card can never show
     numbers of other weights.
     """
+    from .pretraining import file_sha256  # the checkpoint manifests' digest; pretraining is imported only here
+
     checkpoint_dir, text_file = Path(checkpoint_dir), Path(text_file)
     config = check_checkpoint(checkpoint_dir)
     check_training_record(training, source="training")
