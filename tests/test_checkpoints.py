@@ -26,9 +26,9 @@ DECODER = CHECKPOINTS / "deepscalelm-48l-decoder"
 ENCODER = CHECKPOINTS / "deepscalelm-48l-encoder"
 ENCODER_DECODER = CHECKPOINTS / "deepscalelm-48x48l-encoder-decoder"
 LANGUAGE_MODELS = [DECODER, ENCODER]
-# After its ~11 CPU minutes the decoder predicts from context (held-out perplexity about half that of token
-# frequencies); the masked-LM encoder is still at the token-frequency stage (see docs/publishing.md).
-USES_CONTEXT = [DECODER]
+# Both language models predict from context: their held-out perplexities (decoder 34.5, encoder 48.9) are well
+# below that of token frequencies (69.2; see docs/publishing.md).
+USES_CONTEXT = [DECODER, ENCODER]
 PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER]
 MIN_LAYERS = 48
 TOTAL_SIZE_LIMIT = 30 * 2**20
