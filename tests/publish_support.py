@@ -1,7 +1,8 @@
 """Tiny real checkpoints and evaluation files for the publishing and Hub-download tests.
 
-A 2-layer, width-32 DeepScaleLM with a 300-token byte-level BPE trained on the first 30k characters of tiny
-Shakespeare; its evaluation file is measured on the last 10% of that slice, so every number is real and fast.
+A 2-layer, width-32 DeepScaleLM with a 300-token byte-level BPE trained on the first 30k characters of the shipped
+tinyshakespeare excerpt; its evaluation file is measured on 10% of that slice's paragraphs (evenly spaced), so every
+number is real and fast.
 """
 
 from pathlib import Path
@@ -11,15 +12,15 @@ import torch
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM
 from dslm_hf.data import train_byte_level_bpe
 from dslm_hf.publishing import evaluate_checkpoint, write_eval_file
+from shakespeare_data import excerpt_text
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 SAMPLE_CHARACTERS = 30_000
 BLOCK_SIZE = 32
 TRAINING_RECORD = {"tokens": 12_345, "wall_time_seconds": 67.0, "hardware": "2 CPU threads (test fixture)"}
 
 
 def write_text_sample(path: Path) -> Path:
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:SAMPLE_CHARACTERS], encoding="utf-8")
+    path.write_text(excerpt_text()[:SAMPLE_CHARACTERS], encoding="utf-8")
     return path
 
 

@@ -1,14 +1,11 @@
 """Pretraining data: the embedded corpus, tokenizer training, packing, and the CLM / MLM / span-corruption collators."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from datasets import DatasetDict
 
 from dslm_hf import data
-
-SHAKESPEARE = Path(__file__).parents[2] / "shared/data/tinyshakespeare/input.txt"
+from shakespeare_data import EXCERPT, FULL_TEXT, FULL_TEXT_PARAGRAPHS
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +71,18 @@ def test_own_validation_split_is_kept_and_too_small_corpus_is_an_error(corpus):
 
 
 def test_text_files_load_one_row_per_paragraph():
-    splits = data.load_corpus(str(SHAKESPEARE))
-    assert len(splits["train"]) == 7222
+    splits = data.load_corpus(str(EXCERPT))
+    assert len(splits["train"]) == 2095
     assert splits["train"][0]["text"].startswith("First Citizen:\nBefore we proceed any further")
+    assert splits["train"][-1]["text"] == "DERBY:\nWhat men of name resort to him?"
+
+
+@pytest.mark.skipif(not FULL_TEXT.is_file(), reason=f"{FULL_TEXT} is not beside the repository")
+def test_shipped_excerpt_is_the_full_texts_first_paragraphs():
+    full = data.load_corpus(str(FULL_TEXT))["train"]["text"]
+    excerpt = data.load_corpus(str(EXCERPT))["train"]["text"]
+    assert len(full) == FULL_TEXT_PARAGRAPHS
+    assert full[: len(excerpt)] == excerpt
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
