@@ -23,7 +23,7 @@ from transformers import get_scheduler
 import dslm_hf
 from dslm_hf.data import CausalLMCollator, MaskedLMCollator
 from dslm_hf.diagnostics import find_layer_stacks
-from dslm_hf.pretraining import adamw_parameter_groups
+from dslm_hf.optimization import depth_parameter_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -198,8 +198,8 @@ def train(model, corpus: CharCorpus, objective: str, settings: TrainingSettings)
     batches. The loss reported as final is the mean over the last 10% of the steps (a single batch is noisy).
     """
     collator = make_collator(objective, corpus.tokenizer)
-    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, settings.weight_decay), lr=settings.learning_rate,
-                                  betas=(0.9, 0.98), eps=1e-8)
+    optimizer = torch.optim.AdamW(depth_parameter_groups(model, settings.learning_rate, settings.weight_decay, eps=1e-8),
+                                  lr=settings.learning_rate, betas=(0.9, 0.98), eps=1e-8)
     scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                               num_training_steps=settings.steps)
     data_generator = torch.Generator().manual_seed(settings.seed)

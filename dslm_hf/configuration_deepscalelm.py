@@ -6,8 +6,10 @@ from transformers import PreTrainedConfig
 from .recipe_deepscalelm import (
     ACTIVATIONS,
     BRANCH_COUNTINGS,
+    DEPTH_PARAMETERIZATIONS,
     INIT_SCHEMES,
     NORM_PLACEMENTS,
+    depth_exponent,
     embedding_correlation_estimate,
     residual_branch_total,
 )
@@ -46,6 +48,15 @@ class DeepScaleLMConfig(PreTrainedConfig):
             (2 per layer, 3 in a decoder with cross-attention; k=2 gives the reference code's beta^2 ~ 1/layers) or its
             `"layers"` (k=2 gives beta^2 = 2/layers as in other re-implementations).
         residual_beta2 (`float`, *optional*): a raw beta^2 overriding k / N; lambda^2 = 1 - beta^2 always.
+        depth_parameterization (`str`, defaults to `"deepscalelm"`): how the residual branches and the optimizer
+            scale with depth, relative to `depth_base_layers`. `"deepscalelm"`: beta^2 = k / N and one learning rate
+            for every depth (the paper). `"depth_mup"`: the same beta (~ 1/sqrt(depth)) with the depth-muP AdamW rule
+            for the parameters inside the layers (learning rate and epsilon * (layers / base)^-1/2, weight decay *
+            (layers / base)^1/2; `dslm_hf.optimization.depth_parameter_groups`). `"completep"`: CompleteP's branch
+            multiplier ~ 1/depth (beta^2 = k / N * base / layers) with epsilon * base / layers (Pre-LN only).
+            `init_scheme="deepscalelm"` only; the initialisation is DeepScaleLM's in every case.
+        depth_base_layers (`int`, defaults to 4): the depth at which the learning rate was tuned; every
+            parameterization equals `"deepscalelm"` at this depth.
         embedding_correlation (`float`, defaults to 0.221): r0, the correlation of two positions' summed embeddings
             (the reference code's BERT/Wikipedia value). It depends on the data: estimate it with
             `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for your tokenizer and corpus.
@@ -88,6 +99,8 @@ class DeepScaleLMConfig(PreTrainedConfig):
     residual_k: float | int = 2.0
     residual_branch_count: str = "branches"
     residual_beta2: float | None = None
+    depth_parameterization: str = "deepscalelm"
+    depth_base_layers: int = 4
     embedding_correlation: float = 0.221
     init_sequence_length: int | None = None
     initializer_range: float = 0.02
@@ -158,6 +171,17 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("residual_branch_count", f"expected one of {BRANCH_COUNTINGS}")
         if self.residual_beta2 is not None and not 0.0 < self.residual_beta2 < 1.0:
             fail("residual_beta2", "expected None or a beta^2 in (0, 1) (lambda^2 = 1 - beta^2)")
+        if self.depth_parameterization not in DEPTH_PARAMETERIZATIONS:
+            fail("depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}")
+        if isinstance(self.depth_base_layers, bool) or not isinstance(self.depth_base_layers, int) or self.depth_base_layers < 1:
+            fail("depth_base_layers", "expected a positive integer (the depth the learning rate was tuned at)")
+        if self.depth_parameterization != "deepscalelm" and self.init_scheme != "deepscalelm":
+            fail("depth_parameterization", "the depth rules scale DeepScaleLM's lambda/beta and its optimizer: "
+                 "use init_scheme='deepscalelm', or depth_parameterization='deepscalelm'")
+        if self.depth_parameterization == "completep" and self.norm_placement != "pre":
+            fail("depth_parameterization", "CompleteP's 1/depth branch multiplier is derived for Pre-LN streams (a "
+                 "Post-LN LayerNorm after each sum undoes it): use norm_placement='pre', or 'depth_mup' (its optimizer "
+                 "rule only) for Post-LN")
         if not 0.0 < self.embedding_correlation < 1.0:
             fail("embedding_correlation", "expected r0 in (0, 1); estimate it with estimate_embedding_correlation")
         if self.initializer_range <= 0:
@@ -173,9 +197,10 @@ class DeepScaleLMConfig(PreTrainedConfig):
                 fail(field, f"expected None or a token id in [0, vocab_size={self.vocab_size})")
         if self.init_scheme == "deepscalelm":
             for stack, layers, branches in self.residual_stacks():
-                beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches)
+                beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches) * (
+                    layers / self.depth_base_layers) ** (1.0 - 2.0 * depth_exponent(self.depth_parameterization))
                 if beta2 >= 1.0:
-                    fail("residual_k", f"beta^2 = k / N = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
+                    fail("residual_k", f"beta^2 = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
 
     # -- helpers the model and the theory share ----------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ INIT_SCHEMES = ("deepscalelm", "xavier", "standard", "deepnet")
 NORM_PLACEMENTS = ("pre", "post")
 BRANCH_COUNTINGS = ("branches", "layers")
 ACTIVATIONS = ("relu", "gelu")
+DEPTH_PARAMETERIZATIONS = ("deepscalelm", "depth_mup", "completep")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,15 +88,54 @@ def residual_branch_total(num_layers: int, branches_per_layer: int, counting: st
     raise ValueError(f"residual_branch_count must be one of {BRANCH_COUNTINGS}, got {counting!r}")
 
 
-def deepscalelm_residual_scales(k: float, n: int, beta2_override: float | None = None) -> tuple[float, float]:
-    """(lambda, beta) with beta^2 = k / N (or the override) and lambda^2 + beta^2 = 1."""
-    beta2 = beta2_override if beta2_override is not None else k / n
+def deepscalelm_residual_scales(
+    k: float, n: int, beta2_override: float | None = None, depth_multiplier: float = 1.0, depth_exponent: float = 0.5
+) -> tuple[float, float]:
+    """(lambda, beta) with lambda^2 + beta^2 = 1 and beta^2 = (k / N) * m^(1 - 2 alpha) (or the raw override).
+
+    m = layers / base layers and alpha is the depth exponent of the parameterization (`depth_exponent`): alpha = 1/2
+    is DeepScaleLM's own beta^2 = k / N (branch multiplier ~ 1/sqrt(depth), as depth-muP); alpha = 1 is CompleteP's
+    branch multiplier ~ 1/depth, equal to DeepScaleLM's at the base depth (N = N_base * m, so
+    beta = sqrt(k / N_base) * m^-alpha).
+    """
+    beta2 = beta2_override if beta2_override is not None else k / n * depth_multiplier ** (1.0 - 2.0 * depth_exponent)
     if not 0.0 < beta2 <= 1.0:
         raise ValueError(
             f"beta^2 = {beta2} (k={k}, N={n}, override={beta2_override}) must lie in (0, 1] so that "
             "lambda^2 = 1 - beta^2 is non-negative: lower residual_k or residual_beta2, or count more branches"
         )
     return math.sqrt(1.0 - beta2), math.sqrt(beta2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth parameterizations: how the residual branch and the optimizer scale with depth
+# ----------------------------------------------------------------------------------------------------------------
+def depth_exponent(parameterization: str) -> float:
+    """alpha in branch multiplier ~ (layers / base layers)^-alpha.
+
+    "deepscalelm" and "depth_mup" share DeepScaleLM's beta^2 = k / N (alpha = 1/2: Yang et al., "Tensor Programs
+    VI", 2023; Bordelon et al., 2023); "completep" is alpha = 1 (Dey et al., "Don't be lazy: CompleteP enables
+    compute-efficient deep transformers", 2025).
+    """
+    if parameterization not in DEPTH_PARAMETERIZATIONS:
+        raise ValueError(f"depth_parameterization must be one of {DEPTH_PARAMETERIZATIONS}, got {parameterization!r}")
+    return 1.0 if parameterization == "completep" else 0.5
+
+
+def depth_optimizer_multipliers(parameterization: str, depth_multiplier: float) -> tuple[float, float, float]:
+    """(learning rate, Adam epsilon, weight decay) multipliers of the parameters inside the residual layers.
+
+    m = layers / base layers. "deepscalelm" (the paper): none, one learning rate for every depth.
+    "depth_mup" and "completep" follow CompleteP's AdamW rule for branch multiplier m^-alpha (Dey et al. 2025,
+    as in EleutherAI's nanoGPT-mup `configure_optimizers`): learning rate * m^(alpha - 1), epsilon * m^-alpha;
+    decoupled weight decay * m^(1 - alpha) keeps the per-step shrinkage lr * wd independent of depth. Embeddings,
+    the final LayerNorm and the output heads keep the base values (multiplier 1).
+    """
+    if parameterization == "deepscalelm":
+        return 1.0, 1.0, 1.0
+    alpha = depth_exponent(parameterization)
+    m = depth_multiplier
+    return m ** (alpha - 1.0), m ** -alpha, m ** (1.0 - alpha)
 
 
 def deepnet_constants(num_layers: int, decoder_layers: int | None = None, stack: str = "single") -> tuple[float, float]:
@@ -340,6 +380,7 @@ def _recipe_key(config) -> tuple:
         config.is_encoder_decoder, config.is_decoder, config.hidden_act, float(config.hidden_dropout_prob),
         float(config.attention_probs_dropout_prob), float(config.residual_k), config.residual_branch_count,
         config.residual_beta2, float(config.embedding_correlation), config.init_sequence_length,
+        config.depth_parameterization, config.depth_base_layers,
     )
 
 
@@ -350,8 +391,11 @@ def stack_init_plan(config, stack: str) -> StackInitPlan:
 
 def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...], causal: bool, cross_correlation=None):
     """(lambda, beta, per-layer branch-input correlations) of a DeepScaleLM stack with these branch kinds."""
-    _, d, _, _, _, _, act, p, p_attn, k, counting, beta2_override, r0, seq_len = key
-    lam, beta = deepscalelm_residual_scales(k, residual_branch_total(layers, len(kinds), counting), beta2_override)
+    _, d, _, _, _, _, act, p, p_attn, k, counting, beta2_override, r0, seq_len, parameterization, base_layers = key
+    lam, beta = deepscalelm_residual_scales(
+        k, residual_branch_total(layers, len(kinds), counting), beta2_override,
+        depth_multiplier=layers / base_layers, depth_exponent=depth_exponent(parameterization),
+    )
     correlations = correlation_recurrence(
         num_layers=layers, branch_kinds=kinds, embedding_correlation=r0, dropout=p, activation=act,
         lam2=lam * lam, beta2=beta * beta, sequence_length=seq_len, hidden_size=d, attention_dropout=p_attn,
@@ -362,7 +406,7 @@ def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...], 
 
 @lru_cache(maxsize=64)
 def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
-    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len = key
+    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len, _, _ = key
     has_cross = is_encoder_decoder and stack == "decoder"
     layers = decoder_layers if has_cross else num_layers
     if scheme == "deepnet":

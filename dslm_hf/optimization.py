@@ -1,0 +1,91 @@
+"""AdamW parameter groups that carry a depth parameterization's learning-rate, epsilon and weight-decay rule.
+
+One helper for every training path: `dslm-pretrain`, `dslm-finetune` (handed to `Trainer` through its
+`optimizers=(optimizer, None)` hook) and the benchmarks.
+
+    from dslm_hf.optimization import build_adamw
+    optimizer = build_adamw(model, learning_rate=4e-3, weight_decay=0.01)
+
+The multipliers come from the pure-math recipe (`recipe_deepscalelm.depth_optimizer_multipliers`): with
+`config.depth_parameterization="deepscalelm"` every group has the base values (the paper: one learning rate);
+with `"depth_mup"` or `"completep"` the parameters inside the residual layers of a stack of L layers get the rule
+for m = L / config.depth_base_layers, and everything outside the layers (embeddings, final LayerNorm, heads) keeps
+the base values. Weight decay applies to matrices only (biases and LayerNorm gains are not decayed).
+"""
+
+from collections import defaultdict
+
+import torch
+
+from .recipe_deepscalelm import depth_optimizer_multipliers
+
+LAYER_CLASS_NAME = "DeepScaleLMLayer"
+
+
+def _layer_depths(model: torch.nn.Module) -> dict[int, int]:
+    """id(parameter) -> depth of the layer stack that holds it, for every parameter inside a residual layer.
+
+    A layer's stack depth is the length of the ModuleList that holds it, so the encoder and the decoder of an
+    encoder-decoder each get their own depth, and PEFT-wrapped or remote-code models work the same way.
+    """
+    depths = {}
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList):
+            continue
+        layers = [m for m in module if type(m).__name__ == LAYER_CLASS_NAME]
+        for layer in layers:
+            for parameter in layer.parameters():
+                depths[id(parameter)] = len(layers)
+    return depths
+
+
+def depth_parameter_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float,
+                           eps: float = 1e-8) -> list[dict]:
+    """AdamW parameter groups (each with its own `lr`, `eps`, `weight_decay`) for `model`'s depth parameterization.
+
+    Groups are keyed by (stack depth, decayed or not); each group also carries `lr_multiplier`, `depth` and
+    `name` so logs and tests can read what was applied. Frozen parameters are left out.
+    """
+    config = model.config
+    parameterization = getattr(config, "depth_parameterization", "deepscalelm")
+    base_layers = getattr(config, "depth_base_layers", 1)
+    depths = _layer_depths(model)
+    buckets = defaultdict(list)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            buckets[(depths.get(id(parameter)), parameter.ndim >= 2)].append(parameter)
+    groups = []
+    for (depth, decayed), params in sorted(buckets.items(), key=lambda item: (item[0][0] or 0, item[0][1])):
+        lr_mult, eps_mult, wd_mult = (1.0, 1.0, 1.0) if depth is None else depth_optimizer_multipliers(
+            parameterization, depth / base_layers)
+        groups.append({
+            "params": params,
+            "lr": learning_rate * lr_mult,
+            "eps": eps * eps_mult,
+            "weight_decay": weight_decay * wd_mult if decayed else 0.0,
+            "lr_multiplier": lr_mult,
+            "depth": depth,
+            "name": f"{'layers' if depth else 'outside-layers'}{f'[{depth}]' if depth else ''}-{'decay' if decayed else 'no-decay'}",
+        })
+    return groups
+
+
+def build_adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float = 0.01,
+                betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `depth_parameter_groups` (the defaults are the paper's AdamW settings)."""
+    return torch.optim.AdamW(depth_parameter_groups(model, learning_rate, weight_decay, eps), lr=learning_rate,
+                             betas=betas, eps=eps)
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line per distinct learning rate, for the training log."""
+    seen = {}
+    for group in groups:
+        key = (group["depth"], group["lr"])
+        seen.setdefault(key, 0)
+        seen[key] += sum(p.numel() for p in group["params"])
+    return "; ".join(f"{'layers of a ' + str(depth) + '-layer stack' if depth else 'embeddings/norm/heads'}: "
+                     f"lr {lr:.3g} ({count:,} parameters)" for (depth, lr), count in seen.items())
+
+
+__all__ = ["depth_parameter_groups", "build_adamw", "describe_groups"]
