@@ -1,0 +1,91 @@
+"""What every console command (dslm-pretrain, dslm-finetune, dslm-publish, dslm-diagnose) does with bad input.
+
+A user error is a `UserError` whose message names the input and says what to do. `run_command` prints it as one
+line on stderr, `PROG: error: MESSAGE`, and exits with status 2, without a traceback; `--debug` on the command
+line or `DSLM_DEBUG=1` in the environment shows the traceback instead. Anything else (a bug) keeps its traceback.
+The cheap checks every command shares (a writable output folder, a readable text file, config keys) live here so
+that each command runs them before its expensive work.
+"""
+
+import difflib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+EXIT_USER_ERROR = 2  # argparse's status for a usage error: the same for every bad input
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "DSLM_DEBUG"
+
+
+class UserError(ValueError):
+    """Bad input (an argument, a path, a file's content): the message names the input and what to do."""
+
+
+class CommandExit(SystemExit):
+    """Status 2 after the one-line message was printed; `str()` is the message, for callers that run `main`."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_USER_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    """Run `run(argv)` as the console command `prog`; 0 on success (console scripts do `sys.exit(main())`).
+
+    `UserError`, and a `SystemExit` carrying a message (argparse-free code paths that `raise SystemExit("...")`),
+    become one stderr line and status 2. argparse's own exits (usage errors, --help) pass through unchanged.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        run(argv)
+    except (UserError, SystemExit) as error:
+        if debug or (isinstance(error, SystemExit) and not isinstance(error.code, str)):
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
+        message = message.removeprefix(f"{prog}: ").removeprefix("error: ")
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise CommandExit(message) from None
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cheap checks, run before anything expensive
+# ----------------------------------------------------------------------------------------------------------------
+def check_output_dir(path: str | Path, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is a file or cannot be written (tried for real, so it holds for root and for
+    read-only file systems too), before any data is prepared."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder: choose a folder (new or existing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path} cannot be created: {existing} is a file; choose another folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {path} is not writable ({existing}: {error.strerror}): choose a folder you can "
+                        "write to") from None
+
+
+def check_known_keys(keys, known, source: str) -> None:
+    """Refuse keys that are not in `known`, naming the closest valid one (a misspelt config key is otherwise
+    stored and silently ignored)."""
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(known))}"
+            raise UserError(f"{source}: unknown key {key!r}; {hint}")
