@@ -212,23 +212,52 @@ class MaskedLMCollator:
 
 
 def _noise_span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
-    """(noise tokens, noise spans) for a block, as T5 computes them (at least one of each, and one kept token)."""
-    noise = min(max(round(length * noise_density), 1), length - 1)
-    spans = max(min(round(noise / mean_span_length), noise, length - noise), 1)
+    """(noise tokens, noise spans) of a `length`-token sequence, computed as T5's `random_spans_noise_mask` does:
+    in float32, rounded half to even, at least one noise and one kept token, at least one span."""
+    length = max(length, 2)
+    noise = int(torch.round(torch.tensor(length, dtype=torch.float32) * noise_density))
+    noise = min(max(noise, 1), length - 1)
+    spans = max(int(torch.round(torch.tensor(noise, dtype=torch.float32) / mean_span_length)), 1)
     return noise, spans
 
 
 def _random_segmentation(total: int, segments: int, generator) -> torch.Tensor:
-    """Lengths of `segments` non-empty pieces that sum to `total`, uniformly over such partitions."""
+    """Lengths of `segments` non-empty pieces that sum to `total`, uniformly over such partitions (T5 shuffles
+    segments - 1 segment starts among the total - 1 places after the first item)."""
     cuts = torch.randperm(total - 1, generator=generator)[: segments - 1].sort().values + 1
     bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])
     return bounds.diff()
 
 
+def random_spans_noise_mask(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """T5's noise mask (True = hidden) for a `length`-token sequence: kept and noise spans alternate, kept first,
+    noise last; the noise spans split the noise tokens, the kept spans the others, each uniformly at random."""
+    noise, spans = _noise_span_counts(length, noise_density, mean_span_length)
+    if spans > length - noise:
+        raise ValueError(f"{spans} noise spans cannot be separated by {length - noise} kept tokens (length={length}, "
+                         f"noise_density={noise_density}, mean_span_length={mean_span_length})")
+    noise_lengths = _random_segmentation(noise, spans, generator)
+    kept_lengths = _random_segmentation(length - noise, spans, generator)
+    interleaved = torch.stack([kept_lengths, noise_lengths], dim=1).flatten()  # kept0, noise0, kept1, noise1, ...
+    return torch.tensor([False, True]).repeat(spans).repeat_interleave(interleaved)
+
+
+def _spans_to_sentinels(tokens: torch.Tensor, span_mask: torch.Tensor, sentinel_ids: torch.Tensor) -> torch.Tensor:
+    """Each run of masked tokens replaced by one sentinel, the i-th run by sentinel_ids[i]."""
+    starts = span_mask & ~torch.cat([torch.tensor([False]), span_mask[:-1]])
+    replaced = torch.where(starts, sentinel_ids[(starts.cumsum(0) - 1).clamp(min=0)], tokens)
+    return replaced[~span_mask | starts]
+
+
 class SpanCorruptionCollator:
-    """T5 span corruption: `noise_density` of each block's tokens, in spans of mean length `mean_span_length`,
-    are replaced in the encoder input by one sentinel each; the labels list each sentinel followed by the span it
-    hides, then EOS. Block length fixes every count, so all inputs (and all labels) have one length: no padding.
+    """T5 span corruption (Raffel et al. 2020, `random_spans_noise_mask` with noise_density 0.15 and mean noise span
+    length 3): the encoder input keeps the unhidden tokens and puts the i-th consecutive sentinel <extra_id_i> where
+    the i-th noise span was; the labels are "<extra_id_0> span0 <extra_id_1> span1 ... </s>". Both end with EOS.
+
+    Blocks may have any length from 2 to `block_size` (the length sets the counts, as in T5); a batch of unequal
+    lengths is right-padded, the inputs with the pad token (attention mask 0), the labels with -100. The model
+    makes its decoder inputs from the labels: decoder start token, then the labels shifted right.
     """
 
     def __init__(self, tokenizer, block_size: int, noise_density: float = 0.15, mean_span_length: float = 3.0):
@@ -245,42 +274,44 @@ class SpanCorruptionCollator:
                              f"<extra_id_{self.spans - 1}>: call add_sentinel_tokens(tokenizer, {self.spans}) first")
         self.sentinel_ids = torch.tensor([vocab[s] for s in sentinels])
         self.block_size = block_size
-        self.eos_token_id = tokenizer.eos_token_id
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def corrupt(self, block: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder input, labels) for one block of token ids."""
-        if block.numel() != self.block_size:
-            raise ValueError(f"span corruption was set up for {self.block_size}-token blocks, got {block.numel()}")
-        noise_lengths = _random_segmentation(self.noise, self.spans, generator)
-        kept_lengths = _random_segmentation(self.block_size - self.noise, self.spans, generator)
-        inputs, labels, start = [], [], 0
-        for sentinel, kept, noise in zip(self.sentinel_ids, kept_lengths.tolist(), noise_lengths.tolist()):
-            inputs += [block[start:start + kept], sentinel.view(1)]
-            labels += [sentinel.view(1), block[start + kept:start + kept + noise]]
-            start += kept + noise
+        if not 2 <= block.numel() <= self.block_size:
+            raise ValueError(f"span corruption was set up for blocks of 2 to {self.block_size} tokens, got {block.numel()}")
+        noise_mask = random_spans_noise_mask(block.numel(), self.noise_density, self.mean_span_length, generator)
         eos = torch.tensor([self.eos_token_id])
-        return torch.cat(inputs + [eos]), torch.cat(labels + [eos])
+        return (torch.cat([_spans_to_sentinels(block, noise_mask, self.sentinel_ids), eos]),
+                torch.cat([_spans_to_sentinels(block, ~noise_mask, self.sentinel_ids), eos]))
 
     def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
-        pairs = [self.corrupt(block, generator) for block in _stack_blocks(examples)]
-        input_ids = torch.stack([p[0] for p in pairs])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "labels": torch.stack([p[1] for p in pairs])}
+        blocks = examples if isinstance(examples, torch.Tensor) else [torch.as_tensor(e["input_ids"]) for e in examples]
+        inputs, labels = zip(*(self.corrupt(block, generator) for block in blocks))
+        input_ids = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True, padding_value=self.pad_token_id)
+        lengths = torch.tensor([len(i) for i in inputs])
+        return {"input_ids": input_ids, "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
+                "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)}
 
     def restore(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The original block from one (encoder input, labels) pair: the inverse of `corrupt`."""
+        """The original block from one (encoder input, labels) pair, padded or not: the inverse of `corrupt`."""
         sentinel_position = {int(s): i for i, s in enumerate(self.sentinel_ids)}
         hidden = [[] for _ in self.sentinel_ids]
         current = None
-        for token in labels.tolist()[:-1]:
+        for token in labels[labels != -100].tolist()[:-1]:
             if token in sentinel_position:
                 current = sentinel_position[token]
             else:
                 hidden[current].append(token)
         restored = []
-        for token in input_ids.tolist()[:-1]:
+        for token in input_ids[input_ids != self.pad_token_id].tolist()[:-1]:
             restored += hidden[sentinel_position[token]] if token in sentinel_position else [token]
         return torch.tensor(restored)
+
+    def span_token_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """True where a label is a hidden span token (not a sentinel, EOS or padding): what span accuracy scores."""
+        return (labels != -100) & (labels != self.eos_token_id) & ~torch.isin(labels, self.sentinel_ids)
 
     @staticmethod
     def count_label_tokens(batch) -> torch.Tensor:
