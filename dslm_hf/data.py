@@ -309,8 +309,9 @@ class SpanCorruptionCollator:
             restored += hidden[sentinel_position[token]] if token in sentinel_position else [token]
         return torch.tensor(restored)
 
-    def span_token_mask(self, labels: torch.Tensor) -> torch.Tensor:
+    def span_token_mask(self, batch: dict) -> torch.Tensor:
         """True where a label is a hidden span token (not a sentinel, EOS or padding): what span accuracy scores."""
+        labels = batch["labels"]
         return (labels != -100) & (labels != self.eos_token_id) & ~torch.isin(labels, self.sentinel_ids)
 
     @staticmethod
