@@ -10,6 +10,7 @@ runs this code, needs no network, is a few MB of real, varied text (code, docstr
 deterministic for a given Python version (files sorted by path, then cut at a byte budget).
 """
 
+import hashlib
 import math
 import sysconfig
 from pathlib import Path
@@ -162,7 +163,13 @@ def pack_into_blocks(split: Dataset, tokenizer, block_size: int) -> Dataset:
 # Collators: packed blocks -> model inputs. Each takes an explicit torch.Generator so the training loop can make
 # every step's randomness a function of (seed, step): resumed runs then replay exactly what an uninterrupted run did.
 # ----------------------------------------------------------------------------------------------------------------
-def _stack_blocks(examples) -> torch.Tensor:
+def derived_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of its parts (seed, "step", step, rank...): the collators' generators
+    and the training loop's dropout are seeded from it, so a resumed run draws what the uninterrupted one drew."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def stack_blocks(examples) -> torch.Tensor:
     """A (batch, block) tensor from a stacked tensor or a list of {"input_ids": ...} rows."""
     if isinstance(examples, torch.Tensor):
         return examples
@@ -173,7 +180,7 @@ class CausalLMCollator:
     """Labels are the inputs; the model shifts them (position t predicts token t+1)."""
 
     def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
-        input_ids = _stack_blocks(examples)
+        input_ids = stack_blocks(examples)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
     @staticmethod
@@ -195,7 +202,7 @@ class MaskedLMCollator:
         self.mlm_probability = mlm_probability
 
     def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
-        input_ids = _stack_blocks(examples)
+        input_ids = stack_blocks(examples)
         maskable = ~torch.isin(input_ids, self.special_ids)
         selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))

@@ -1,23 +1,31 @@
 """Pretraining of DeepScaleLM models through accelerate: causal LM, masked LM or seq2seq span corruption.
 
 One process (CPU or GPU):
-    accelerate launch --cpu scripts/pretrain.py --preset deep-48 --max_steps 300 --output_dir runs/deep-48
-Two gloo ranks on CPU (see ../shared/HF_NOTES.md):
+    dslm-pretrain --preset deep-48 --max_steps 300 --output_dir runs/deep-48
+Two gloo ranks on CPU, launched by dslm-pretrain itself (signals reach every rank; a user error exits with 2):
+    ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 --preset tiny --output_dir runs/tiny
+The same through accelerate (whose launcher turns any failure into status 1 with a CalledProcessError traceback):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --main_process_port 29511 scripts/pretrain.py --preset tiny --output_dir runs/tiny
-Several GPUs: `accelerate launch --config_file accelerate_configs/ddp.yaml scripts/pretrain.py ...`
-(or fsdp2.yaml, deepspeed_zero2.yaml, deepspeed_zero3.yaml). `dslm-pretrain` is the same entry point.
+Several GPUs: `accelerate launch --config_file accelerate_configs/ddp.yaml scripts/pretrain.py ...`.
+
+The loop reads as four steps: `setup` (model, optimizer, scheduler, data), `resume` (a verified checkpoint),
+`train_step` (one optimizer step), `finish` (evaluate, save final/, print a sample); `train` wires them together
+with the run-folder lock and the stop signals (dslm_hf.run_control). Checkpoints are dslm_hf.checkpointing's
+safetensors + JSON folders, metrics go to metrics.jsonl (dslm_hf.run_metrics), held-out numbers come from
+dslm_hf.evaluation.
 
 What makes runs reproducible and resumable: the data order is a permutation seeded by (seed, epoch); every step
-seeds dropout and the collator's masking from (seed, step, rank); checkpoints hold model, optimizer, scheduler, RNG
-and the step, from which the data position follows. A resumed run therefore replays the uninterrupted one exactly.
+seeds dropout and the collator's masking from (seed, step, rank); so the RNG needs no checkpointing, and the data
+position follows from the step. A resumed run therefore replays the uninterrupted one exactly.
 """
 
-import hashlib
+import dataclasses
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -25,7 +33,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import (
@@ -39,15 +46,17 @@ from transformers import (
 )
 
 from . import data, parallel
+from .checkpointing import checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cli import UserError, check_known_keys, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .evaluation import evaluate, to_device
+from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
+from .run_metrics import JsonlTracker, drop_records_after
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-CHECKPOINT_PREFIX = "step_"
-CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
-TRAINER_STATE = "trainer_state.json"
 RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard")
 
 
@@ -99,7 +108,7 @@ class PretrainingArguments:
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate every N steps (and at the end)."})
     max_eval_blocks: int = field(default=256, metadata={"help": "Held-out blocks evaluated each time."})
-    save_steps: int = field(default=100, metadata={"help": "save_state checkpoint every N steps (0: none)."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps (0: none; a stop signal still writes one)."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none) or a checkpoint path."})
@@ -112,56 +121,62 @@ class PretrainingArguments:
                 "(each DeepScaleLMLayer, then the root); works on gloo/CPU. No periodic checkpoints in this mode."})
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'; metrics.jsonl is always written."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of the generated sample printed at the end."})
+    num_processes: int = field(default=1, metadata={
+        "help": "Processes (ranks) dslm-pretrain starts on this machine and supervises: signals reach every rank and "
+                "a user error exits with status 2. Leave at 1 under accelerate launch or torchrun."})
 
     def __post_init__(self):
-        def fail(name, allowed):
-            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {allowed}")
-
-        if self.objective not in data.OBJECTIVES:
-            fail("objective", f"expected one of {data.OBJECTIVES}")
-        if self.preset is not None and self.config_name is not None:
-            fail("config_name", "give either --preset or --config_name, not both")
         if self.preset is None and self.config_name is None:
             self.preset = "tiny"
+        problem = next(self.problems(), None)
+        if problem is not None:
+            name, allowed = problem
+            raise UserError(f"--{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+    def problems(self):
+        """(argument, what is allowed) for each invalid argument, in the order of the checks."""
+        if self.objective not in data.OBJECTIVES:
+            yield "objective", f"expected one of {data.OBJECTIVES}"
+        if self.preset is not None and self.config_name is not None:
+            yield "config_name", "give either --preset or --config_name, not both"
         if self.preset is not None and self.preset not in available_presets():
-            fail("preset", f"expected one of {available_presets()}")
+            yield "preset", f"expected one of {available_presets()}"
         if self.config_name is not None and not Path(self.config_name).is_file():
-            fail("config_name", "no such file")
+            yield "config_name", "no such file"
         for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps", "max_eval_blocks",
-                     "r0_sample_blocks", "vocab_size"):
+                     "r0_sample_blocks", "vocab_size", "num_processes"):
             if getattr(self, name) < 1:
-                fail(name, "expected a positive integer")
+                yield name, "expected a positive integer"
         for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens"):
             if getattr(self, name) < 0:
-                fail(name, "expected a non-negative integer")
+                yield name, "expected a non-negative integer"
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            fail("checkpoints_total_limit", "expected a positive integer or unset")
+            yield "checkpoints_total_limit", "expected a positive integer or unset"
         if self.lr_scheduler_type not in SCHEDULES:
-            fail("lr_scheduler_type", f"expected one of {SCHEDULES}")
+            yield "lr_scheduler_type", f"expected one of {SCHEDULES}"
         if self.mixed_precision not in MIXED_PRECISIONS:
-            fail("mixed_precision", f"expected one of {MIXED_PRECISIONS}")
+            yield "mixed_precision", f"expected one of {MIXED_PRECISIONS}"
         if not 0.0 < self.validation_fraction < 1.0:
-            fail("validation_fraction", "expected a share in (0, 1)")
+            yield "validation_fraction", "expected a share in (0, 1)"
         if not 0.0 <= self.warmup_ratio < 1.0:
-            fail("warmup_ratio", "expected a share in [0, 1)")
+            yield "warmup_ratio", "expected a share in [0, 1)"
         if self.learning_rate <= 0:
-            fail("learning_rate", "expected a positive number")
+            yield "learning_rate", "expected a positive number"
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            fail("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number")
+            yield "weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number"
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
-            fail("max_train_minutes", "expected a positive number of minutes")
+            yield "max_train_minutes", "expected a positive number of minutes"
         if self.fully_shard and (self.save_steps or self.resume_from_checkpoint):
-            fail("fully_shard", "periodic save_state checkpoints of a fully_shard run are not supported: pass "
-                                "--save_steps 0 (on GPUs, accelerate_configs/fsdp2.yaml checkpoints sharded states)")
+            yield "fully_shard", "checkpoints of a fully_shard run are not supported yet: pass --save_steps 0"
         if self.fully_shard and self.mixed_precision != "no":
-            fail("fully_shard", "mixed precision is not wired into --fully_shard; use accelerate_configs/fsdp2.yaml on GPUs")
+            yield "fully_shard", "mixed precision is not wired into --fully_shard; use accelerate_configs/fsdp2.yaml on GPUs"
         if self.report_to not in ("tensorboard", "none"):
-            fail("report_to", "expected 'tensorboard' or 'none'")
+            yield "report_to", "expected 'tensorboard' or 'none'"
 
 
 def parse_arguments(argv=None) -> PretrainingArguments:
-    """Command line -> PretrainingArguments; invalid values exit with the message (no traceback)."""
+    """Command line -> PretrainingArguments; invalid values exit with the message and status 2 (no traceback)."""
     parser = HfArgumentParser(PretrainingArguments)
     parser.prog = "dslm-pretrain"
     try:
@@ -180,7 +195,7 @@ def parse_config_overrides(text: str | None) -> dict:
     for item in filter(None, (text or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--config_overrides item {item!r} is not key=value")
+            raise UserError(f"--config_overrides item {item!r} is not key=value")
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -189,9 +204,25 @@ def parse_config_overrides(text: str | None) -> dict:
 
 
 def preset_kwargs(args: PretrainingArguments) -> dict:
+    """The preset's (or --config_name's) config kwargs with --config_overrides applied, refusing keys the config
+    does not have (with the closest valid name) and a --block_size beyond max_position_embeddings: cheap checks
+    that `train` runs first, before any tokenizer is trained."""
     path = PRESETS_DIR / f"{args.preset}.json" if args.preset else Path(args.config_name)
-    kwargs = json.loads(path.read_text())
-    kwargs.update(parse_config_overrides(args.config_overrides))
+    try:
+        kwargs = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--config_name {path} is not a JSON file ({error}): give a JSON object of config kwargs") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--config_name {path} holds a JSON {type(kwargs).__name__}: give a JSON object of config kwargs")
+    known = {config_field.name for config_field in dataclasses.fields(DeepScaleLMConfig)}
+    check_known_keys(kwargs, known, f"--config_name {path}" if args.config_name else f"preset {args.preset}")
+    overrides = parse_config_overrides(args.config_overrides)
+    check_known_keys(overrides, known, "--config_overrides")
+    kwargs.update(overrides)
+    positions = kwargs.get("max_position_embeddings", DeepScaleLMConfig.max_position_embeddings)
+    if isinstance(positions, int) and positions < args.block_size:
+        raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "
+                        "lower it or pass --config_overrides max_position_embeddings=N")
     return kwargs
 
 
@@ -211,9 +242,6 @@ def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> D
     if args.objective == "seq2seq":
         kwargs["decoder_start_token_id"] = tokenizer.bos_token_id
     config = DeepScaleLMConfig(**kwargs)
-    if config.max_position_embeddings < args.block_size:
-        raise ValueError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}: lower it or override max_position_embeddings")
     config.embedding_correlation = config.estimate_embedding_correlation(data.token_sample(train_blocks, args.r0_sample_blocks))
     return config
 
@@ -230,13 +258,8 @@ def adamw_parameter_groups(model, weight_decay: float) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Determinism: data order per epoch, randomness per step
+# Data order: a permutation per epoch, a position that follows from the step
 # ----------------------------------------------------------------------------------------------------------------
-def derived_seed(*parts) -> int:
-    """A 63-bit seed that is a pure function of its parts (seed, step, rank...)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
 class EpochPermutationSampler(torch.utils.data.Sampler):
     """A random order that depends only on (seed, epoch): the data position after a resume follows from the step."""
 
@@ -247,15 +270,11 @@ class EpochPermutationSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", self.epoch))
+        generator = torch.Generator().manual_seed(data.derived_seed(self.seed, "epoch", self.epoch))
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
     def __len__(self):
         return self.num_samples
-
-
-def stack_blocks(examples) -> torch.Tensor:
-    return torch.stack([e["input_ids"] for e in examples])
 
 
 def micro_batches(accelerator, dataloader, sampler, start: int):
@@ -268,163 +287,56 @@ def micro_batches(accelerator, dataloader, sampler, start: int):
         epoch, offset = epoch + 1, 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, a manifest marker last, then renamed into place
-# ----------------------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    pass
+def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resuming: bool):
+    """(tokenizer, train blocks, held-out blocks). Rank 0 goes first: it trains (or loads) the tokenizer and saves it
+    to run_dir/tokenizer; the other ranks, and resumed runs, load that saved tokenizer."""
+    tokenizer_dir = run_dir / "tokenizer"
+    with accelerator.main_process_first():
+        splits = data.hold_out_documents(
+            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+                             default_corpus_megabytes=args.default_corpus_megabytes),
+            args.validation_fraction)
+        reuse_saved = tokenizer_dir.is_dir() and (resuming or not accelerator.is_main_process)
+        if reuse_saved:
+            tokenizer = data.load_tokenizer(str(tokenizer_dir))
+        elif args.tokenizer_name:
+            tokenizer = data.load_tokenizer(args.tokenizer_name)
+        else:
+            tokenizer = data.train_byte_level_bpe(splits["train"]["text"], args.vocab_size)
+        if args.objective == "seq2seq":
+            data.add_sentinel_tokens(tokenizer, data.span_corruption_sentinel_count(
+                args.block_size, args.noise_density, args.mean_span_length))
+        data.check_tokenizer_for_objective(tokenizer, args.objective)
+        if accelerator.is_main_process and not reuse_saved:
+            tokenizer.save_pretrained(tokenizer_dir)
+        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
+        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
+    return tokenizer, train_blocks, eval_blocks
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_checkpoint_marker(folder: Path, step: int) -> None:
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    marker = folder / CHECKPOINT_MARKER
-    marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
-
-
-def verify_checkpoint(folder: Path) -> int:
-    """The checkpoint's step; CheckpointError saying what is wrong when it is incomplete or corrupt."""
-    marker = folder / CHECKPOINT_MARKER
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} does not exist")
-    if not marker.is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete: it has no {CHECKPOINT_MARKER} "
-                              "(the run stopped while writing it)")
-    try:
-        manifest = json.loads(marker.read_text())
-        step, files = int(manifest["step"]), manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {folder} is corrupt: unreadable {CHECKPOINT_MARKER} ({error})") from None
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} is missing")
-        if path.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
-                                  f"expected {expected['bytes']}")
-        if file_sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its recorded sha256")
-    return step
-
-
-def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """Checkpoint folders (complete or not), newest step first; temporary folders are not listed."""
-    folders = [p for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-               if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
-
-
-def resolve_checkpoint(request: str | None, run_dir: Path, say=print) -> Path | None:
-    """'latest' -> newest complete checkpoint (None if none; skipped broken ones are reported); a path -> that
-    checkpoint, which must be complete (CheckpointError otherwise)."""
-    if request is None:
-        return None
-    if request != "latest":
-        verify_checkpoint(Path(request))
-        return Path(request)
-    for folder in checkpoint_folders(run_dir):
-        try:
-            verify_checkpoint(folder)
-        except CheckpointError as error:
-            say(f"skipping {error}")
-            continue
-        say(f"resuming from the newest complete checkpoint: {folder}")
-        return folder
-    say(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
-    return None
-
-
-def save_checkpoint(accelerator, run_dir: Path, trainer_state: dict, limit: int | None) -> Path:
-    """accelerator.save_state into a temporary folder, then the trainer state and the marker, then rename."""
-    step = trainer_state["step"]
-    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    staging = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        write_checkpoint_marker(staging, step)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        if limit is not None:
-            for old in checkpoint_folders(run_dir)[limit:]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+def make_dataloaders(args: PretrainingArguments, num_processes: int, train_blocks, eval_blocks):
+    """(sampler, train loader, eval loader) before accelerator.prepare. Evaluation takes whole rounds of
+    per_device_eval_batch_size x processes blocks, so no rank sees a padded or duplicated block and 1 and N
+    processes evaluate the same blocks."""
+    sampler = EpochPermutationSampler(len(train_blocks), args.seed)
+    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=args.per_device_train_batch_size,
+                                               sampler=sampler, drop_last=True, collate_fn=data.stack_blocks)
+    eval_round = args.per_device_eval_batch_size * num_processes
+    eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
+    if eval_count == 0:
+        raise UserError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
+                        f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
+    eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)),
+                                              batch_size=args.per_device_eval_batch_size, collate_fn=data.stack_blocks)
+    return sampler, train_loader, eval_loader
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------------------------
-class JsonlTracker(GeneralTracker):
-    """An accelerate tracker appending one JSON object per `log` call to a file (rank 0 only)."""
-
-    name = "jsonl"
-    requires_logging_directory = False
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-
-    @property
-    def tracker(self):
-        return self.path
-
-    def store_init_configuration(self, values: dict):
-        self._append({"config": values})
-
-    def log(self, values: dict, step: int | None = None, **kwargs):
-        self._append({"step": step, **values})
-
-    def _append(self, record: dict):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss, evaluation, the training loop
+# One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 def compute_loss(model, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
     """Sum of this micro-batch's token losses divided by the label tokens of the whole window on all ranks."""
     return model(**batch, num_items_in_batch=num_items_in_batch).loss
-
-
-def to_device(batch: dict, device) -> dict:
-    return {name: tensor.to(device) for name, tensor in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, dataloader, collator, seed: int) -> dict:
-    """Token-level mean loss over the held-out blocks (all ranks) and its perplexity."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for index, blocks in enumerate(dataloader):
-        generator = torch.Generator().manual_seed(derived_seed(seed, "eval", index, accelerator.process_index))
-        batch = to_device(collator(blocks.cpu(), generator), accelerator.device)
-        count = collator.count_label_tokens(batch)
-        loss_sum += model(**batch).loss.double() * count
-        tokens += count
-    model.train()
-    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
 def training_window(accelerator, model, batches: list[dict], collator) -> tuple[torch.Tensor, bool]:
@@ -458,6 +370,282 @@ def replica_spread(accelerator, model) -> float:
     return (everyone.max(0).values - everyone.min(0).values).max().item()
 
 
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one: how all ranks agree to stop at the same step."""
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: setup, resume, step, finish
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything one pretraining run holds; `step` and `nonfinite_steps` are the loop's state (checkpointed)."""
+
+    args: PretrainingArguments
+    accelerator: Accelerator
+    run_dir: Path
+    tokenizer: object
+    config: DeepScaleLMConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    collator: object
+    sampler: EpochPermutationSampler
+    train_loader: object
+    eval_loader: object
+    eval_blocks: object
+    layout: dict
+    step: int = 0
+    nonfinite_steps: int = 0
+
+    def say(self, message: str) -> None:
+        self.accelerator.print(message)
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "layout": self.layout,
+                "scheduler": self.scheduler.state_dict()}
+
+
+def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> Path | None:
+    """Lock the run folder (rank 0; every rank stops when it is taken), then find the checkpoint to resume from, or
+    clear the previous run's outputs under --overwrite_output_dir. Returns the checkpoint folder or None."""
+    run_dir = Path(args.output_dir)
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire(accelerator.print)
+        except UserError as error:
+            refusal = error
+    if any_rank(accelerator, refusal is not None):
+        raise refusal if refusal is not None else SystemExit(2)
+    resume_dir = resolve_checkpoint(args.resume_from_checkpoint, run_dir, accelerator.print)
+    if resume_dir is None and checkpoint_folders(run_dir):
+        if not args.overwrite_output_dir:
+            raise UserError(f"{run_dir} already holds checkpoints: pass --resume_from_checkpoint latest to continue, "
+                            "or --overwrite_output_dir to start over")
+        # Starting over: a stale checkpoint of the old run must never be taken for `latest` of the new one.
+        if accelerator.is_main_process:
+            for name in RUN_OUTPUTS:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            accelerator.print(f"--overwrite_output_dir: removed the previous run's {', '.join(RUN_OUTPUTS)} from {run_dir}")
+        accelerator.wait_for_everyone()
+    return resume_dir
+
+
+def check_checkpointing_supported(args: PretrainingArguments, accelerator) -> None:
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (
+            args.save_steps or args.resume_from_checkpoint):
+        raise UserError(f"checkpoints under accelerate's {accelerator.distributed_type.value} are not supported (its "
+                        "sharded states are pickles, which dslm-pretrain never loads): pass --save_steps 0 and no "
+                        "--resume_from_checkpoint")
+
+
+def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
+    """Data, tokenizer, model config (r0 from the data), model, optimizer, scheduler and loaders, prepared."""
+    run_dir = Path(args.output_dir)
+    tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming)
+    collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
+                                  args.noise_density, args.mean_span_length)
+    config = build_model_config(args, tokenizer, train_blocks)
+    accelerator.print(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
+    set_seed(args.seed)
+    model = build_model(config, args.objective)
+    accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; "
+                      f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
+                      f"{', fully_shard' if args.fully_shard else ''}")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
+        raise UserError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
+                        "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
+    if args.fully_shard:
+        if accelerator.num_processes < 2:
+            raise UserError("--fully_shard shards over the launched processes: launch at least 2 "
+                            "(e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
+        model = parallel.shard_model(model.to(accelerator.device))
+    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    # Stepped once per optimizer step on every rank and not given to prepare(), which would step it
+    # num_processes times; its state travels in trainer_state.json.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.max_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps))
+    sampler, train_loader, eval_loader = make_dataloaders(args, accelerator.num_processes, train_blocks, eval_blocks)
+    if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if len(train_loader) == 0:
+        raise UserError(f"the training split has {len(train_blocks)} blocks, fewer than one batch of "
+                        f"--per_device_train_batch_size={args.per_device_train_batch_size} on each of "
+                        f"{accelerator.num_processes} processes: use more text or a smaller batch")
+    layout = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": args.per_device_train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
+    return Run(args, accelerator, run_dir, tokenizer, config, model, optimizer, scheduler, collator, sampler,
+               train_loader, eval_loader, eval_blocks, layout)
+
+
+def resume(run: Run, folder: Path) -> None:
+    """Load a verified checkpoint into the run: weights, optimizer, scheduler, step and counters."""
+    state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer)
+    if state["layout"] != run.layout:
+        raise UserError(f"checkpoint {folder} was written with {state['layout']}, this run has {run.layout}: "
+                        "resuming with another batch layout would change the data order; use the original settings")
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step, run.nonfinite_steps = state["step"], state["nonfinite_steps"]
+    run.say(f"resumed at step {run.step} ({run.nonfinite_steps} non-finite steps skipped so far)")
+
+
+def train_step(run: Run, batches) -> dict:
+    """One optimizer step (forward/backward over the accumulation window, clipping, AdamW, scheduler); returns what
+    was measured: {"loss", "grad_norm"} when finite, {} for a skipped non-finite step."""
+    args, accelerator = run.args, run.accelerator
+    # Dropout and masking of this step depend only on (seed, step, rank): a resumed run replays them.
+    step_seed = data.derived_seed(args.seed, "step", run.step, accelerator.process_index)
+    generator = torch.Generator().manual_seed(step_seed)
+    window = [to_device(run.collator(next(batches).cpu(), generator), accelerator.device)
+              for _ in range(args.gradient_accumulation_steps)]
+    # Seeded after fetching: starting a DataLoader iterator (a new epoch, a resume) draws from the global RNG.
+    torch.manual_seed(step_seed)
+    loss, finite = training_window(accelerator, run.model, window, run.collator)
+    grad_norm = None
+    if finite and args.max_grad_norm > 0:
+        grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
+        # DeepSpeed clips inside its engine (gradient_clipping in its config) and returns no norm.
+        finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+    if finite:
+        run.optimizer.step()
+    else:
+        run.nonfinite_steps += 1
+        run.say(f"step {run.step + 1}: non-finite loss or gradient, step skipped ({run.nonfinite_steps} so far)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()  # also on skipped steps: the learning rate stays a function of the step
+    run.step += 1
+    if run.nonfinite_steps > args.max_nonfinite_steps:
+        accelerator.end_training()
+        raise UserError(f"stopping at step {run.step}: {run.nonfinite_steps} steps had a non-finite loss or gradient, "
+                        f"more than --max_nonfinite_steps={args.max_nonfinite_steps}")
+    measured = {"tokens": sum(b["input_ids"].numel() for b in window) * accelerator.num_processes}
+    if finite:
+        measured["loss"] = loss.item()
+        if grad_norm is not None:
+            measured["grad_norm"] = float(grad_norm)
+    return measured
+
+
+def save(run: Run) -> Path:
+    return save_checkpoint(run.accelerator, run.run_dir, run.model, run.optimizer, run.trainer_state(),
+                           run.args.checkpoints_total_limit)
+
+
+def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
+    """Steps until max_steps, the time limit or a stop signal (all ranks agree on the step they stop after).
+    Returns the last held-out metrics and the reason for stopping early (None when max_steps was reached)."""
+    args, accelerator = run.args, run.accelerator
+    batches = micro_batches(accelerator, run.train_loader, run.sampler, run.step * args.gradient_accumulation_steps)
+    progress = tqdm(total=args.max_steps, initial=run.step, disable=not accelerator.is_main_process, desc="pretraining")
+    started = window_started = time.monotonic()
+    window_tokens, metrics, stopped_by = 0, {}, None
+    run.model.train()
+    while run.step < args.max_steps:
+        measured = train_step(run, batches)
+        window_tokens += measured.pop("tokens")
+        tokens_per_second = window_tokens / max(time.monotonic() - window_started, 1e-9)
+        progress.update(1)
+        if "loss" in measured:
+            progress.set_postfix(loss=f"{measured['loss']:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                                 tok_s=f"{tokens_per_second:.0f}")
+        if run.step % args.logging_steps == 0 or run.step == args.max_steps:
+            accelerator.log({"lr": run.scheduler.get_last_lr()[0], "nonfinite_steps": run.nonfinite_steps,
+                             "tokens_per_second": tokens_per_second, **measured}, step=run.step)
+            window_started, window_tokens = time.monotonic(), 0
+        out_of_time = args.max_train_minutes is not None and time.monotonic() - started > 60 * args.max_train_minutes
+        if any_rank(accelerator, stop.received is not None):
+            stopped_by = stop.received or "a stop signal on another rank"
+            break
+        out_of_time = any_rank(accelerator, out_of_time)  # every rank stops at the same step: the slowest clock
+        last = run.step == args.max_steps or out_of_time
+        if run.step % args.eval_steps == 0 or last:
+            metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
+            accelerator.log(metrics, step=run.step)
+            run.say(f"step {run.step}: held-out loss {metrics['eval_loss']:.4f}, "
+                    f"perplexity {metrics['eval_perplexity']:.2f}")
+        if args.save_steps and (run.step % args.save_steps == 0 or last):
+            save(run)
+        if out_of_time:
+            run.say(f"--max_train_minutes={args.max_train_minutes} reached at step {run.step}: stopping")
+            break
+    progress.close()
+    return metrics, stopped_by
+
+
+def stop_on_signal(run: Run, signal_name: str) -> dict:
+    """After a stop signal: a checkpoint of the step just finished (not in --fully_shard mode), and how to resume."""
+    if run.args.fully_shard:
+        run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; --fully_shard runs write no "
+                "checkpoint, so this run cannot be resumed")
+    else:
+        folder = save(run)
+        run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; checkpoint {folder}. To continue, "
+                "run the same command with --resume_from_checkpoint latest")
+    run.accelerator.end_training()
+    return {"step": run.step, "nonfinite_steps": run.nonfinite_steps, "stopped_by": signal_name}
+
+
+def finish(run: Run, metrics: dict) -> dict:
+    """Held-out metrics (if the loop had none), replica check, final/ (model, tokenizer, card) and a sample."""
+    args, accelerator = run.args, run.accelerator
+    if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
+        metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
+    metrics.update(step=run.step, nonfinite_steps=run.nonfinite_steps, final_dir=str(run.run_dir / "final"))
+    if not args.fully_shard and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Replicas exist only without sharding.
+        metrics["replica_spread"] = replica_spread(accelerator, run.model)
+        accelerator.log({"replica_spread": metrics["replica_spread"]}, step=run.step)
+        if metrics["replica_spread"] > 0:
+            run.say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
+    save_final_model(run, metrics, run.run_dir / "final")
+    if accelerator.is_main_process and args.sample_max_new_tokens:
+        prompt = run.eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
+        sample = generate_sample(run.run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, run.collator)
+        print(f"\n=== generated sample (greedy, from {run.run_dir / 'final'}) ===\n{sample}\n", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def train(args: PretrainingArguments) -> dict:
+    """Run pretraining; returns the final metrics (step, eval_loss, eval_perplexity, nonfinite_steps, paths), or
+    {"step", "nonfinite_steps", "stopped_by"} when a SIGTERM/SIGINT stopped it after writing a checkpoint."""
+    run_dir = Path(args.output_dir)
+    check_output_dir(run_dir)
+    preset_kwargs(args)  # unknown config keys, block_size vs positions: refused before any data is read
+    trackers = [JsonlTracker(run_dir / "metrics.jsonl")] + (["tensorboard"] if args.report_to == "tensorboard" else [])
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
+        project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    check_checkpointing_supported(args, accelerator)
+    lock = RunLock(run_dir)
+    try:
+        resume_dir = claim_output_dir(args, accelerator, lock)
+        run = setup(args, accelerator, resuming=resume_dir is not None)
+        if resume_dir is not None:
+            resume(run, resume_dir)
+        if accelerator.is_main_process:
+            drop_records_after(run_dir / "metrics.jsonl", run.step)  # the steps after the checkpoint are redone
+            run.config.save_pretrained(run_dir / "model_config")
+        accelerator.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
+        with StopSignals(announce=accelerator.is_main_process) as stop:
+            metrics, stopped_by = train_loop(run, stop)
+            if stopped_by is not None:
+                return stop_on_signal(run, stopped_by)
+            return finish(run, metrics)  # a signal now is noted and ignored: the run is about to end anyway
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The final folder
+# ----------------------------------------------------------------------------------------------------------------
 def write_model_card(folder: Path, args: PretrainingArguments, config, metrics: dict) -> None:
     stacks = ", ".join(f"{name}: {layers} layers" for name, layers, _ in config.residual_stacks())
     loader = AUTO_MODEL_CLASSES[args.objective].__name__
@@ -507,236 +695,55 @@ def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new
         return f"input: {tokenizer.decode(batch['input_ids'][0])}\nfilled: {tokenizer.decode(filled)}"
 
 
-def save_final_model(args: PretrainingArguments, accelerator, model, config, tokenizer, metrics: dict, folder: Path):
+def save_final_model(run: Run, metrics: dict, folder: Path) -> None:
     """save_pretrained (safetensors, config with auto_map, remote code, generation config) + tokenizer + model card.
 
     The full state dict comes from accelerate (DDP, FSDP, DeepSpeed) or, under --fully_shard, from FSDP2's
     full_state_dict gathered into a plain copy of the model on rank 0."""
-    unwrapped = accelerator.unwrap_model(model)
+    args, accelerator, config = run.args, run.accelerator, run.config
+    unwrapped = accelerator.unwrap_model(run.model)
     if unwrapped.can_generate():
         unwrapped.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
             decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
     if args.fully_shard:
-        full = parallel.full_state_dict(model)  # collective: every rank takes part
-        unwrapped = parallel.unsharded_copy(model, full) if accelerator.is_main_process else None
+        full = parallel.full_state_dict(run.model)  # collective: every rank takes part
+        unwrapped = parallel.unsharded_copy(run.model, full) if accelerator.is_main_process else None
         state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
     else:
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = accelerator.get_state_dict(run.model)
     if unwrapped is not None:
         unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
                                   save_function=accelerator.save)
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
         write_model_card(folder, args, config, metrics)
 
 
-def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resuming: bool):
-    """(tokenizer, train blocks, held-out blocks). Rank 0 goes first: it trains (or loads) the tokenizer and saves it
-    to run_dir/tokenizer; the other ranks, and resumed runs, load that saved tokenizer."""
-    tokenizer_dir = run_dir / "tokenizer"
-    with accelerator.main_process_first():
-        splits = data.hold_out_documents(
-            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
-                             default_corpus_megabytes=args.default_corpus_megabytes),
-            args.validation_fraction)
-        reuse_saved = tokenizer_dir.is_dir() and (resuming or not accelerator.is_main_process)
-        if reuse_saved:
-            tokenizer = data.load_tokenizer(str(tokenizer_dir))
-        elif args.tokenizer_name:
-            tokenizer = data.load_tokenizer(args.tokenizer_name)
-        else:
-            tokenizer = data.train_byte_level_bpe(splits["train"]["text"], args.vocab_size)
-        if args.objective == "seq2seq":
-            data.add_sentinel_tokens(tokenizer, data.span_corruption_sentinel_count(
-                args.block_size, args.noise_density, args.mean_span_length))
-        data.check_tokenizer_for_objective(tokenizer, args.objective)
-        if accelerator.is_main_process and not reuse_saved:
-            tokenizer.save_pretrained(tokenizer_dir)
-        train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
-        eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
-    return tokenizer, train_blocks, eval_blocks
-
-
-def make_dataloaders(args: PretrainingArguments, num_processes: int, train_blocks, eval_blocks):
-    """(sampler, train loader, eval loader) before accelerator.prepare. Evaluation takes whole rounds of
-    per_device_eval_batch_size x processes blocks, so no rank sees a padded or duplicated block and 1 and N
-    processes evaluate the same blocks."""
-    sampler = EpochPermutationSampler(len(train_blocks), args.seed)
-    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=args.per_device_train_batch_size,
-                                               sampler=sampler, drop_last=True, collate_fn=stack_blocks)
-    eval_round = args.per_device_eval_batch_size * num_processes
-    eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
-    if eval_count == 0:
-        raise ValueError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
-                         f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")
-    eval_loader = torch.utils.data.DataLoader(eval_blocks.select(range(eval_count)),
-                                              batch_size=args.per_device_eval_batch_size, collate_fn=stack_blocks)
-    return sampler, train_loader, eval_loader
-
-
-def train(args: PretrainingArguments) -> dict:
-    """Run pretraining; returns the final metrics (step, eval_loss, eval_perplexity, nonfinite_steps, paths)."""
-    run_dir = Path(args.output_dir)
-    trackers = [JsonlTracker(run_dir / "metrics.jsonl")] + (["tensorboard"] if args.report_to == "tensorboard" else [])
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers,
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
-    say = accelerator.print
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def run_command_line(argv: list[str]) -> None:
+    """Parse, then either supervise --num_processes workers (each runs this same command line) or train."""
+    args = parse_arguments(argv)
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        status = launch_workers("dslm_hf.pretraining", argv, args.num_processes)
+        if status:
+            raise SystemExit(status)
+        return
+    stop_when_the_launcher_dies()
     try:
-        resume_dir = resolve_checkpoint(args.resume_from_checkpoint, run_dir, say)
-    except CheckpointError as error:
-        raise SystemExit(f"dslm-pretrain: cannot resume: {error}") from None
-    if resume_dir is None and checkpoint_folders(run_dir):
-        if not args.overwrite_output_dir:
-            raise SystemExit(f"dslm-pretrain: {run_dir} already holds checkpoints: pass --resume_from_checkpoint latest "
-                             "to continue, or --overwrite_output_dir to start over")
-        # Starting over: a stale checkpoint of the old run must never be taken for `latest` of the new one.
-        if accelerator.is_main_process:
-            for name in RUN_OUTPUTS:
-                path = run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            say(f"--overwrite_output_dir: removed the previous run's {', '.join(RUN_OUTPUTS)} from {run_dir}")
-        accelerator.wait_for_everyone()
-
-    tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming=resume_dir is not None)
-    collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
-                                  args.noise_density, args.mean_span_length)
-
-    config = build_model_config(args, tokenizer, train_blocks)
-    say(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
-    set_seed(args.seed)
-    model = build_model(config, args.objective)
-    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; {accelerator.num_processes} "
-        f"process(es), {accelerator.distributed_type.value}{', fully_shard' if args.fully_shard else ''}")
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
-        raise ValueError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
-                         "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
-    if args.fully_shard:
-        if accelerator.num_processes < 2:
-            raise ValueError("--fully_shard shards over the launched processes: launch at least 2 "
-                             "(e.g. ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...)")
-        model = parallel.shard_model(model.to(accelerator.device))
-    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    # The scheduler is stepped once per optimizer step on every rank and is not given to prepare(), which would
-    # step it num_processes times; it is checkpointed through register_for_checkpointing instead.
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
-                              num_training_steps=args.max_steps)
-    accelerator.register_for_checkpointing(scheduler)
-
-    sampler, train_loader, eval_loader = make_dataloaders(args, accelerator.num_processes, train_blocks, eval_blocks)
-    if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
-        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
-    else:
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    if len(train_loader) == 0:
-        raise ValueError(f"the training split has {len(train_blocks)} blocks, fewer than one batch on each of "
-                         f"{accelerator.num_processes} processes")
-
-    step, nonfinite_steps = 0, 0
-    layout = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": args.per_device_train_batch_size,
-              "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
-    if resume_dir is not None:
-        state = json.loads((resume_dir / TRAINER_STATE).read_text())
-        if state["layout"] != layout:
-            raise SystemExit(f"dslm-pretrain: checkpoint {resume_dir} was written with {state['layout']}, this run has "
-                             f"{layout}: resuming with another batch layout would change the data order")
-        accelerator.load_state(str(resume_dir))
-        step, nonfinite_steps = state["step"], state["nonfinite_steps"]
-        say(f"resumed at step {step} ({nonfinite_steps} non-finite steps skipped so far)")
-
-    accelerator.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(run_dir / "model_config")
-
-    batches = micro_batches(accelerator, train_loader, sampler, step * args.gradient_accumulation_steps)
-    progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="pretraining")
-    started = time.monotonic()
-    window_started, window_tokens = time.monotonic(), 0
-    metrics = {}
-    model.train()
-    while step < args.max_steps:
-        # Dropout and masking of this step depend only on (seed, step, rank): a resumed run replays them.
-        step_seed = derived_seed(args.seed, "step", step, accelerator.process_index)
-        generator = torch.Generator().manual_seed(step_seed)
-        window = [to_device(collator(next(batches).cpu(), generator), accelerator.device)
-                  for _ in range(args.gradient_accumulation_steps)]
-        # Seeded after fetching: starting a DataLoader iterator (a new epoch, a resume) draws from the global RNG.
-        torch.manual_seed(step_seed)
-        loss, finite = training_window(accelerator, model, window, collator)
-        grad_norm = None
-        if finite and args.max_grad_norm > 0:
-            grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            # DeepSpeed clips inside its engine (gradient_clipping in its config) and returns no norm.
-            finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-        else:
-            nonfinite_steps += 1
-            say(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # also on skipped steps: the learning rate stays a function of the step
-        step += 1
-        window_tokens += sum(b["input_ids"].numel() for b in window) * accelerator.num_processes
-        progress.update(1)
-        if nonfinite_steps > args.max_nonfinite_steps:
-            accelerator.end_training()
-            raise SystemExit(f"dslm-pretrain: stopping at step {step}: {nonfinite_steps} steps had a non-finite loss or "
-                             f"gradient, more than --max_nonfinite_steps={args.max_nonfinite_steps}")
-        if finite:
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                 tok_s=f"{window_tokens / max(time.monotonic() - window_started, 1e-9):.0f}")
-        if step % args.logging_steps == 0 or step == args.max_steps:
-            record = {"lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_steps,
-                      "tokens_per_second": window_tokens / max(time.monotonic() - window_started, 1e-9)}
-            if finite:
-                record["loss"] = loss.item()
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-            accelerator.log(record, step=step)
-            window_started, window_tokens = time.monotonic(), 0
-        out_of_time = args.max_train_minutes is not None and time.monotonic() - started > 60 * args.max_train_minutes
-        # Every rank must stop at the same step: agree on the slowest clock.
-        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
-        last = step == args.max_steps or out_of_time
-        if step % args.eval_steps == 0 or last:
-            metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
-            accelerator.log(metrics, step=step)
-            say(f"step {step}: held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
-        if args.save_steps and (step % args.save_steps == 0 or last):
-            save_checkpoint(accelerator, run_dir, {"step": step, "nonfinite_steps": nonfinite_steps, "layout": layout},
-                            args.checkpoints_total_limit)
-        if out_of_time:
-            say(f"--max_train_minutes={args.max_train_minutes} reached at step {step}: stopping")
-            break
-    progress.close()
-
-    if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
-        metrics = evaluate(accelerator, model, eval_loader, collator, args.seed)
-    metrics.update(step=step, nonfinite_steps=nonfinite_steps, final_dir=str(run_dir / "final"))
-    if not args.fully_shard and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # Replicas exist only without sharding.
-        metrics["replica_spread"] = replica_spread(accelerator, model)
-        accelerator.log({"replica_spread": metrics["replica_spread"]}, step=step)
-        if metrics["replica_spread"] > 0:
-            say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
-    save_final_model(args, accelerator, model, config, tokenizer, metrics, run_dir / "final")
-    if accelerator.is_main_process and args.sample_max_new_tokens:
-        prompt = eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
-        sample = generate_sample(run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, collator)
-        print(f"\n=== generated sample (greedy, from {run_dir / 'final'}) ===\n{sample}\n", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return metrics
+        train(args)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing to save yet
+        print("dslm-pretrain: interrupted before training started; nothing was written to resume from",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
-def main(argv=None) -> None:
-    """Console entry point (`dslm-pretrain`); returns None so that the process exits with status 0."""
-    train(parse_arguments(argv))
+def main(argv=None) -> int:
+    """Console entry point (`dslm-pretrain`): 0 on success, 2 with one stderr line for a user error."""
+    return run_command("dslm-pretrain", run_command_line, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

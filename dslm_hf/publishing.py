@@ -25,15 +25,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .checkpointing import file_sha256, find_pickle_files
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
+from .evaluation import evaluate
 from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_total
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 EVAL_FILE_NAME = "eval_results.json"
 # The files trust_remote_code needs next to config.json; save_pretrained copies them through auto_map.
@@ -74,11 +77,6 @@ class PublishRefusal(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Checks on a checkpoint folder
 # ----------------------------------------------------------------------------------------------------------------
-def find_pickle_files(folder: Path) -> list[Path]:
-    """Every pickle-format weight file anywhere under `folder` (loading one can run arbitrary code)."""
-    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES)
-
-
 def check_no_pickle_files(folder: Path) -> None:
     pickles = find_pickle_files(folder)
     if pickles:
@@ -281,14 +279,9 @@ def held_out_metrics(model, tokenizer, text_file: Path, task: str, *, held_out_f
 
     The split is the one pretraining holds out with the same `--validation_fraction`
     (`dslm_hf.data.hold_out_documents`: that fraction of the text's documents, evenly spaced, never trained on),
-    and the loss is pretraining's own token-level `evaluate`, whose masking / span corruption is seeded per batch
-    from `seed`: reproducible.
+    and the loss is `dslm_hf.evaluation.evaluate`, the token-level loss pretraining reports, whose masking / span
+    corruption is seeded per batch from `seed`: reproducible.
     """
-    from accelerate import Accelerator
-
-    from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks
-    from .pretraining import evaluate, stack_blocks
-
     held_out = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)["validation"]
     blocks = pack_into_blocks(held_out, tokenizer, block_size)
     loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=stack_blocks)
@@ -305,8 +298,6 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
     it is copied as given. The record names the weights it measured by `weights_digest`, so a card can never show
     numbers of other weights.
     """
-    from .pretraining import file_sha256  # the checkpoint manifests' digest; pretraining is imported only here
-
     checkpoint_dir, text_file = Path(checkpoint_dir), Path(text_file)
     config = check_checkpoint(checkpoint_dir)
     check_training_record(training, source="training")

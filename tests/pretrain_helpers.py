@@ -10,6 +10,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from dslm_hf import pretraining
+from dslm_hf.run_metrics import read_metrics
 
 REPO = Path(__file__).parents[1]
 PRETRAIN_SCRIPT = REPO / "scripts" / "pretrain.py"
@@ -68,9 +69,9 @@ def run_launched(output_dir, *extra, processes: int = 1, timeout: int = 300) -> 
 
 
 def train_losses(output_dir) -> dict[int, float]:
-    """step -> training loss from metrics.jsonl; a step logged twice (before a kill, after the resume) keeps the last."""
-    return {r["step"]: r["loss"] for r in pretraining.read_metrics(Path(output_dir) / "metrics.jsonl") if "loss" in r}
+    """step -> training loss from metrics.jsonl (each step is logged once, also across a kill and resume)."""
+    return {r["step"]: r["loss"] for r in read_metrics(Path(output_dir) / "metrics.jsonl") if "loss" in r}
 
 
 def eval_losses(output_dir) -> dict[int, float]:
-    return {r["step"]: r["eval_loss"] for r in pretraining.read_metrics(Path(output_dir) / "metrics.jsonl") if "eval_loss" in r}
+    return {r["step"]: r["eval_loss"] for r in read_metrics(Path(output_dir) / "metrics.jsonl") if "eval_loss" in r}

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dslm_hf import pretraining
+from dslm_hf.run_metrics import read_metrics
 from pretrain_helpers import REPO, NO_DROPOUT, eval_losses, run_in_process, run_launched, train_losses
 
 RUN = ["--max_steps", 4, "--eval_steps", 2, "--save_steps", 0, *NO_DROPOUT]
@@ -29,7 +30,7 @@ def assert_same_training(run_dir, reference):
     assert sorted(losses) == [1, 2, 3, 4]
     for step in expected:
         assert losses[step] == pytest.approx(expected[step], rel=1e-5)
-    norms, expected_norms = ({r["step"]: r["grad_norm"] for r in pretraining.read_metrics(d / "metrics.jsonl")
+    norms, expected_norms = ({r["step"]: r["grad_norm"] for r in read_metrics(d / "metrics.jsonl")
                               if "grad_norm" in r} for d in (run_dir, reference))
     assert norms == pytest.approx(expected_norms, rel=1e-5)
     for step, loss in eval_losses(reference).items():
@@ -43,7 +44,7 @@ def assert_same_training(run_dir, reference):
 def test_two_gloo_ranks_train_identical_replicas_like_one_process(tmp_path, one_process):
     run_launched(tmp_path, *RUN, "--per_device_train_batch_size", 4, processes=2)
     assert_same_training(tmp_path, one_process)
-    records = pretraining.read_metrics(tmp_path / "metrics.jsonl")
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["replica_spread"] for r in records if "replica_spread" in r] == [0.0]
     assert records[0]["config"]["per_device_train_batch_size"] == 4
 

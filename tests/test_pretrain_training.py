@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dslm_hf import pretraining
+from dslm_hf.checkpointing import verify_checkpoint
+from dslm_hf.cli import UserError
+from dslm_hf.run_metrics import read_metrics
 from pretrain_helpers import NO_DROPOUT, eval_losses, run_in_process, train_losses
 
 
@@ -48,7 +51,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     common = ["--max_steps", 2, "--save_steps", 0, "--eval_steps", 100, *NO_DROPOUT]
     run_in_process(tmp_path / "accumulated", *common, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2)
     run_in_process(tmp_path / "big", *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1)
-    records = {name: [r for r in pretraining.read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    records = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
                for name in ("accumulated", "big")}
     for accumulated, big in zip(records["accumulated"], records["big"]):
         assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-6)
@@ -76,7 +79,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
 
 def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(pretraining, "compute_loss", lambda model, batch, num_items_in_batch: torch.tensor(float("inf")))
-    with pytest.raises(SystemExit, match="stopping at step 3: 3 steps had a non-finite loss.*--max_nonfinite_steps=2"):
+    with pytest.raises(UserError, match="stopping at step 3: 3 steps had a non-finite loss.*--max_nonfinite_steps=2"):
         run_in_process(tmp_path, "--max_steps", 10, "--save_steps", 0, "--max_nonfinite_steps", 2)
 
 
@@ -130,14 +133,14 @@ def test_main_command_preset_deep_48_trains_evaluates_and_saves_a_loadable_model
     assert metrics["step"] == 3 and math.isfinite(metrics["eval_loss"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert model.config.num_hidden_layers == 48 and len(model.model.layers) == 48
-    assert pretraining.verify_checkpoint(tmp_path / "checkpoints" / "step_00000003") == 3
+    assert verify_checkpoint(tmp_path / "checkpoints" / "step_00000003") == 3
     assert "=== generated sample" in capsys.readouterr().out
 
 
 def test_time_limit_stops_early_then_evaluates_and_saves(tmp_path, capsys):
     metrics = run_in_process(tmp_path, "--max_steps", 1000, "--max_train_minutes", 1e-4, "--save_steps", 500)
     assert metrics["step"] == 1 and math.isfinite(metrics["eval_loss"])
-    assert pretraining.verify_checkpoint(tmp_path / "checkpoints" / "step_00000001") == 1
+    assert verify_checkpoint(tmp_path / "checkpoints" / "step_00000001") == 1
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert "--max_train_minutes=0.0001 reached at step 1: stopping" in capsys.readouterr().out
 
@@ -145,5 +148,5 @@ def test_time_limit_stops_early_then_evaluates_and_saves(tmp_path, capsys):
 def test_tensorboard_tracker_writes_events_beside_the_jsonl(tmp_path):
     run_in_process(tmp_path, "--max_steps", 2, "--save_steps", 0, "--report_to", "tensorboard")
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
-    records = pretraining.read_metrics(tmp_path / "metrics.jsonl")
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert "config" in records[0] and [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
+from dslm_hf.checkpointing import PICKLE_SUFFIXES
 from dslm_hf.publishing import (
-    PICKLE_SUFFIXES,
     check_checkpoint,
     main,
     render_model_card,

@@ -1,0 +1,162 @@
+"""What keeps a pretraining run safe from other runs and from its scheduler: the output-folder lock, stop signals,
+and the launcher's death.
+
+- `RunLock`: an exclusive `fcntl.flock` on OUTPUT_DIR/.dslm-pretrain.lock, held by rank 0 for the whole run. The file
+  names the holder (pid, host, start time) so a second run can say who has the folder. The kernel drops the lock
+  when its holder dies, however it dies, so a lock file whose lock is free belonged to a dead run: it is taken over,
+  with a message naming that run. (flock on network file systems depends on the server; run folders on local disks
+  or a cluster file system that supports it.)
+- `StopSignals`: SIGTERM (what SLURM and Kubernetes send before killing) or SIGINT (Ctrl-C) asks the loop to stop
+  after the current step, write a checkpoint and exit 0; a repeated signal exits at once.
+- `stop_when_the_launcher_dies`: a worker started by a launcher gets SIGTERM when the launcher process dies, so a
+  killed `accelerate launch` leaves no orphan that keeps writing into the run folder.
+"""
+
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .cli import UserError
+
+LOCK_NAME = ".dslm-pretrain.lock"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Set in a worker's environment by accelerate launch (every mode), torchrun, and dslm-pretrain --num_processes.
+LAUNCHER_ENVIRONMENT = ("ACCELERATE_DYNAMO_MODE", "TORCHELASTIC_RUN_ID", "DSLM_PRETRAIN_WORKER")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def describe_holder(record: str) -> str:
+    try:
+        holder = json.loads(record)
+        return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return "a process that left no readable record"
+
+
+class RunLock:
+    """Exclusive use of a run folder by one run at a time (see the module docstring)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.handle = None
+
+    def acquire(self, say=print) -> None:
+        """Take the lock or raise UserError naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = describe_holder(handle.read())
+            handle.close()
+            raise UserError(f"--output_dir {self.path.parent} is in use by another dslm-pretrain run ({holder}): "
+                            "wait for it to finish, stop it, or choose another --output_dir") from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous:
+            say(f"taking over the lock of {self.path.parent} left by a run that is gone ({describe_holder(previous)})")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.seek(0)
+            self.handle.truncate()  # an empty file: the run ended cleanly, nothing to take over
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+class StopSignals:
+    """Within `with StopSignals(...) as stop:`, the first SIGTERM/SIGINT sets `stop.received` (its name) for the loop
+    to act on; one more, later than `grace_seconds` after the first, exits at once with status 128 + signal.
+
+    Signals within the grace period count as one: a launcher that forwards the terminal's Ctrl-C to a worker which
+    the terminal also reached delivers two at once, and that must not skip the checkpoint."""
+
+    def __init__(self, announce: bool, grace_seconds: float = 2.0):
+        self.announce, self.grace_seconds = announce, grace_seconds
+        self.received, self.received_at, self.previous = None, None, {}
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received, self.received_at = name, time.monotonic()
+            if self.announce:
+                print(f"dslm-pretrain: {name} received: finishing this step, then writing a checkpoint "
+                      f"(send {name} again to stop at once, without one)", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.received_at > self.grace_seconds:
+            if self.announce:
+                print(f"dslm-pretrain: second {name}: stopping at once without a checkpoint; resume from the last "
+                      "one with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+
+
+def stop_when_the_launcher_dies() -> None:
+    """In a worker started by a launcher (Linux): have the kernel send SIGTERM when the launcher dies, which
+    `StopSignals` turns into a checkpoint and a clean stop."""
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in LAUNCHER_ENVIRONMENT):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launch_workers(module: str, argv: list[str], num_processes: int, failure_grace_seconds: float = 10.0) -> int:
+    """Run `python -m module *argv` as `num_processes` ranks of one process group on this machine and supervise them.
+
+    SIGTERM/SIGINT sent to this process are forwarded to every rank (the workers run in their own session, so a
+    terminal's Ctrl-C reaches them once, through here). When a rank fails, the others get SIGTERM, then SIGKILL
+    after `failure_grace_seconds` (a rank blocked in a collective cannot act on SIGTERM). Returns the exit status:
+    2 if any rank reported a user error, else the first failure's (128 + signal for a killed rank), else 0.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(num_processes),
+              "LOCAL_WORLD_SIZE": str(num_processes), "DSLM_PRETRAIN_WORKER": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
+                                env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+               for rank in range(num_processes)]
+
+    def forward(signum, frame=None):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        failed_at = None
+        while any(worker.poll() is None for worker in workers):
+            if failed_at is None and any(worker.returncode not in (None, 0) for worker in workers):
+                failed_at = time.monotonic()
+                forward(signal.SIGTERM)
+            elif failed_at is not None and time.monotonic() - failed_at > failure_grace_seconds:
+                forward(signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    statuses = [128 - worker.returncode if worker.returncode < 0 else worker.returncode for worker in workers]
+    return 2 if 2 in statuses else next((status for status in statuses if status), 0)
