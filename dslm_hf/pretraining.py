@@ -119,6 +119,9 @@ class PretrainingArguments:
     fully_shard: bool = field(default=False, metadata={
         "help": "Shard parameters, gradients and optimizer state with FSDP2 fully_shard over the launched processes "
                 "(each DeepScaleLMLayer, then the root); works on gloo/CPU. No periodic checkpoints in this mode."})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute each layer's activations during backward (model.activation_checkpointing_enable()): "
+                "activation memory of one layer instead of all, for very deep stacks; about a third more compute."})
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'; metrics.jsonl is always written."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of the generated sample printed at the end."})
     num_processes: int = field(default=1, metadata={
@@ -452,6 +455,8 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
     accelerator.print(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
     set_seed(args.seed)
     model = build_model(config, args.objective)
+    if args.activation_checkpointing:
+        model.activation_checkpointing_enable()
     accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; "
                       f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
