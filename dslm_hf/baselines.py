@@ -7,6 +7,8 @@
 - `masked_position_metrics`: top-1 accuracy and loss of a model and of `UnigramLM` at the same positions of the
   same corrupted held-out batches (masked tokens for an encoder, hidden span tokens for an encoder-decoder).
 - `same_parameter_shape`: the width of a shallow model with the parameter count of a deep one.
+- `held_out_baselines`: all of the above for a checkpoint and its same-parameter twin, as the "baselines" entry of
+  the evaluation record its model card is rendered from.
 
 All of it is numpy/torch on CPU; fitting a 4-gram model on a few million tokens takes seconds.
 """
@@ -16,8 +18,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
-from .data import derived_seed
+from .data import derived_seed, hold_out_documents, load_corpus, make_collator, pack_into_blocks
+from .diagnostics import measure_signal_propagation
+from .publishing import OBJECTIVE_OF_TASK, architecture_class, check_checkpoint, parameter_count
 
 # A context that was never seen in training backs off entirely to the next lower order.
 _MAX_CODE = 2**62
@@ -217,3 +222,60 @@ def same_parameter_shape(parameter_count: Callable[[int, int], int], target: int
     candidates = [(abs(parameter_count(layers, m * width_multiple) - target), m * width_multiple) for m in (low, high)]
     width = min(candidates)[1]
     return width, parameter_count(layers, width)
+
+
+def weight_gradient_spread(model, input_ids: torch.Tensor) -> dict[str, float]:
+    """{stack: max / min over its layers of the weight-gradient norm} of one training-mode step on `input_ids`
+    (dslm_hf.diagnostics): 1 is perfectly even; DeepScaleLM keeps it near 1.4 at initialisation at any depth."""
+    records = measure_signal_propagation(model, input_ids, progress=False)
+    spreads = {}
+    for stack, layers in records.items():
+        norms = [layer["weight_gradient_norm"] for layer in layers]
+        spreads[stack] = max(norms) / min(norms) if all(n is not None and n > 0 for n in norms) else math.inf
+    return spreads
+
+
+def held_out_baselines(model_dir, same_parameter_dir, same_parameter_record: dict, text_file, *,
+                       held_out_fraction: float, block_size: int, batch_size: int = 8, seed: int = 0,
+                       ngram_order: int = 4) -> dict:
+    """What the checkpoint in `model_dir` is compared with, on the held-out split its evaluation record uses:
+
+    - "same_parameters": the same-parameter model's held-out loss and perplexity (from `same_parameter_record`, its
+      own evaluation record: its shape, parameters, weights digest and training run);
+    - causal LM: "ngram" (interpolated Kneser-Ney of `ngram_order` fitted on the training split) and "unigram",
+      each on the tokens the model predicts;
+    - masked LM: "fill_mask", top-1 accuracy and loss at the held-out mask-token positions of the model, the
+      same-parameter model and token frequencies, on the same masks as the record's loss;
+    - encoder-decoder: "spans", the same at the hidden span tokens (teacher-forced; sentinels and EOS not scored).
+    """
+    config = check_checkpoint(model_dir)
+    same_config = check_checkpoint(same_parameter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)
+    train_stream = pack_into_blocks(splits["train"], tokenizer, block_size)[:]["input_ids"].flatten()
+    held_out = pack_into_blocks(splits["validation"], tokenizer, block_size)[:]["input_ids"]
+    unigram = UnigramLM(len(tokenizer)).fit(train_stream)
+    metrics = same_parameter_record["metrics"]
+    stacks = {f"{stack}_layers": layers for stack, layers, _ in same_config.residual_stacks()}
+    result = {"same_parameters": {**stacks, "hidden_size": same_config.hidden_size,
+                                  "parameters": parameter_count(same_config), "loss": metrics["loss"],
+                                  "perplexity": metrics["perplexity"],
+                                  "weights_sha256": same_parameter_record["weights_sha256"],
+                                  "training": same_parameter_record["training"]}}
+    task = same_parameter_record["task"]
+    if task == "causal-lm":
+        ngram = KneserNeyLM(len(tokenizer), ngram_order).fit(train_stream.numpy())
+        result["ngram"] = {"order": ngram_order, "smoothing": "interpolated Kneser-Ney", "discounts": ngram.discounts,
+                           **ngram.causal_lm_metrics(held_out.numpy())}
+        frequencies = unigram.metrics(held_out[:, 1:])
+        result["unigram"] = {"loss": frequencies["loss"], "perplexity": math.exp(frequencies["loss"])}
+        return result
+    collator = make_collator(OBJECTIVE_OF_TASK[task], tokenizer, block_size)
+    batches = held_out_batches(held_out, collator, batch_size, seed)
+    scored = fill_mask_positions(tokenizer.mask_token_id) if task == "masked-lm" else collator.span_token_mask
+    model = masked_position_metrics(architecture_class(config).from_pretrained(model_dir), batches, scored, unigram)
+    same = masked_position_metrics(architecture_class(same_config).from_pretrained(same_parameter_dir), batches,
+                                   scored, unigram)
+    result["fill_mask" if task == "masked-lm" else "spans"] = {
+        "tokens": model["tokens"], "model": model["model"], "same_parameters": same["model"], "unigram": model["unigram"]}
+    return result

@@ -317,9 +317,12 @@ class SpanCorruptionCollator:
         return torch.tensor(restored)
 
     def span_token_mask(self, batch: dict) -> torch.Tensor:
-        """True where a label is a hidden span token (not a sentinel, EOS or padding): what span accuracy scores."""
+        """True where a label is a hidden span token (not a sentinel, the closing EOS or padding; an EOS that
+        separated two documents inside a span counts): what span accuracy scores."""
         labels = batch["labels"]
-        return (labels != -100) & (labels != self.eos_token_id) & ~torch.isin(labels, self.sentinel_ids)
+        mask = (labels != -100) & ~torch.isin(labels, self.sentinel_ids)
+        mask[torch.arange(len(labels)), (labels != -100).sum(1) - 1] = False
+        return mask
 
     @staticmethod
     def count_label_tokens(batch) -> torch.Tensor:

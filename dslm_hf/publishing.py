@@ -447,6 +447,39 @@ def _format_training_value(name: str, value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
+def comparison_rows(results: dict) -> list[tuple[str, str]]:
+    """Card rows of the baselines and gradient spread an evaluation record holds (scripts/build_checkpoint.py
+    writes them with dslm_hf.baselines.held_out_baselines), on the same held-out split as the model's numbers."""
+    baselines, rows = results.get("baselines", {}), []
+    if "same_parameters" in baselines:
+        same = baselines["same_parameters"]
+        stacks = " + ".join(f"{layers}-layer {name.removesuffix('_layers')}" for name, layers in same.items()
+                            if name.endswith("_layers"))
+        rows.append((f"same-parameter shallow model ({stacks}, width-{same['hidden_size']}, {same['parameters']:,} "
+                     "parameters; same data, tokens and steps): held-out loss / perplexity",
+                     f"{same['loss']:.4f} / {same['perplexity']:.2f}"))
+    if "ngram" in baselines:
+        ngram = baselines["ngram"]
+        rows.append((f"{ngram['order']}-gram, {ngram['smoothing']}, fitted on the training split: loss / perplexity",
+                     f"{ngram['loss']:.4f} / {ngram['perplexity']:.2f}"))
+    if "unigram" in baselines:
+        rows.append(("token frequencies (add-one unigram of the training split): loss / perplexity",
+                     f"{baselines['unigram']['loss']:.4f} / {baselines['unigram']['perplexity']:.2f}"))
+    for key, what in (("fill_mask", "held-out mask-token positions"), ("spans", "hidden span tokens, teacher-forced")):
+        if key in baselines:
+            scored = baselines[key]
+            sources = [scored["model"], scored["same_parameters"], scored["unigram"]]
+            rows.append((f"top-1 accuracy on {scored['tokens']:,} {what}: this model / same-parameter model / token "
+                         "frequencies", " / ".join(f"{source['accuracy']:.1%}" for source in sources)))
+            rows.append(("loss on those tokens (nats): this model / same-parameter model / token frequencies",
+                         " / ".join(f"{source['loss']:.4f}" for source in sources)))
+    spread = results.get("gradient_spread")
+    for stack, initial in (spread or {}).get("initialisation", {}).items():
+        rows.append((f"per-layer weight-gradient spread (max/min, {stack}): at initialisation -> trained",
+                     f"{initial:.2f} -> {spread['trained'][stack]:.2f}"))
+    return rows
+
+
 def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) -> ModelCard:
     """The README of the Hub repository: metadata (pipeline, tags, datasets, model-index) and text, with every
     reported number read from the evaluation record `results`."""
@@ -476,7 +509,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
         (f"held-out loss ({'masked tokens' if task == 'masked-lm' else 'per token'}, nats)", f"{metrics['loss']:.4f}"),
         ("held-out perplexity", f"{metrics['perplexity']:.2f}"),
         ("held-out tokens", f"{dataset['tokens']:,}"),
-    ]
+    ] + comparison_rows(results)
     held_out = (
         f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`): "
         f"{dataset['held_out_fraction']:.0%} of its paragraphs, evenly spaced and never trained on, in "

@@ -1,12 +1,16 @@
-"""Train a checkpoint with dslm-pretrain, evaluate it on held-out text, stage it as a Hub repository folder.
+"""Train a checkpoint and its same-parameter shallow baseline, evaluate both and count baselines on held-out text,
+stage the checkpoint as a Hub repository folder whose card shows all of them.
 
-How checkpoints/ was made (see docs/publishing.md for the exact commands):
+    python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo-id dslm-hf/deepscalelm-48l-decoder \\
+        --text-file ../shared/data/tinyshakespeare/input.txt --run-dir runs/decoder --baseline-layers 4 \\
+        -- --objective clm --preset deep-48 --vocab_size 300 --block_size 128 --max_steps 2000 ...
 
-    python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo-id dslm-hf/deepscalelm-48l-decoder \
-        --text-file ../shared/data/tinyshakespeare/input.txt -- --objective clm --preset deep-48 ...
-
-Everything after `--` goes to dslm-pretrain unchanged (its --dataset and --validation_fraction are set here from
---text-file and --held-out-fraction, so training never sees the held-out text the card reports on).
+Everything after `--` goes to dslm-pretrain unchanged (its --output_dir, --dataset and --validation_fraction are set
+here from --run-dir, --text-file and --held-out-fraction, so training never sees the held-out text the card reports
+on). The baseline is the same command with --baseline-layers layers (encoder-decoder: in each stack) at the width
+whose parameter count is closest to the model's, the model's tokenizer, the same seed and data, and exactly the
+model's number of optimizer steps (so the same training tokens; --max_train_minutes only bounds the model's run),
+at --baseline-learning-rate if given. Runs land in RUN_DIR/model and RUN_DIR/same-parameters.
 """
 
 import argparse
@@ -15,58 +19,153 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer
+
 from dslm_hf import pretraining
-from dslm_hf.publishing import describe_hardware, evaluate_checkpoint, stage_repository, write_eval_file
+from dslm_hf.baselines import held_out_baselines, same_parameter_shape, weight_gradient_spread
+from dslm_hf.cli import UserError, run_command
+from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
+from dslm_hf.data import hold_out_documents, load_corpus, pack_into_blocks
+from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, parameter_count, stage_repository,
+                                write_eval_file)
+
+GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="build_checkpoint.py", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="staged repository folder to create (e.g. checkpoints/NAME)")
     parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--text-file", type=Path, required=True, help="training text; its tail is held out")
+    parser.add_argument("--text-file", type=Path, required=True, help="training text; evenly spaced paragraphs are held out")
     parser.add_argument("--held-out-fraction", type=float, default=0.1)
     parser.add_argument("--dataset-id", default="karpathy/tiny_shakespeare", help="Hub id of the text, for the card")
     parser.add_argument("--dataset-name", default="Tiny Shakespeare")
-    parser.add_argument("--run-dir", type=Path, required=True, help="dslm-pretrain --output_dir")
-    argv = sys.argv[1:] if argv is None else argv
+    parser.add_argument("--run-dir", type=Path, required=True, help="the two dslm-pretrain runs go in model/ and same-parameters/")
+    parser.add_argument("--baseline-layers", type=int, default=4, help="depth of the same-parameter baseline")
+    parser.add_argument("--baseline-learning-rate", type=float, default=None,
+                        help="peak learning rate of the baseline (default: the model's)")
+    parser.add_argument("--ngram-order", type=int, default=4, help="order of the Kneser-Ney baseline (causal LM)")
     if "--" not in argv:
-        parser.error("give the dslm-pretrain arguments after --")
+        raise UserError("give the dslm-pretrain arguments after --")
     split = argv.index("--")
     args = parser.parse_args(argv[:split])
     args.pretrain_args = argv[split + 1:]
+    if args.baseline_layers < 1 or args.ngram_order < 1:
+        raise UserError("--baseline-layers and --ngram-order must be >= 1")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    pretrain_argv = args.pretrain_args + ["--output_dir", str(args.run_dir), "--dataset", str(args.text_file),
-                                          "--validation_fraction", str(args.held_out_fraction)]
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` / `flag=VALUE`."""
+    kept, skip = [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = index + 1 < len(argv)
+        elif not arg.startswith(flag + "="):
+            kept.append(arg)
+    return kept
+
+
+def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: float) -> tuple[Path, dict, object]:
+    """(final folder, training record for the evaluation file, parsed settings) of one dslm-pretrain run."""
     settings = pretraining.parse_arguments(pretrain_argv)
     started = time.monotonic()
     metrics = pretraining.train(settings)
-    wall_time = time.monotonic() - started
+    batch_blocks = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     training = {
-        "tokens": metrics["step"] * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
-        * settings.block_size,
-        "wall_time_seconds": round(wall_time, 1),
+        "tokens": metrics["step"] * batch_blocks * settings.block_size,
+        "wall_time_seconds": round(time.monotonic() - started, 1),
         "hardware": describe_hardware(),
         "objective": settings.objective,
         "optimizer_steps": metrics["step"],
-        "batch_size_blocks": settings.per_device_train_batch_size * settings.gradient_accumulation_steps,
+        "batch_size_blocks": batch_blocks,
         "block_size": settings.block_size,
         "peak_learning_rate": settings.learning_rate,
         "schedule": f"{settings.lr_scheduler_type}, {settings.warmup_ratio:.0%} warmup",
-        "training_data": f"{args.dataset_name}, all but {args.held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
+        "training_data": f"{dataset_name}, all but {held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
         "command": "dslm-pretrain " + " ".join(pretrain_argv),
     }
-    final_dir = Path(metrics["final_dir"])
-    results = evaluate_checkpoint(final_dir, args.text_file, training, dataset_id=args.dataset_id,
-                                  dataset_name=args.dataset_name, held_out_fraction=args.held_out_fraction,
-                                  block_size=settings.block_size)
-    eval_file = write_eval_file(results, args.run_dir / "eval_results.json")
+    return Path(metrics["final_dir"]), training, settings
+
+
+def same_parameter_overrides(config: DeepScaleLMConfig, layers: int) -> tuple[str, int]:
+    """(--config_overrides items, parameters) of the `layers`-deep model with the parameter count of `config`'s."""
+    ffn_ratio = config.intermediate_size // config.hidden_size
+
+    def shape(depth: int, width: int) -> dict:
+        stacks = {"num_hidden_layers": depth} | ({"decoder_layers": depth} if config.is_encoder_decoder else {})
+        return stacks | {"hidden_size": width, "intermediate_size": ffn_ratio * width}
+
+    def count(depth: int, width: int) -> int:
+        return parameter_count(DeepScaleLMConfig.from_dict(config.to_dict() | shape(depth, width)))
+
+    try:
+        width, parameters = same_parameter_shape(count, parameter_count(config), layers, config.num_attention_heads)
+    except ValueError as error:  # the configuration refuses the shape (e.g. too few layers for residual_k)
+        raise UserError(f"--baseline-layers {layers}: {error}") from None
+    return ",".join(f"{name}={value}" for name, value in shape(layers, width).items()), parameters
+
+
+def baseline_argv(pretrain_argv: list[str], settings, overrides: str, run_dir: Path, tokenizer_dir: Path,
+                  steps: int, learning_rate: float | None) -> list[str]:
+    argv = without_option(without_option(pretrain_argv, "--max_train_minutes"), "--output_dir")
+    argv = without_option(without_option(argv, "--config_overrides"), "--max_steps")
+    argv += ["--output_dir", str(run_dir), "--tokenizer_name", str(tokenizer_dir), "--max_steps", str(steps),
+             "--config_overrides", ",".join(filter(None, [settings.config_overrides, overrides]))]
+    return argv + (["--learning_rate", str(learning_rate)] if learning_rate is not None else [])
+
+
+def gradient_spreads(final_dir: Path, settings, text_file: Path, held_out_fraction: float) -> dict:
+    """Per-layer weight-gradient spread of the model at its initialisation (rebuilt from the run's seed) and
+    trained, on the first held-out blocks."""
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    held_out = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)["validation"]
+    input_ids = pack_into_blocks(held_out, tokenizer, settings.block_size)[:GRADIENT_SPREAD_BLOCKS]["input_ids"]
+    config = DeepScaleLMConfig.from_pretrained(final_dir)
+    set_seed(settings.seed)
+    initial = pretraining.build_model(config, settings.objective)
+    trained = pretraining.AUTO_MODEL_CLASSES[settings.objective].from_pretrained(final_dir)
+    return {"blocks": len(input_ids), "initialisation": weight_gradient_spread(initial, input_ids),
+            "trained": weight_gradient_spread(trained, input_ids)}
+
+
+def build(argv: list[str]) -> None:
+    args = parse_args(argv)
+    common = ["--dataset", str(args.text_file), "--validation_fraction", str(args.held_out_fraction)]
+    model_argv = without_option(args.pretrain_args, "--output_dir") + ["--output_dir", str(args.run_dir / "model")] + common
+    final_dir, training, settings = train_run(model_argv, args.dataset_name, args.held_out_fraction)
+    config = DeepScaleLMConfig.from_pretrained(final_dir)
+
+    overrides, parameters = same_parameter_overrides(config, args.baseline_layers)
+    print(f"same-parameter baseline: {overrides} ({parameters:,} parameters, the model has {parameter_count(config):,})")
+    same_argv = baseline_argv(model_argv, settings, overrides, args.run_dir / "same-parameters",
+                              args.run_dir / "model" / "tokenizer", training["optimizer_steps"],
+                              args.baseline_learning_rate)
+    same_dir, same_training, _ = train_run(same_argv, args.dataset_name, args.held_out_fraction)
+
+    evaluation = {"dataset_id": args.dataset_id, "dataset_name": args.dataset_name,
+                  "held_out_fraction": args.held_out_fraction, "block_size": settings.block_size}
+    results = evaluate_checkpoint(final_dir, args.text_file, training, **evaluation)
+    same_results = evaluate_checkpoint(same_dir, args.text_file, same_training, **evaluation)
+    results["baselines"] = held_out_baselines(
+        final_dir, same_dir, same_results, args.text_file, held_out_fraction=args.held_out_fraction,
+        block_size=settings.block_size, batch_size=results["evaluation"]["batch_size"],
+        seed=results["evaluation"]["seed"], ngram_order=args.ngram_order)
+    results["gradient_spread"] = gradient_spreads(final_dir, settings, args.text_file, args.held_out_fraction)
+    write_eval_file(same_results, args.run_dir / "same-parameters" / "eval_results.json")
+    eval_file = write_eval_file(results, args.run_dir / "model" / "eval_results.json")
     stage_repository(final_dir, args.output, args.repo_id, eval_file)
-    print(json.dumps(results["metrics"]), f"-> {args.output}")
+    print(json.dumps({"model": results["metrics"], **{name: {k: v for k, v in entry.items() if k != "training"}
+                                                       for name, entry in results["baselines"].items()},
+                      "gradient_spread": results["gradient_spread"]}), f"-> {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("build_checkpoint.py", build, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -139,3 +139,14 @@ def test_ragged_batch_pads_inputs_and_labels_and_the_model_loss_ignores_the_padd
 def test_blocks_longer_than_configured_are_refused(collator):
     with pytest.raises(ValueError, match="blocks of 2 to 128 tokens, got 129"):
         collator.corrupt(torch.arange(129))
+
+
+def test_span_token_mask_scores_every_hidden_token_even_a_document_separator(tokenizer, collator, blocks):
+    eos = tokenizer.eos_token_id
+    with_separators = blocks[:16].clone()
+    with_separators[:, ::4] = eos  # a document boundary every 4 tokens: many fall inside hidden spans
+    batch = collator(with_separators, torch.Generator().manual_seed(0))
+    scored = collator.span_token_mask(batch)
+    assert scored.sum(1).tolist() == [19] * 16  # exactly the hidden tokens, never a sentinel or the closing EOS
+    assert (batch["labels"][scored] == eos).any()
+    assert not torch.isin(batch["labels"][scored], collator.sentinel_ids).any()

@@ -1,0 +1,70 @@
+"""scripts/build_checkpoint.py in smoke mode (tiny models, 2 steps, the shipped excerpt): the model and its
+same-parameter baseline train on the same tokens with one tokenizer, and the staged card shows the model, the
+baseline and the count baselines from one evaluation record."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from dslm_hf.cli import CommandExit
+from shakespeare_data import EXCERPT
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_checkpoint.py"
+SMOKE = ["--preset", "tiny", "--vocab_size", "300", "--block_size", "32", "--per_device_train_batch_size", "4",
+         "--per_device_eval_batch_size", "4", "--max_steps", "2", "--eval_steps", "1000", "--max_eval_blocks", "8",
+         "--save_steps", "0", "--report_to", "none", "--sample_max_new_tokens", "0", "--seed", "0"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("build_checkpoint", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["clm", "seq2seq"])
+def test_smoke_build_trains_a_same_parameter_baseline_and_cards_every_baseline(tmp_path, objective):
+    staged, runs = tmp_path / "staged", tmp_path / "runs"
+    load_script().main([str(staged), "--repo-id", "me/smoke", "--text-file", str(EXCERPT), "--run-dir", str(runs),
+                        "--baseline-layers", "3", "--", "--objective", objective, *SMOKE])
+    record = json.loads((staged / "eval_results.json").read_text())
+    same_record = json.loads((runs / "same-parameters" / "eval_results.json").read_text())
+    baselines = record["baselines"]
+    model_config = json.loads((staged / "config.json").read_text())
+    same_config = json.loads((runs / "same-parameters" / "final" / "config.json").read_text())
+    assert (model_config["num_hidden_layers"], same_config["num_hidden_layers"]) == (2, 3)
+    assert same_config["hidden_size"] == baselines["same_parameters"]["hidden_size"] < model_config["hidden_size"]
+    # same tokenizer, same steps and tokens
+    assert (runs / "model" / "final" / "tokenizer.json").read_bytes() == \
+        (runs / "same-parameters" / "final" / "tokenizer.json").read_bytes()
+    for field in ("optimizer_steps", "tokens"):
+        assert same_record["training"][field] == record["training"][field] == {"optimizer_steps": 2,
+                                                                               "tokens": 2 * 4 * 32}[field]
+    assert baselines["same_parameters"]["loss"] == same_record["metrics"]["loss"]
+    card = ModelCard.load(staged / "README.md").text
+    assert f"{baselines['same_parameters']['parameters']:,} parameters; same data, tokens and steps" in card
+    spread = record["gradient_spread"]
+    assert all(1.0 <= value < 3.0 for value in spread["initialisation"].values())
+    if objective == "clm":
+        assert baselines["ngram"]["order"] == 4 and baselines["ngram"]["tokens"] == record["dataset"]["blocks"] * 31
+        assert baselines["ngram"]["loss"] < baselines["unigram"]["loss"] < record["metrics"]["loss"]  # 2 steps
+        assert f"| 4-gram, interpolated Kneser-Ney, fitted on the training split: loss / perplexity | " \
+               f"{baselines['ngram']['loss']:.4f} / {baselines['ngram']['perplexity']:.2f} |" in card
+    else:
+        spans = baselines["spans"]
+        assert spans["tokens"] == record["dataset"]["blocks"] * 5  # round(32 * 0.15) = 5 hidden tokens per block
+        assert f"top-1 accuracy on {spans['tokens']:,} hidden span tokens" in card
+
+
+def test_too_shallow_a_baseline_is_a_one_line_user_error(tmp_path, capsys):
+    # The depth check runs after the model's run: 2 steps of the tiny preset, then the refused 1-layer shape.
+    with pytest.raises(CommandExit):
+        load_script().main([str(tmp_path / "staged"), "--repo-id", "me/smoke", "--text-file", str(EXCERPT),
+                            "--run-dir", str(tmp_path / "runs"), "--baseline-layers", "1", "--", "--objective", "clm",
+                            *SMOKE])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("build_checkpoint.py: error: --baseline-layers 1: DeepScaleLMConfig.residual_k=2.0")
