@@ -32,7 +32,8 @@ def _layer_depths(model: torch.nn.Module) -> dict[int, int]:
     for module in model.modules():
         if not isinstance(module, torch.nn.ModuleList):
             continue
-        layers = [m for m in module if type(m).__name__ == LAYER_CLASS_NAME]
+        # By class name in the MRO: fully_shard swaps each layer's class for an FSDP subclass of it.
+        layers = [m for m in module if LAYER_CLASS_NAME in {c.__name__ for c in type(m).__mro__}]
         for layer in layers:
             for parameter in layer.parameters():
                 depths[id(parameter)] = len(layers)
