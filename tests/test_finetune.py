@@ -133,7 +133,7 @@ def test_sequence_classification_learns_word_presence(workspace):
     result = run(finetune_args(workspace, "sequence-classification", "classification", "encoder", "seqcls"))
     assert_eval_loss_drops(result, 0.6)
     assert result["eval"]["eval_accuracy"] >= 0.8
-    assert 0.0 <= result["eval"]["eval_f1"] <= 1.0
+    assert result["eval"]["eval_f1"] >= 0.8  # macro F1 over yes/no: both classes learned (measured 1.0 at seed 0)
 
 
 def test_token_classification_learns_capitals(workspace):
