@@ -177,7 +177,7 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def write_manifest(folder: Path, step: int) -> None:
     files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(CHECKPOINT_MARKER)}
     write_json_atomically(folder / CHECKPOINT_MARKER, {"format": CHECKPOINT_FORMAT, "step": step, "files": files})
 
 
@@ -211,7 +211,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer) -> dict:
     verify_checkpoint(folder)
     state = json.loads((folder / TRAINER_STATE).read_text())
     try:
-        load_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE), device=str(accelerator.device))
+        load_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE))  # read on CPU, copied into place
         optimizer.load_state_dict(join_optimizer_state(load_file(folder / OPTIMIZER_FILE), state.pop("optimizer")))
     except (RuntimeError, SafetensorError, KeyError, ValueError) as error:
         raise CheckpointError(f"checkpoint {folder} does not fit this model and optimizer ({' '.join(str(error).split())[:300]}): "

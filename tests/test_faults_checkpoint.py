@@ -1,0 +1,277 @@
+"""Faults around pretraining checkpoints, the run folder and stop signals: each case is refused with a message that
+names the input (exit status 2, no traceback, nothing loaded or run) or handled correctly (a checkpoint written,
+a lock taken over, a resumed run logging each step once)."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dslm_hf import checkpointing
+from dslm_hf.checkpointing import CheckpointError, load_checkpoint, verify_checkpoint, write_manifest
+from dslm_hf.run_control import LOCK_NAME, StopSignals
+from dslm_hf.run_metrics import drop_records_after, read_metrics
+from pretrain_helpers import REPO, TINY_RUN, cpu_environment, pretrain_command, run_in_process, train_losses
+
+
+class CodeExecutionPayload:
+    """Unpickling this creates `marker`: the proof that a loader ran code from the checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    run_in_process(run_dir, "--max_steps", 4, "--save_steps", 2, "--eval_steps", 100)
+    return run_dir
+
+
+def copy_checkpoint(finished_run, tmp_path, step=4) -> Path:
+    folder = tmp_path / "checkpoints" / f"step_{step:08d}"
+    shutil.copytree(finished_run / "checkpoints" / folder.name, folder)
+    return folder
+
+
+def add_pickle_payload(folder: Path, marker: Path, name: str = "custom_checkpoint_0.pkl") -> None:
+    (folder / name).write_bytes(pickle.dumps(CodeExecutionPayload(marker)))
+
+
+def rewrite_manifest(folder: Path, change) -> None:
+    path = folder / checkpointing.CHECKPOINT_MARKER
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def set_trainer_step(folder: Path, step: int) -> None:
+    state = json.loads((folder / checkpointing.TRAINER_STATE).read_text())
+    (folder / checkpointing.TRAINER_STATE).write_text(json.dumps({**state, "step": step}))
+    write_manifest(folder, 4)  # a consistent manifest: only the step disagrees
+
+
+def tamper_cases(marker: Path):
+    """name -> (how the checkpoint is damaged, the message the refusal must contain)."""
+    return {
+        "pickle_payload_beside_the_files": (lambda f: add_pickle_payload(f, marker),
+                                            "holds custom_checkpoint_0.pkl, a pickle file"),
+        "pickle_payload_listed_in_a_rewritten_manifest": (
+            lambda f: (add_pickle_payload(f, marker), write_manifest(f, 4)), "holds custom_checkpoint_0.pkl, a pickle file"),
+        "optimizer_as_a_torch_pickle": (lambda f: add_pickle_payload(f, marker, "optimizer.pt"), "holds optimizer.pt"),
+        "manifest_with_no_files": (lambda f: rewrite_manifest(f, lambda m: m.update(files={})),
+                                   "does not list model.safetensors"),
+        "manifest_missing_the_optimizer": (lambda f: rewrite_manifest(f, lambda m: m["files"].pop("optimizer.safetensors")),
+                                           "does not list optimizer.safetensors"),
+        "manifest_pointing_outside_the_folder": (
+            lambda f: rewrite_manifest(f, lambda m: m["files"].update({"../outside": {"bytes": 1, "sha256": "0"}})),
+            "names '../outside', outside the folder"),
+        "manifest_that_is_not_json": (lambda f: (f / checkpointing.CHECKPOINT_MARKER).write_text("{not json"),
+                                      "unreadable checkpoint_complete.json"),
+        "trainer_state_of_another_step": (lambda f: set_trainer_step(f, 5),
+                                          "trainer_state.json is at step 5, its manifest at step 4"),
+    }
+
+
+CASE_NAMES = list(tamper_cases(Path("unused")))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_tampered_checkpoint_is_refused_before_anything_is_loaded(finished_run, tmp_path, case):
+    marker = tmp_path / "payload_ran"
+    damage, message = tamper_cases(marker)[case]
+    folder = copy_checkpoint(finished_run, tmp_path)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        verify_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_checkpoint_holds_only_safetensors_and_json_and_round_trips_the_optimizer(finished_run):
+    folder = finished_run / "checkpoints" / "step_00000004"
+    assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".json", ".safetensors", ".safetensors"]
+    tensors, rest = checkpointing.split_optimizer_state(
+        checkpointing.join_optimizer_state(load_file(folder / "optimizer.safetensors"),
+                                           json.loads((folder / "trainer_state.json").read_text())["optimizer"]))
+    assert len(tensors) == 3 * len({key.split(".")[0] for key in tensors})  # step, exp_avg, exp_avg_sq per parameter
+    assert all(group["betas"] == [0.9, 0.98] for group in rest["param_groups"])
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_reason(finished_run):
+    from accelerate import Accelerator
+
+    from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
+
+    other = DeepScaleLMForCausalLM(DeepScaleLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
+                                                     num_attention_heads=2, max_position_embeddings=16))
+    optimizer = torch.optim.AdamW(other.parameters())
+    with pytest.raises(CheckpointError, match="does not fit this model and optimizer"):
+        load_checkpoint(finished_run / "checkpoints" / "step_00000004", Accelerator(cpu=True), other, optimizer)
+
+
+def run_module(*argv, timeout=300) -> subprocess.CompletedProcess:
+    """`dslm-pretrain ARGV` as a user runs it (the console script's module), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "dslm_hf.pretraining", *map(str, argv)], env=cpu_environment(),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_resuming_a_pickle_payload_checkpoint_exits_2_names_the_file_and_runs_nothing(finished_run, tmp_path):
+    marker = tmp_path / "payload_ran"
+    folder = copy_checkpoint(finished_run, tmp_path)
+    add_pickle_payload(folder, marker)
+    write_manifest(folder, 4)
+    result = run_module("--output_dir", tmp_path, *TINY_RUN, "--max_steps", 6, "--resume_from_checkpoint", folder)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("dslm-pretrain: error: checkpoint ")
+    assert "custom_checkpoint_0.pkl, a pickle file" in result.stderr
+    assert not marker.exists()
+
+
+def test_latest_skips_a_checkpoint_with_a_pickle_and_resumes_from_the_previous_one(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    marker = tmp_path / "payload_ran"
+    add_pickle_payload(run_dir / "checkpoints" / "step_00000004", marker)
+    metrics = run_in_process(run_dir, "--max_steps", 4, "--save_steps", 2, "--eval_steps", 100,
+                             "--resume_from_checkpoint", "latest")
+    output = capsys.readouterr().out
+    assert "skipping checkpoint" in output and "custom_checkpoint_0.pkl" in output
+    assert "resumed at step 2" in output and metrics["step"] == 4
+    assert train_losses(run_dir) == train_losses(finished_run)  # steps 3 and 4 replayed bit-identically
+    assert not marker.exists()
+
+
+def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"config": {"seed": 1}}, *({"step": s, "loss": float(s)} for s in range(1, 7))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')  # torn last line (killed)
+    assert drop_records_after(path, 4) == 3
+    assert read_metrics(path) == rows[:5]
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over_with_a_message(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead_pid, "host": "node-7", "started": "yesterday"}))
+    metrics = run_in_process(tmp_path, "--max_steps", 1, "--save_steps", 0)
+    assert metrics["step"] == 1
+    assert f"taking over the lock of {tmp_path} left by a run that is gone (pid {dead_pid} on host node-7" in \
+        capsys.readouterr().out
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released at the end
+
+
+def test_a_repeated_signal_after_the_grace_period_exits_at_once():
+    with StopSignals(announce=False, grace_seconds=0.0) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGTERM"
+        with pytest.raises(SystemExit) as exit_info:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    assert exit_info.value.code == 128 + signal.SIGINT
+
+
+def test_signals_within_the_grace_period_count_as_one():
+    with StopSignals(announce=False, grace_seconds=60.0) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a launcher forwarding the terminal's Ctrl-C
+        assert stop.received == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def wait_for(condition, process, what: str, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(path) if "loss" in r] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_second_run_into_a_locked_folder_refuses_and_the_first_stops_cleanly_on_ctrl_c(tmp_path):
+    first = subprocess.Popen([sys.executable, "-m", "dslm_hf.pretraining", "--output_dir", str(tmp_path), *TINY_RUN,
+                              "--max_steps", "100000", "--save_steps", "0", "--eval_steps", "100000"],
+                             env=cpu_environment(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 1, first, "its first step")
+    second = run_module("--output_dir", tmp_path, *TINY_RUN, "--max_steps", 3)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is in use by another dslm-pretrain run (pid {first.pid} on host" in second.stderr
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    steps = logged_steps(tmp_path)
+    assert steps == list(range(1, len(steps) + 1))  # only the first run logged, each step once
+    assert f"stopped by SIGINT after step {steps[-1]}" in stdout and "--resume_from_checkpoint latest" in stdout
+    assert verify_checkpoint(tmp_path / "checkpoints" / f"step_{steps[-1]:08d}") == steps[-1]
+    assert sum(1 for r in read_metrics(tmp_path / "metrics.jsonl") if "config" in r) == 1
+
+
+def worker_processes(run_dir: Path) -> list[int]:
+    """Processes whose command line names `run_dir` (the launcher's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+SIGTERM_RUN = ["--max_steps", 12, "--save_steps", 0, "--eval_steps", 100, "--per_device_train_batch_size", 4]
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_checkpoints_every_rank_and_the_resume_is_bit_identical(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    subprocess.run(pretrain_command(reference, *SIGTERM_RUN, processes=2), env=cpu_environment(), check=True,
+                   capture_output=True, cwd=REPO, timeout=400)
+    launcher = subprocess.Popen(pretrain_command(stopped, *SIGTERM_RUN, processes=2), env=cpu_environment(), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(logged_steps(stopped)) >= 3, launcher, "step 3")
+    launcher.send_signal(signal.SIGTERM)  # what SLURM sends the job step: the launcher, not the ranks
+    output, _ = launcher.communicate(timeout=120)
+    assert not worker_processes(stopped), "a rank outlived the launcher"
+    checkpoints = checkpointing.checkpoint_folders(stopped)
+    assert len(checkpoints) == 1, output[-3000:]
+    step = verify_checkpoint(checkpoints[0])
+    assert 3 <= step < 12 and not (stopped / "final").exists()
+    assert f"stopped by SIGTERM after step {step}" in output
+
+    resumed = subprocess.run(pretrain_command(stopped, *SIGTERM_RUN, "--resume_from_checkpoint", "latest", processes=2),
+                             env=cpu_environment(), capture_output=True, text=True, cwd=REPO, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    assert logged_steps(stopped) == list(range(1, 13))  # each step once
+    assert train_losses(stopped) == train_losses(reference)  # bit-identical floats
+
+
+@pytest.mark.slow
+def test_dslm_pretrain_launches_two_ranks_and_a_user_error_exits_2_without_a_traceback(finished_run, tmp_path):
+    folder = copy_checkpoint(finished_run, tmp_path)
+    (folder / "optimizer.safetensors").write_bytes(b"truncated")
+    result = run_module("--num_processes", 2, "--output_dir", tmp_path, *TINY_RUN, "--max_steps", 6,
+                        "--resume_from_checkpoint", folder)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+    assert "optimizer.safetensors has 9 bytes" in result.stderr
