@@ -24,14 +24,14 @@ class UserError(ValueError):
 
 
 class CommandExit(SystemExit):
-    """Status 2 after the one-line message was printed; `str()` is the message, for callers that run `main`."""
+    """Status 2 after the error line was printed; `str()` is that line, for callers that run `main` in-process."""
 
-    def __init__(self, message: str):
+    def __init__(self, line: str):
         super().__init__(EXIT_USER_ERROR)
-        self.message = message
+        self.line = line
 
     def __str__(self) -> str:
-        return self.message
+        return self.line
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -54,8 +54,9 @@ def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] |
             raise
         message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
         message = message.removeprefix(f"{prog}: ").removeprefix("error: ")
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        raise CommandExit(message) from None
+        line = f"{prog}: error: {message}"
+        print(line, file=sys.stderr, flush=True)
+        raise CommandExit(line) from None
     return 0
 
 

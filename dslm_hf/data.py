@@ -20,6 +20,8 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .cli import UserError
+
 OBJECTIVES = ("clm", "mlm", "seq2seq")
 DEFAULT_CORPUS = "default"
 # Trained tokenizers get these; an existing tokenizer must provide what its objective needs.
@@ -32,6 +34,27 @@ _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idl
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora
 # ----------------------------------------------------------------------------------------------------------------
+def read_text_file(path: str | Path, role: str) -> str:
+    """The text of a user's UTF-8 file; a missing, empty, binary or non-UTF-8 file is a UserError naming `role`
+    (the flag it came from), the file and, for bad bytes, their line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{role} {path} {'is not a file' if path.exists() else 'does not exist'}: give a text file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"{role} {path} is empty: give a file with text in it")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise UserError(f"{role} {path} is binary, not text (a NUL byte on line {line}): give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{role} {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}): convert "
+                        "it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def default_corpus_files(max_megabytes: float) -> list[Path]:
     """The standard library's .py files sorted by relative path, up to `max_megabytes` of text in total."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -71,9 +94,8 @@ def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None
         return DatasetDict(train=load_default_corpus(default_corpus_megabytes).select_columns(["text"]))
     paths = [Path(p) for p in source.split(",")]
     if any(p.suffix in (".txt", ".text", ".md") or p.is_file() for p in paths):
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise ValueError(f"dataset file(s) not found: {', '.join(missing)}")
+        for path in paths:
+            read_text_file(path, "--dataset")
         splits = load_dataset("text", data_files={"train": [str(p) for p in paths]}, sample_by="paragraph")
     else:
         splits = load_dataset(source, dataset_config_name)
@@ -155,7 +177,9 @@ def pack_into_blocks(split: Dataset, tokenizer, block_size: int) -> Dataset:
     # Large map batches keep the dropped tails (one per batch) negligible.
     blocks = tokenized.map(concatenate_and_cut, batched=True, batch_size=2000, remove_columns=["ids"], desc="packing")
     if len(blocks) == 0:
-        raise ValueError(f"the split holds fewer than block_size={block_size} tokens: use more text or a smaller block")
+        tokens = sum(len(ids) for ids in tokenized["ids"])
+        raise UserError(f"the {split.split or 'given'} text holds {tokens} tokens, fewer than one block of "
+                        f"--block_size={block_size}: give more text or a smaller --block_size")
     return blocks.with_format("torch")
 
 
@@ -353,7 +377,8 @@ def hold_out_documents(splits: DatasetDict, validation_fraction: float) -> Datas
     documents = len(splits["train"])
     count = max(1, round(documents * validation_fraction))
     if count >= documents:
-        raise ValueError(f"the training split has {documents} document(s): too few to hold out a validation split")
+        raise UserError(f"the training data has {documents} document(s) (paragraphs, for a text file): too few to "
+                        "hold out a validation split; give more text or a dataset with a validation split")
     held_out = sorted({int((j + 0.5) * documents / count) for j in range(count)})
     kept = sorted(set(range(documents)) - set(held_out))
     return DatasetDict(train=splits["train"].select(kept), validation=splits["train"].select(held_out))

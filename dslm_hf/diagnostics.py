@@ -27,15 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cli import UserError, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .data import read_text_file
 from .recipe_deepscalelm import embedding_correlation_estimate
 from .theory import predict_model
 
 LAYER_STACK_NAMES = ("layers", "h", "layer", "block")
-EXIT_BAD_INPUT = 2
 
 
-class DiagnoseError(ValueError):
+class DiagnoseError(UserError):
     """Bad input to dslm-diagnose: the message says what is wrong and what to do."""
 
 
@@ -540,9 +541,10 @@ def _sequence_length(config, requested: int | None) -> int:
 
 
 def _run(args) -> str:
+    check_output_dir(args.output_dir, "--output-dir")
     if args.plan:
-        depths = [int(d) for d in args.depths.split(",")]
-        if any(d < 1 for d in depths):
+        depths = [int(d) for d in args.depths.split(",") if d.strip().isdigit()]
+        if len(depths) != len(args.depths.split(",")) or any(d < 1 for d in depths):
             raise DiagnoseError(f"--depths must be positive integers, got {args.depths}")
         plan = plan_depths(args.hidden_size, depths, sequence_length=args.sequence_length or 128,
                            norm_placement=args.norm_placement, embedding_correlation=args.embedding_correlation)
@@ -560,7 +562,7 @@ def _run(args) -> str:
     length = _sequence_length(config, args.sequence_length)
     vocab_size = model.get_input_embeddings().num_embeddings
     if args.text is not None or args.text_file is not None:
-        text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
+        text = args.text if args.text is not None else read_text_file(args.text_file, "--text-file")
         tokenizer = args.tokenizer
         if tokenizer != "bytes":
             from transformers import AutoTokenizer
@@ -580,14 +582,8 @@ def _run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        message = _run(args)
-    except DiagnoseError as error:
-        parser.exit(EXIT_BAD_INPUT, f"dslm-diagnose: error: {error}\n")
-    print(message)
-    return 0
+    """Console entry point (`dslm-diagnose`): 0 on success; bad input is one stderr line and status 2."""
+    return run_command("dslm-diagnose", lambda arguments: print(_run(build_parser().parse_args(arguments))), argv)
 
 
 if __name__ == "__main__":

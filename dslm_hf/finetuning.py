@@ -12,10 +12,15 @@ causal-sft (prompt -> response on a decoder; prompt tokens are masked out of the
 See docs/finetuning.md for the data formats and metrics.
 """
 
+import csv
 import glob
+import io
+import json
+import math
 import os
 import re
 import string
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,12 +45,17 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
+from .cli import UserError, check_output_dir, run_command
+from .data import read_text_file
+
+logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
 
 
-class FinetuneInputError(ValueError):
-    """Bad user input (task, data, checkpoint) found before training; `main` prints it without a traceback."""
+class FinetuneInputError(UserError):
+    """Bad user input (task, data, labels, checkpoint) found before training; `main` prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,10 @@ class FinetuneArguments:
         "help": "sequence-classification: an optional second text (sentence pairs)."})
     label_column: str = field(default="label", metadata={
         "help": "sequence-classification: class (int or string); token-classification: per-word tags (list)."})
+    class_names: str | None = field(default=None, metadata={
+        "help": "Comma-separated list of every class (classification tasks). Without it the classes are those of "
+                "the training data, integer ids must run 0..K-1, and a validation class absent from training is "
+                "refused; with it, every label must be one of these names and unseen classes are allowed."})
     tokens_column: str = field(default="tokens", metadata={"help": "token-classification: the words (list)."})
     question_column: str = field(default="question", metadata={"help": "question-answering: the question."})
     context_column: str = field(default="context", metadata={"help": "question-answering: the passage."})
@@ -123,8 +137,47 @@ class FinetuneArguments:
 _LOADERS_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
+def check_data_file(path: str, split: str) -> None:
+    """Refuse a missing, empty, binary or non-UTF-8 data file, a CSV with only a header or a line whose field count
+    differs from the header's, and a JSON Lines line that is not a JSON object, naming the file and the line."""
+    role = f"--{split}_file"
+    text = read_text_file(path, role)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header, rows = next(reader), 0
+        for row in reader:
+            if not row:
+                continue  # blank line: the CSV loader skips it too
+            if len(row) != len(header):
+                raise FinetuneInputError(f"{role} {path}: line {reader.line_num} has {len(row)} fields but the header "
+                                         f"has {len(header)} ({', '.join(header)}); fix or quote that line")
+            rows += 1
+        if rows == 0:
+            raise FinetuneInputError(f"{role} {path} has a header but no rows: give at least one example")
+    elif suffix in (".json", ".jsonl"):
+        if suffix == ".json":
+            try:
+                json.loads(text)
+                return  # one JSON document (a list of rows or a dict of columns)
+            except json.JSONDecodeError:
+                pass  # the JSON loader also reads .json files holding one object per line
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise FinetuneInputError(f"{role} {path}: line {number} is not valid JSON ({error.msg} at column "
+                                         f"{error.colno}); fix that line") from None
+            if not isinstance(row, dict):
+                raise FinetuneInputError(f"{role} {path}: line {number} is a JSON {type(row).__name__}, not an "
+                                         "object of columns; write one {\"column\": value, ...} object per line")
+
+
 def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
-    """`train` and `validation` splits from local files or a Hub dataset; a missing validation split is held out."""
+    """`train` and `validation` splits from local files or a Hub dataset, with the task's columns and valid labels;
+    a missing validation split is held out of the training data."""
     if args.dataset_name is not None:
         raw = load_dataset(args.dataset_name, args.dataset_config_name)
     else:
@@ -136,9 +189,18 @@ def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
         if unknown or len({_LOADERS_BY_SUFFIX[s] for s in suffixes}) != 1:
             raise FinetuneInputError(
                 f"data files must share one format of {sorted(_LOADERS_BY_SUFFIX)}; got {data_files}")
+        for split, path in data_files.items():
+            check_data_file(path, split)
         raw = load_dataset(_LOADERS_BY_SUFFIX[suffixes.pop()], data_files=data_files)
     if "train" not in raw:
         raise FinetuneInputError(f"the data has no 'train' split (splits: {list(raw)})")
+    for split, dataset in raw.items():
+        if len(dataset) == 0:
+            raise FinetuneInputError(f"the {split} data has no rows: give at least one example")
+    check_columns(raw, args)
+    if args.task in CLASSIFICATION_TASKS:
+        for split, dataset in raw.items():
+            check_label_values(dataset[args.label_column], split, args)
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=args.validation_fraction, seed=seed)
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
@@ -165,27 +227,85 @@ def check_columns(raw: DatasetDict, args: FinetuneArguments) -> None:
                     f"{dataset.column_names} (name the right one with the matching --*_column flag)")
 
 
-def label_names_of(raw: DatasetDict, args: FinetuneArguments) -> list[str]:
-    """Sorted class names (strings, or the integers as strings) over both splits."""
-    values = set()
-    for dataset in raw.values():
-        for value in dataset[args.label_column]:
-            if args.task == "token-classification" and not isinstance(value, list):
+CLASSIFICATION_TASKS = ("sequence-classification", "token-classification")
+
+
+def class_name(value, where: str) -> str:
+    """The class a label value names: a string, or an integer id (an integral float such as 1.0 counts as 1)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise FinetuneInputError(f"{where}: the label is null; every example needs a class (fix or drop it)")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise FinetuneInputError(f"{where}: label {value!r} is a {type(value).__name__}; classes are strings or "
+                                 "integer ids (0, 1, ...), and regression is not supported")
+    if isinstance(value, int) and value < 0:
+        raise FinetuneInputError(f"{where}: label {value} is negative; integer class ids run 0..K-1")
+    if isinstance(value, str) and not value.strip():
+        raise FinetuneInputError(f"{where}: the label is an empty string; every example needs a class")
+    return str(value)
+
+
+def check_label_values(column: list, split: str, args: FinetuneArguments) -> None:
+    """Every label of one split names a class (per word for token classification); rows are counted from 1."""
+    for row, value in enumerate(column, start=1):
+        where = f"{split} row {row}, column {args.label_column!r}"
+        if args.task == "token-classification":
+            if not isinstance(value, list):
                 raise FinetuneInputError(f"token-classification: {args.label_column!r} must hold a list of tags per "
-                                         f"row (one per word of {args.tokens_column!r}); found {value!r}")
-            values.update(value if args.task == "token-classification" else [value])
-    if all(isinstance(v, int) for v in values):
-        if min(values) < 0:
-            raise FinetuneInputError(f"integer labels in {args.label_column!r} must be >= 0; found {min(values)}")
-        return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(v) for v in values)
+                                         f"row (one per word of {args.tokens_column!r}); {split} row {row} has "
+                                         f"{value!r}")
+            for tag in value:
+                class_name(tag, where)
+        else:
+            class_name(value, where)
+
+
+def label_names_of(raw: DatasetDict, args: FinetuneArguments) -> list[str]:
+    """The class names, index = class id: `--class_names` if given, else the training data's classes (integer ids
+    must run 0..K-1 there, so a stray id cannot create a huge head). A label outside the classes is refused."""
+    def classes(split: str) -> dict[str, int]:
+        """{class: first row it occurs in}."""
+        found = {}
+        for row, value in enumerate(raw[split][args.label_column], start=1):
+            for tag in value if args.task == "token-classification" else [value]:
+                found.setdefault(class_name(tag, f"{split} row {row}"), row)
+        return found
+
+    train, validation = classes("train"), classes("validation")
+    if args.class_names is not None:
+        names = [name.strip() for name in args.class_names.split(",") if name.strip()]
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise FinetuneInputError(f"--class_names {args.class_names!r} must list at least two distinct classes")
+        for split, found in (("train", train), ("validation", validation)):
+            undeclared = sorted(set(found) - set(names))
+            if undeclared:
+                raise FinetuneInputError(f"{split} row {found[undeclared[0]]} has label {undeclared[0]!r}, which "
+                                         f"--class_names does not list ({', '.join(names)}): add it or fix the data")
+        return names
+    unseen = sorted(set(validation) - set(train))
+    if unseen:
+        raise FinetuneInputError(
+            f"validation row {validation[unseen[0]]} has label {unseen[0]!r}, which never occurs in the training "
+            "data, so the model could never predict it: fix the data, or declare every class with --class_names")
+    if all(name.isdigit() for name in train):
+        ids = sorted(int(name) for name in train)
+        missing = sorted(set(range(ids[-1] + 1)) - set(ids))
+        if missing:
+            raise FinetuneInputError(
+                f"integer labels in {args.label_column!r} must be the class ids 0..K-1, but the training data has "
+                f"{len(ids)} classes up to id {ids[-1]} (ids {', '.join(map(str, missing[:5]))}"
+                f"{', ...' if len(missing) > 5 else ''} never occur): a stray id would create a {ids[-1] + 1}-class "
+                "head. Fix the data, or declare every class with --class_names")
+        return [str(i) for i in ids]
+    return sorted(train)
 
 
 def tokenize_sequence_classification(tokenizer, args, label2id, max_length):
     def tokenize(batch):
         pair = batch[args.text_pair_column] if args.text_pair_column else None
         encoded = tokenizer(batch[args.text_column], pair, truncation=True, max_length=max_length)
-        encoded["labels"] = [label2id[str(label)] for label in batch[args.label_column]]
+        encoded["labels"] = [label2id[class_name(label, args.label_column)] for label in batch[args.label_column]]
         return encoded
     return tokenize
 
@@ -202,7 +322,7 @@ def tokenize_token_classification(tokenizer, args, label2id, max_length):
             labels, previous_word = [], None
             for word in encoded.word_ids(row):
                 first_piece = word is not None and word != previous_word
-                labels.append(label2id[str(tags[word])] if first_piece else IGNORE_INDEX)
+                labels.append(label2id[class_name(tags[word], args.label_column)] if first_piece else IGNORE_INDEX)
                 previous_word = word
             encoded["labels"].append(labels)
         return encoded
@@ -389,7 +509,11 @@ def load_model(args: FinetuneArguments, tokenizer, label_names: list[str] | None
     if label_names is not None:
         config_overrides = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                             "label2id": {name: i for i, name in enumerate(label_names)}}
-    config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
+    except OSError as error:
+        raise FinetuneInputError(f"cannot load a config from {args.model_name_or_path}: "
+                                 f"{str(error).splitlines()[0]}") from None
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id  # sequence pooling and padding need to know the pad id
     if args.task == "seq2seq-sft" and getattr(config, "decoder_start_token_id", None) is None:
@@ -415,7 +539,9 @@ def fresh_head_modules(model) -> list[str]:
 def attach_lora(model, args: FinetuneArguments):
     """LoRA on the default DeepScaleLM targets (dslm_hf.peft_support); fresh heads are trained in full and saved
     with the adapter. The causal and seq2seq heads are tied to the embeddings and stay frozen."""
-    from peft import LoraConfig, get_peft_model  # the package registered its default targets on import
+    from peft import LoraConfig, get_peft_model
+
+    from . import peft_support  # noqa: F401  registers LoRA's default target modules for "deepscalelm"
 
     spec = TASKS[args.task]
     heads = fresh_head_modules(model) if spec.peft_task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") else None
@@ -440,12 +566,15 @@ def check_tokenizer(tokenizer, args: FinetuneArguments) -> None:
 def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> Trainer:
     """Data, tokenizer, model, collator and metrics for the task, all checked before any training step."""
     raw = load_raw_datasets(args, training_args.seed)
-    check_columns(raw, args)
     tokenizer_source = {"pretrained_model_name_or_path": args.tokenizer_name} if args.tokenizer_name else {
         "pretrained_model_name_or_path": args.model_name_or_path, "revision": args.revision}
-    tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=args.trust_remote_code)
+    except OSError as error:  # not a folder with a tokenizer, not a reachable (or cached) Hub repo
+        raise FinetuneInputError(f"cannot load a tokenizer from {tokenizer_source['pretrained_model_name_or_path']}: "
+                                 f"{str(error).splitlines()[0]}") from None
     check_tokenizer(tokenizer, args)
-    classification = args.task in ("sequence-classification", "token-classification")
+    classification = args.task in CLASSIFICATION_TASKS
     label_names = label_names_of(raw, args) if classification else None
     set_seed(training_args.seed)  # fresh heads (and LoRA matrices) start the same in every run and every process
     model = load_model(args, tokenizer, label_names)
@@ -488,13 +617,41 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
                 collator = DataCollatorForSeq2Seq(tokenizer, model=model if encoder_decoder else None)
             tokenized = DatasetDict({split: data.map(tokenize, batched=True, remove_columns=data.column_names)
                                      for split, data in raw.items()})
+            if args.task != "sequence-classification":
+                tokenized = drop_rows_without_label_tokens(tokenized, 1 if args.task == "causal-sft" else 0, max_length)
 
     return Trainer(model=model, args=training_args, train_dataset=tokenized["train"],
                    eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
                    compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 
 
-def check_resume_checkpoint(training_args: TrainingArguments) -> None:
+def drop_rows_without_label_tokens(tokenized: DatasetDict, label_shift: int, max_length: int) -> DatasetDict:
+    """Drop rows whose every label is IGNORE_INDEX (a prompt filling max_length, a sentence without words): a batch
+    of them has no token to average the loss over (0/0 = NaN). Says how many; a split left empty is refused.
+    `label_shift` skips the labels a causal model never predicts (position 0)."""
+    kept = {}
+    for split, dataset in tokenized.items():
+        trained = dataset.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][label_shift:]))
+        if len(trained) == 0:
+            raise FinetuneInputError(f"no {split} example has a token to train on within max_length={max_length} "
+                                     "(empty rows, or prompts that fill the whole length): raise --max_length or "
+                                     "shorten the prompts")
+        if len(trained) < len(dataset):
+            logger.warning(f"dslm-finetune: dropped {len(dataset) - len(trained)} of {len(dataset)} {split} rows "
+                           f"with no token to train on within max_length={max_length}")
+        kept[split] = trained
+    return DatasetDict(kept)
+
+
+def check_paths(args: FinetuneArguments, training_args: TrainingArguments) -> None:
+    """The cheap checks, before any data is read: a writable output folder, a local checkpoint folder that exists,
+    a resume checkpoint that is a folder."""
+    check_output_dir(training_args.output_dir)
+    model = args.model_name_or_path
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.exists(model)
+    if looks_local and not os.path.isdir(model):
+        raise FinetuneInputError(f"--model_name_or_path {model} is not a folder: give a save_pretrained checkpoint "
+                                 "folder or a Hub repo id (owner/name)")
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         found = sorted(glob.glob(os.path.join(training_args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-*")))
@@ -505,7 +662,7 @@ def check_resume_checkpoint(training_args: TrainingArguments) -> None:
 def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Train (resuming from `training_args.resume_from_checkpoint` if set), save, evaluate; returns the metrics
     and the Trainer's log history."""
-    check_resume_checkpoint(training_args)
+    check_paths(args, training_args)
     trainer = build_trainer(args, training_args)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -521,19 +678,14 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0])
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except FinetuneInputError as error:
-        parser.error(str(error))
+    parser.prog = "dslm-finetune"
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    finetune_args, training_args = parse_args(argv)
-    try:
-        finetune(finetune_args, training_args)
-    except FinetuneInputError as error:
-        raise SystemExit(f"dslm-finetune: error: {error}") from error
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (`dslm-finetune`): 0 on success; a user error is one stderr line and status 2."""
+    return run_command("dslm-finetune", lambda arguments: finetune(*parse_args(arguments)), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .checkpointing import file_sha256, find_pickle_files
+from .cli import UserError, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
 from .evaluation import evaluate
@@ -70,7 +72,7 @@ USAGE_EXAMPLES = {
 }
 
 
-class PublishRefusal(ValueError):
+class PublishRefusal(UserError):
     """The folder would break users if published; the message says what is wrong and where."""
 
 
@@ -108,7 +110,16 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
             header = json.loads(handle.read(header_length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise PublishRefusal(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise PublishRefusal(f"{path} is corrupt: its safetensors header is a JSON {type(header).__name__}, not an "
+                             "object of tensors; re-save the weights with save_pretrained")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)):
+            raise PublishRefusal(f"{path} is corrupt: header entry {name!r} is not a tensor description "
+                                 "(dtype, shape, data_offsets); re-save the weights with save_pretrained")
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + header_length + data_end != size:
         raise PublishRefusal(
@@ -134,12 +145,22 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise PublishRefusal(f"{index_path} is not a valid safetensors index ({error!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise PublishRefusal(f"{index_path} is not a valid safetensors index: weight_map must map tensor names "
+                                 "to shard file names")
         shards = sorted(set(weight_map.values()))
+        inside = folder.resolve()
+        outside = [shard for shard in shards if not (folder / shard).resolve().is_relative_to(inside)]
+        if outside:
+            raise PublishRefusal(f"{index_path} points at shards outside {folder} ({', '.join(outside)}): a shard "
+                                 "must be a file in the checkpoint folder; fix the index")
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             raise PublishRefusal(f"{index_path} lists shards that do not exist: {', '.join(missing)}")
         return [folder / shard for shard in shards]
     if (folder / SAFE_WEIGHTS_NAME).is_file():
+        if not (folder / SAFE_WEIGHTS_NAME).resolve().is_relative_to(folder.resolve()):
+            raise PublishRefusal(f"{folder / SAFE_WEIGHTS_NAME} links outside {folder}: copy the weights into the folder")
         return [folder / SAFE_WEIGHTS_NAME]
     raise PublishRefusal(f"{folder} has no {SAFE_WEIGHTS_NAME} and no {SAFE_WEIGHTS_INDEX_NAME}: nothing to publish")
 
@@ -330,9 +351,40 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
 
 
 def write_eval_file(results: dict, path: Path) -> Path:
+    """Written atomically: a reader sees the previous file or the complete new one."""
     path = Path(path)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(partial, path)
     return path
+
+
+# Relative difference allowed between recorded and recomputed numbers: the evaluation is seeded and deterministic,
+# so only float summation order (thread count, kernels of another torch build) may differ, far below 1e-4.
+VERIFY_RELATIVE_TOLERANCE = 1e-4
+
+
+def verify_eval_file(results: dict, checkpoint_dir: Path, text_file: Path) -> dict:
+    """Recompute the evaluation record's numbers from the weights in `checkpoint_dir` on the held-out data it names
+    (the same text by sha256, held-out fraction, block size, batch size and seed); refuse any disagreement.
+    Returns the recomputed record."""
+    dataset, evaluation = results["dataset"], results.get("evaluation", {})
+    if file_sha256(text_file) != dataset["file_sha256"]:
+        raise PublishRefusal(f"--verify-eval {text_file} is not the text the evaluation measured (its sha256 differs "
+                             f"from dataset.file_sha256 {dataset['file_sha256'][:16]}...): give {dataset['file']}")
+    recomputed = evaluate_checkpoint(
+        checkpoint_dir, text_file, results["training"], dataset_id=dataset["id"], dataset_name=dataset["name"],
+        held_out_fraction=dataset["held_out_fraction"], block_size=dataset["block_size"],
+        batch_size=evaluation.get("batch_size", 8), seed=evaluation.get("seed", 0))
+    if recomputed["dataset"]["tokens"] != dataset["tokens"]:
+        raise PublishRefusal(f"--verify-eval: the held-out data has {recomputed['dataset']['tokens']} tokens, the "
+                             f"evaluation file records {dataset['tokens']}: re-evaluate this checkpoint")
+    for metric in ("loss", "perplexity"):
+        recorded, measured = results["metrics"][metric], recomputed["metrics"][metric]
+        if not math.isclose(recorded, measured, rel_tol=VERIFY_RELATIVE_TOLERANCE):
+            raise PublishRefusal(f"--verify-eval: the weights give held-out {metric} {measured:.6g}, the evaluation "
+                                 f"file (and the card) say {recorded:.6g}: re-evaluate this checkpoint")
+    return recomputed
 
 
 def check_training_record(training, source: str) -> None:
@@ -569,15 +621,18 @@ def check_staged_repository(staging_dir: Path, config: DeepScaleLMConfig, result
 
 
 def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval_file: Path | None,
-                     max_shard_size: str = "5GB") -> Path:
+                     max_shard_size: str = "5GB", verify_text_file: Path | None = None) -> Path:
     """Write the Hub repository folder for `checkpoint_dir` into the empty or new `staging_dir`, refusing
-    (PublishRefusal) anything that would break users before a byte is written."""
+    (PublishRefusal) anything that would break users before a byte is written. With `verify_text_file`, the
+    evaluation file's numbers are first recomputed from the weights on that text (`verify_eval_file`)."""
     checkpoint_dir, staging_dir = Path(checkpoint_dir), Path(staging_dir)
+    if staging_dir.exists() and (not staging_dir.is_dir() or any(staging_dir.iterdir())):
+        raise PublishRefusal(f"staging folder {staging_dir} is not empty: choose a new or empty --staging-dir")
     config = check_checkpoint(checkpoint_dir)
     check_tokenizer_files(checkpoint_dir)
     results = load_eval_file(eval_file, checkpoint_dir, config)
-    if staging_dir.exists() and any(staging_dir.iterdir()):
-        raise PublishRefusal(f"staging folder {staging_dir} is not empty: choose a new or empty --staging-dir")
+    if verify_text_file is not None:
+        verify_eval_file(results, checkpoint_dir, verify_text_file)
     staging_dir.mkdir(parents=True, exist_ok=True)
     model = architecture_class(config).from_pretrained(checkpoint_dir)
     model.save_pretrained(staging_dir, max_shard_size=max_shard_size)  # safetensors, auto_map, remote code
@@ -636,20 +691,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="stage and list what would be uploaded; no network")
     parser.add_argument("--staging-dir", type=Path, default=None, help="empty folder to stage into (default: a new temporary folder)")
     parser.add_argument("--max-shard-size", default="5GB", help="weights are sharded past this size (e.g. 500MB)")
+    parser.add_argument("--verify-eval", type=Path, default=None, metavar="TEXT_FILE",
+                        help="before staging, recompute the evaluation file's numbers from the weights on the "
+                             "held-out part of TEXT_FILE (the text it names, checked by sha256) and refuse a mismatch")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> Path:
+def publish(argv: list[str]) -> Path:
+    """Stage, list and (unless --dry-run) push; returns the staging folder."""
     args = parse_args(argv)
     eval_file = args.eval_file
     if eval_file is None and (args.checkpoint_dir / EVAL_FILE_NAME).is_file():
         eval_file = args.checkpoint_dir / EVAL_FILE_NAME
+    check_repo_id(args.repo_id)
+    if args.verify_eval is not None and not args.verify_eval.is_file():
+        raise PublishRefusal(f"--verify-eval {args.verify_eval} does not exist: give the text file the evaluation "
+                             "file was measured on")
     staging_dir = args.staging_dir or Path(tempfile.mkdtemp(prefix="dslm-publish-"))
     try:
-        check_repo_id(args.repo_id)
-        stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size)
+        stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size,
+                         verify_text_file=args.verify_eval)
     except PublishRefusal as refusal:
-        raise SystemExit(f"dslm-publish: refusing to publish: {refusal}") from None
+        raise PublishRefusal(f"refusing to publish: {refusal}") from None
+    if args.verify_eval is not None:
+        print(f"--verify-eval: the evaluation file's numbers were recomputed from the weights on {args.verify_eval}")
     files = list_files(staging_dir)
     print(f"staged {args.repo_id} in {staging_dir}:")
     for path, size in files:
@@ -663,13 +728,18 @@ def main(argv=None) -> Path:
     except Exception as error:  # network, authentication and Hub errors all end the command the same way
         from huggingface_hub import constants
 
-        raise SystemExit(
-            f"dslm-publish: upload of {args.repo_id} to {constants.ENDPOINT} failed: {type(error).__name__}: {error} "
+        raise UserError(
+            f"upload of {args.repo_id} to {constants.ENDPOINT} failed: {type(error).__name__}: {error} "
             f"(the staged folder {staging_dir} is kept)"
         ) from None
     print(f"uploaded: {commit.commit_url}")
     return staging_dir
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (`dslm-publish`): 0 on success; a refusal is one stderr line and status 2."""
+    return run_command("dslm-publish", publish, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,13 +10,16 @@ The held-out split is --held-out-fraction of the text's paragraphs, evenly space
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from dslm_hf.publishing import EVAL_FILE_NAME, PublishRefusal, evaluate_checkpoint, write_eval_file
+from dslm_hf.cli import UserError, run_command
+from dslm_hf.data import read_text_file
+from dslm_hf.publishing import EVAL_FILE_NAME, evaluate_checkpoint, write_eval_file
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def evaluate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="evaluate_checkpoint.py", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("--text-file", type=Path, required=True)
     parser.add_argument("--training", required=True,
@@ -27,19 +30,22 @@ def main(argv=None):
     parser.add_argument("--dataset-name", default="Tiny Shakespeare")
     parser.add_argument("--output", type=Path, default=None, help=f"default: CHECKPOINT_DIR/{EVAL_FILE_NAME}")
     args = parser.parse_args(argv)
-    training_text = Path(args.training).read_text() if Path(args.training).is_file() else args.training
+    read_text_file(args.text_file, "--text-file")
+    training_text = read_text_file(args.training, "--training") if Path(args.training).is_file() else args.training
     try:
         training = json.loads(training_text)
-        results = evaluate_checkpoint(args.checkpoint_dir, args.text_file, training, dataset_id=args.dataset_id,
-                                      dataset_name=args.dataset_name, held_out_fraction=args.held_out_fraction,
-                                      block_size=args.block_size)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"--training is not a JSON object: {error}") from None
-    except PublishRefusal as error:
-        raise SystemExit(f"evaluate_checkpoint: {error}") from None
+        raise UserError(f"--training is not a JSON object ({error}): give one inline or as a file") from None
+    results = evaluate_checkpoint(args.checkpoint_dir, args.text_file, training, dataset_id=args.dataset_id,
+                                  dataset_name=args.dataset_name, held_out_fraction=args.held_out_fraction,
+                                  block_size=args.block_size)
     path = write_eval_file(results, args.output or args.checkpoint_dir / EVAL_FILE_NAME)
     print(json.dumps(results["metrics"]), f"-> {path}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command("evaluate_checkpoint.py", evaluate, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

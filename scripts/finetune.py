@@ -4,7 +4,9 @@
 Tasks, data handling and metrics live in dslm_hf.finetuning; docs/finetuning.md shows the data formats.
 """
 
+import sys
+
 from dslm_hf.finetuning import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

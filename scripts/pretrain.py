@@ -3,7 +3,9 @@
 The loop, data and checkpointing live in dslm_hf.pretraining and dslm_hf.data.
 """
 
+import sys
+
 from dslm_hf.pretraining import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,9 @@
 See `python scripts/publish.py --help` and docs/publishing.md.
 """
 
+import sys
+
 from dslm_hf.publishing import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

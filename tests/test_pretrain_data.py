@@ -86,7 +86,7 @@ def test_shipped_excerpt_is_the_full_texts_first_paragraphs():
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="dataset file.*not found.*nothere.txt"):
+    with pytest.raises(ValueError, match="--dataset .*nothere.txt does not exist"):
         data.load_corpus(str(tmp_path / "nothere.txt"))
 
 

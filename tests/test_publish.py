@@ -72,7 +72,8 @@ def test_dry_run_stages_the_hub_repository_files(staged, capsys):
 
 
 def test_dry_run_lists_paths_and_sizes_without_uploading(decoder_checkpoint, tmp_path, capsys, unreachable_hub):
-    staging = main([str(decoder_checkpoint), "--repo-id", REPO_ID, "--dry-run", "--staging-dir", str(tmp_path / "s")])
+    staging = tmp_path / "s"
+    assert main([str(decoder_checkpoint), "--repo-id", REPO_ID, "--dry-run", "--staging-dir", str(staging)]) == 0
     printed = capsys.readouterr().out
     size = (staging / "model.safetensors").stat().st_size
     assert f"{size:,}  model.safetensors" in printed
@@ -120,8 +121,9 @@ def test_card_text_has_numbers_config_usage_and_citation(staged, decoder_checkpo
 
 
 def test_weights_larger_than_max_shard_size_are_sharded(decoder_checkpoint, tmp_path):
-    staging = main([str(decoder_checkpoint), "--repo-id", REPO_ID, "--dry-run", "--staging-dir", str(tmp_path / "s"),
-                    "--max-shard-size", "50KB"])
+    staging = tmp_path / "s"
+    main([str(decoder_checkpoint), "--repo-id", REPO_ID, "--dry-run", "--staging-dir", str(staging),
+          "--max-shard-size", "50KB"])
     shards = sorted(path.name for path in staging.glob("model-*.safetensors"))
     assert len(shards) >= 3 and not (staging / "model.safetensors").exists()
     index = json.loads((staging / "model.safetensors.index.json").read_text())
@@ -151,7 +153,7 @@ def test_card_numbers_are_the_evaluation_files(decoder_checkpoint):
 
 def test_upload_goes_to_the_configured_endpoint_and_fails_clearly(checkpoint_copy, tmp_path, unreachable_hub):
     message = publish(checkpoint_copy, tmp_path)
-    assert message.startswith(f"dslm-publish: upload of {REPO_ID} to {UNREACHABLE_ENDPOINT} failed")
+    assert message.startswith(f"dslm-publish: error: upload of {REPO_ID} to {UNREACHABLE_ENDPOINT} failed")
     assert "Connect" in message
 
 
