@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,22 +22,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dslm_hf.publishing import stage_repository
+from fresh_process import run_without_dslm_hf
 from publish_support import build_tiny_checkpoint, write_text_sample, write_tiny_eval_file
 
 REPO_ID = "dslm-test/tiny-decoder"
 PROMPT = "ROMEO: I will go"
 
-# Prepended to the code of every fresh process: any import of dslm_hf raises ImportError.
-BLOCK_DSLM_HF = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class BlockDslmHf(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "dslm_hf" or name.startswith("dslm_hf."):
-                raise ImportError(f"{name} is blocked: the model must come from the repository's own code")
-
-    sys.meta_path.insert(0, BlockDslmHf())
-""")
 # Loads the repository by id (optionally at a revision) and saves its logits for PROMPT.
 LOAD_FROM_HUB = textwrap.dedent("""
     import json
@@ -120,13 +109,8 @@ def hub(tmp_path_factory):
 
 def run_in_fresh_process(hub, code, *args, tag):
     """Run `code` offline against the Hub cache, with every dslm_hf import refused; return its stdout."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub["cache"]), HF_HOME=str(hub["root"] / f"home-{tag}"),
-               OMP_NUM_THREADS="1",  # a tiny model: one thread avoids stalls on a loaded machine
-               PYTHONPATH="")
-    completed = subprocess.run([sys.executable, "-c", BLOCK_DSLM_HF + code, *args], cwd=hub["root"], env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
+    return run_without_dslm_hf(code, *args, cwd=hub["root"],
+                               env={"HF_HUB_CACHE": str(hub["cache"]), "HF_HOME": str(hub["root"] / f"home-{tag}")})
 
 
 def load_in_fresh_process(hub, revision, tag):
