@@ -1,0 +1,243 @@
+"""Deep-narrow vs shallow-wide at equal parameters and equal tokens, each at its learning rate from the depth rule.
+
+    python benchmarks/deep_vs_shallow.py --corpus shakespeare --shapes 4x128 16x64 64x32 --seeds 0 1 2 \
+        --steps 1000 --workers 2 --budget-s 2400 --out benchmarks/results/deep_vs_shallow_char.json
+    python benchmarks/deep_vs_shallow.py --gpu      # the GPU-ready run: ~20-50M parameters, bf16, sdpa, regional compile
+    python benchmarks/deep_vs_shallow.py --smoke    # seconds on a CPU: checks that the script runs, measures nothing
+
+Every shape trains on the same batches (per seed) for the same number of tokens with `--parameterization`
+(default: the package's) and base learning rate `--learning-rate` at `depth_base_layers`; the rule sets each layer's
+learning rate from the shape's depth. The held-out loss is measured every `--eval-every` steps on the same blocks
+for every shape: the loss-vs-tokens curves, the final table (mean and spread over seeds) and the crossover (the first
+evaluation after which the deeper model stays below the shallower one) come from those measurements.
+Corpora: `shakespeare` (characters; ../shared's tinyshakespeare when present, else the excerpt in tests/data) or
+`stdlib` (the embedded default corpus: the Python standard library's source, byte-level BPE trained on its training
+part; `--corpus-megabytes` of it, no network).
+"""
+
+import argparse
+import concurrent.futures as futures
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from depth_transfer import code_version  # noqa: E402
+
+HEAD_SIZE = 16
+CPU_SHAPES = ("4x128", "16x64", "64x32")
+GPU_SHAPES = ("6x768", "24x384", "96x192")
+
+
+class TokenCorpus:
+    """The standard library's source as byte-level BPE ids: first 95% of the files for training, the rest held out."""
+
+    def __init__(self, megabytes: float, vocab_size: int):
+        import torch
+        from dslm_hf.data import load_default_corpus, train_byte_level_bpe
+
+        texts = load_default_corpus(megabytes)["text"]
+        cut = int(len(texts) * 0.95)
+        tokenizer = train_byte_level_bpe(texts[:cut], vocab_size)
+        encode = lambda parts: torch.tensor([i for t in parts for i in tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]])  # noqa: E731
+        self.tokenizer = tokenizer
+        self.train_ids, self.validation_ids = encode(texts[:cut]), encode(texts[cut:])
+
+    random_blocks = common.CharCorpus.random_blocks
+    validation_blocks = common.CharCorpus.validation_blocks
+
+
+_CORPORA = {}
+
+
+def load_corpus(args):
+    """One corpus per worker process (the BPE is trained once, not once per run)."""
+    key = (args["corpus"], args["corpus_megabytes"], args["vocab_size"], args["text"])
+    if key not in _CORPORA:
+        _CORPORA[key] = (TokenCorpus(args["corpus_megabytes"], args["vocab_size"]) if args["corpus"] == "stdlib"
+                         else common.CharCorpus(args["text"]))
+    return _CORPORA[key]
+
+
+def parse_shape(shape: str) -> tuple[int, int]:
+    layers, hidden = shape.lower().split("x")
+    return int(layers), int(hidden)
+
+
+def run_one(task: tuple, args: dict) -> dict:
+    import torch
+    from transformers import get_scheduler
+
+    from dslm_hf.optimization import depth_parameter_groups
+
+    torch.set_num_threads(args["threads"])
+    shape, seed = task
+    layers, hidden = parse_shape(shape)
+    corpus = load_corpus(args)
+    device = torch.device(args["device"])
+    config = common.deepscalelm_config(
+        corpus, "clm", layers=layers, hidden=hidden, heads=max(1, hidden // HEAD_SIZE), context=args["context"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, depth_parameterization=args["parameterization"],
+        depth_base_layers=args["base_layers"])
+    model = common.build_deepscalelm(config, seed=seed).to(device)
+    if args["compile"]:
+        for layer in model.model.layers:  # regional compilation: one compiled graph reused by every layer
+            layer.compile()
+    optimizer = torch.optim.AdamW(depth_parameter_groups(model, args["learning_rate"], 0.01, eps=1e-8),
+                                  lr=args["learning_rate"], betas=(0.9, 0.98), eps=1e-8)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args["warmup"], num_training_steps=args["steps"])
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    held_out = corpus.validation_blocks(args["context"], args["validation_blocks"]).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["bf16"])
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        total = 0.0
+        for start in range(0, len(held_out), 32):
+            block = held_out[start:start + 32]
+            with autocast:
+                total += float(model(input_ids=block, labels=block).loss) * len(block)
+        model.train()
+        return total / len(held_out)
+
+    curve, started, diverged_at = [], time.perf_counter(), None
+    model.train()
+    for step in range(args["steps"]):
+        if step % args["eval_every"] == 0:
+            curve.append((step * args["batch"] * args["context"], evaluate()))
+        batch = corpus.random_blocks(args["batch"], args["context"], generator).to(device)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            diverged_at = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    final = float("nan") if diverged_at is not None else evaluate()
+    curve.append((args["steps"] * args["batch"] * args["context"], final))
+    return {"shape": shape, "layers": layers, "hidden": hidden, "seed": seed, "parameters": common.parameter_count(model),
+            "non_embedding_parameters": common.parameter_count(model, exclude_embeddings=True),
+            "validation_loss": final, "diverged_at": diverged_at, "curve": curve,
+            "wall_s": time.perf_counter() - started}
+
+
+def summarise(records: list[dict], shapes: list[str]) -> dict:
+    """Mean and spread over seeds per shape, and each deeper shape's crossover against the shallowest."""
+    table = {}
+    for shape in shapes:
+        losses = [r["validation_loss"] for r in records if r["shape"] == shape and math.isfinite(r["validation_loss"])]
+        if losses:
+            table[shape] = {"seeds": len(losses), "mean": statistics.fmean(losses), "min": min(losses),
+                            "max": max(losses), "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0}
+    crossover = {}
+    shallow = shapes[0]
+    for shape in shapes[1:]:
+        pairs = [(a, b) for a in records for b in records
+                 if a["shape"] == shape and b["shape"] == shallow and a["seed"] == b["seed"]]
+        if not pairs:
+            continue
+        tokens = [t for t, _ in pairs[0][0]["curve"]]
+        mean_gap = [statistics.fmean(a["curve"][i][1] - b["curve"][i][1] for a, b in pairs) for i in range(len(tokens))]
+        after = next((tokens[i] for i in range(len(tokens)) if all(g < 0 for g in mean_gap[i:])), None)
+        crossover[f"{shape} vs {shallow}"] = {"tokens": after, "final_mean_gap": mean_gap[-1]}
+    return {"table": table, "crossover": crossover}
+
+
+def plot(records: list[dict], shapes: list[str], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, shape in enumerate(shapes):
+        for r in (r for r in records if r["shape"] == shape):
+            tokens, losses = zip(*r["curve"])
+            axis.plot(tokens, losses, color=f"C{index}", alpha=0.7, label=f"{shape} ({r['parameters'] / 1e6:.2f}M)" if r["seed"] == min(x["seed"] for x in records if x["shape"] == shape) else None)
+    axis.set(xlabel="training tokens", ylabel="held-out loss", xscale="log", title="Deep vs shallow, equal tokens")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def parse_arguments(argv=None):
+    parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                                         "benchmarks/results/deep_vs_shallow.json")
+    parser.add_argument("--corpus", choices=("shakespeare", "stdlib"), default="shakespeare")
+    parser.add_argument("--corpus-megabytes", type=float, default=24.0)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--shapes", nargs="+", default=list(CPU_SHAPES), help="LAYERSxWIDTH, shallowest first")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--parameterization", default="depth_mup", choices=("deepscalelm", "depth_mup", "completep"))
+    parser.add_argument("--base-layers", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=8e-3, help="base learning rate (at --base-layers)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--validation-blocks", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer (regional compilation)")
+    parser.add_argument("--gpu", action="store_true", help="the 10-minute GPU preset: stdlib corpus, ~20-50M parameters")
+    parser.add_argument("--budget-s", type=float, default=2400, help="wall-time budget: no new run starts after it")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        args.corpus, args.shapes, args.device, args.bf16, args.compile = "stdlib", list(GPU_SHAPES), "cuda", True, True
+        args.batch, args.context, args.steps, args.eval_every, args.budget_s = 32, 256, 1500, 150, 540
+        args.seeds, args.workers, args.threads = [0], 1, 8
+    if args.smoke:
+        args.shapes, args.seeds, args.steps, args.batch, args.context = ["2x32", "8x16"], [0, 1], 4, 2, 16
+        args.warmup, args.eval_every, args.validation_blocks, args.corpus_megabytes, args.vocab_size = 1, 2, 4, 0.2, 300
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    started = time.perf_counter()
+    version = code_version()
+    shared = {k: getattr(args, k) for k in ("corpus", "corpus_megabytes", "vocab_size", "text", "parameterization",
+                                             "base_layers", "learning_rate", "steps", "batch", "context", "warmup",
+                                             "eval_every", "validation_blocks", "device", "bf16", "compile", "threads")}
+    todo = [(shape, seed) for seed in args.seeds for shape in args.shapes]
+    records, skipped = [], []
+
+    def save():
+        return common.write_results(args.out, {"code": version, "settings": vars(args), "runs": records,
+                                               **summarise(records, args.shapes), "skipped": skipped,
+                                               "wall_s": time.perf_counter() - started})
+
+    pool = futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"))
+    with pool:
+        pending, queue = set(), list(todo)
+        while queue or pending:
+            while queue and len(pending) < args.workers and time.perf_counter() - started <= args.budget_s:
+                pending.add(pool.submit(run_one, queue.pop(0), shared))
+            if not pending:
+                skipped.extend(queue)
+                break
+            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                record = future.result()
+                records.append(record)
+                print(f"{record['shape']:>8s} seed {record['seed']} params {record['parameters']:,} "
+                      f"val {record['validation_loss']:.4f} ({record['wall_s']:.0f}s)", flush=True)
+                save()
+    path = save()
+    plot(records, args.shapes, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
