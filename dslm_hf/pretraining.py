@@ -598,7 +598,7 @@ def stop_on_signal(run: Run, signal_name: str) -> dict:
 
 
 def finish(run: Run, metrics: dict) -> dict:
-    """Held-out metrics (if the loop had none), replica check, final/ (model, tokenizer, card) and a sample."""
+    """Held-out metrics (if the loop had none), replica check, final/ (model, tokenizer) and a sample."""
     args, accelerator = run.args, run.accelerator
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
@@ -609,7 +609,7 @@ def finish(run: Run, metrics: dict) -> dict:
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=run.step)
         if metrics["replica_spread"] > 0:
             run.say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
-    save_final_model(run, metrics, run.run_dir / "final")
+    save_final_model(run, run.run_dir / "final")
     if accelerator.is_main_process and args.sample_max_new_tokens:
         prompt = run.eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
         sample = generate_sample(run.run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, run.collator)
@@ -651,32 +651,6 @@ def train(args: PretrainingArguments) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The final folder
 # ----------------------------------------------------------------------------------------------------------------
-def write_model_card(folder: Path, args: PretrainingArguments, config, metrics: dict) -> None:
-    stacks = ", ".join(f"{name}: {layers} layers" for name, layers, _ in config.residual_stacks())
-    loader = AUTO_MODEL_CLASSES[args.objective].__name__
-    text = f"""---
-library_name: transformers
-tags: [deepscalelm, dslm_hf]
----
-# DeepScaleLM ({args.objective}) pretrained with dslm_hf
-
-A DeepScaleLM transformer (Kedia et al., "Transformers Get Stable", ICML 2024) with {stacks},
-hidden size {config.hidden_size}, {config.norm_placement}-LN, init scheme `{config.init_scheme}`,
-embedding correlation r0 = {config.embedding_correlation:.4f} estimated from the training data.
-
-Pretraining: objective `{args.objective}`, dataset `{args.dataset}`, block size {args.block_size},
-{metrics['step']} optimizer steps, peak learning rate {args.learning_rate}.
-Held-out loss {metrics.get('eval_loss', float('nan')):.4f}, perplexity {metrics.get('eval_perplexity', float('nan')):.2f}.
-
-```python
-from transformers import {loader}, AutoTokenizer
-model = {loader}.from_pretrained("path/to/this/folder", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-"""
-    (folder / "README.md").write_text(text)
-
-
 def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new_tokens: int, collator=None) -> str:
     """Reload the saved folder (proving it loads) and produce text: a continuation (clm), the filled spans
     (seq2seq) or the predictions at masked positions (mlm)."""
@@ -700,8 +674,9 @@ def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new
         return f"input: {tokenizer.decode(batch['input_ids'][0])}\nfilled: {tokenizer.decode(filled)}"
 
 
-def save_final_model(run: Run, metrics: dict, folder: Path) -> None:
-    """save_pretrained (safetensors, config with auto_map, remote code, generation config) + tokenizer + model card.
+def save_final_model(run: Run, folder: Path) -> None:
+    """save_pretrained (safetensors, config with auto_map, remote code, generation config) + tokenizer. The model
+    card is written by dslm-publish, from an evaluation record tied to these exact weights (docs/publishing.md).
 
     The full state dict comes from accelerate (DDP, FSDP, DeepSpeed) or, under --fully_shard, from FSDP2's
     full_state_dict gathered into a plain copy of the model on rank 0."""
@@ -722,7 +697,6 @@ def save_final_model(run: Run, metrics: dict, folder: Path) -> None:
                                   save_function=accelerator.save)
     if accelerator.is_main_process:
         run.tokenizer.save_pretrained(folder)
-        write_model_card(folder, args, config, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------------

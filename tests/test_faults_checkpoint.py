@@ -275,3 +275,20 @@ def test_dslm_pretrain_launches_two_ranks_and_a_user_error_exits_2_without_a_tra
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
     assert "optimizer.safetensors has 9 bytes" in result.stderr
+
+
+@pytest.mark.slow
+def test_killing_a_one_process_accelerate_launch_leaves_no_orphan_writing(tmp_path):
+    launcher = subprocess.Popen(pretrain_command(tmp_path, "--max_steps", 100000, "--save_steps", 0, "--eval_steps",
+                                                 100000), env=cpu_environment(), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 2, launcher, "step 2")
+    launcher.kill()  # SIGKILL: accelerate's launcher can forward nothing; the kernel tells the worker
+    launcher.wait()
+    deadline = time.monotonic() + 120
+    while worker_processes(tmp_path):
+        assert time.monotonic() < deadline, "the orphaned worker kept running"
+        time.sleep(0.1)
+    (checkpoint,) = checkpointing.checkpoint_folders(tmp_path)
+    step = verify_checkpoint(checkpoint)
+    assert logged_steps(tmp_path)[-1] == step  # it stopped after the step it checkpointed
