@@ -229,6 +229,17 @@ def test_publish_dry_run_exits_0_after_verifying_the_eval_numbers(workspace, tmp
     assert (tmp_path / "stage" / "README.md").is_file()
 
 
+def test_verify_eval_recomputes_the_recorded_loss_bit_for_bit(workspace):
+    """Same weights, text, split, block size, batch size and seed: the seeded evaluation repeats exactly here, far
+    inside the 1e-4 relative tolerance --verify-eval allows for other thread counts and torch builds."""
+    from dslm_hf.publishing import verify_eval_file
+
+    results = json.loads((workspace["checkpoint"] / "eval_results.json").read_text())
+    recomputed = verify_eval_file(results, workspace["checkpoint"], workspace["text"])
+    assert recomputed["metrics"] == results["metrics"]
+    assert recomputed["dataset"]["tokens"] == results["dataset"]["tokens"] > 0
+
+
 def test_other_numbers_pass_the_static_checks_so_only_verify_eval_catches_them(workspace, tmp_path):
     """The doctored evaluation file is self-consistent (right weights digest, perplexity = exp(loss)): without
     --verify-eval it is published, which is why the flag exists."""
