@@ -75,7 +75,7 @@ def run_one(task: tuple, args: dict) -> dict:
     from dslm_hf.optimization import depth_parameter_groups
 
     torch.set_num_threads(args["threads"])
-    shape, seed = task
+    shape, learning_rate, seed = task
     layers, hidden = parse_shape(shape)
     corpus = load_corpus(args)
     device = torch.device(args["device"])
@@ -87,8 +87,8 @@ def run_one(task: tuple, args: dict) -> dict:
     if args["compile"]:
         for layer in model.model.layers:  # regional compilation: one compiled graph reused by every layer
             layer.compile()
-    optimizer = torch.optim.AdamW(depth_parameter_groups(model, args["learning_rate"], 0.01, eps=1e-8),
-                                  lr=args["learning_rate"], betas=(0.9, 0.98), eps=1e-8)
+    optimizer = torch.optim.AdamW(depth_parameter_groups(model, learning_rate, 0.01, eps=1e-8),
+                                  lr=learning_rate, betas=(0.9, 0.98), eps=1e-8)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args["warmup"], num_training_steps=args["steps"])
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -124,32 +124,53 @@ def run_one(task: tuple, args: dict) -> dict:
         scheduler.step()
     final = float("nan") if diverged_at is not None else evaluate()
     curve.append((args["steps"] * args["batch"] * args["context"], final))
-    return {"shape": shape, "layers": layers, "hidden": hidden, "seed": seed, "parameters": common.parameter_count(model),
+    return {"shape": shape, "layers": layers, "hidden": hidden, "seed": seed, "learning_rate": learning_rate, "parameters": common.parameter_count(model),
             "non_embedding_parameters": common.parameter_count(model, exclude_embeddings=True),
             "validation_loss": final, "diverged_at": diverged_at, "curve": curve,
             "wall_s": time.perf_counter() - started}
 
 
-def summarise(records: list[dict], shapes: list[str]) -> dict:
-    """Mean and spread over seeds per shape, and each deeper shape's crossover against the shallowest."""
-    table = {}
+def best_runs(records: list[dict], shapes: list[str]) -> dict[str, list[dict]]:
+    """Each shape's runs at its best base learning rate (lowest mean held-out loss over seeds; diverged = +inf)."""
+    chosen = {}
     for shape in shapes:
-        losses = [r["validation_loss"] for r in records if r["shape"] == shape and math.isfinite(r["validation_loss"])]
-        if losses:
-            table[shape] = {"seeds": len(losses), "mean": statistics.fmean(losses), "min": min(losses),
-                            "max": max(losses), "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0}
+        by_rate = {}
+        for r in records:
+            if r["shape"] == shape:
+                by_rate.setdefault(r["learning_rate"], []).append(r)
+        if by_rate:
+            score = lambda runs: statistics.fmean(r["validation_loss"] if math.isfinite(r["validation_loss"]) else math.inf for r in runs)  # noqa: E731
+            chosen[shape] = min(by_rate.values(), key=score)
+    return chosen
+
+
+def summarise(records: list[dict], shapes: list[str]) -> dict:
+    """Per shape at its best learning rate: mean and spread over seeds; each deeper shape's crossover against the
+    shallowest (the first evaluation after which the seed-averaged gap stays negative)."""
+    best = best_runs(records, shapes)
+    table, all_rates = {}, {}
+    for shape, runs in best.items():
+        losses = [r["validation_loss"] for r in runs if math.isfinite(r["validation_loss"])]
+        table[shape] = {"learning_rate": runs[0]["learning_rate"], "seeds": len(losses),
+                        "mean": statistics.fmean(losses) if losses else math.nan,
+                        "min": min(losses, default=math.nan), "max": max(losses, default=math.nan),
+                        "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0}
+        for r in records:
+            if r["shape"] == shape:
+                all_rates.setdefault(shape, {}).setdefault(f"{r['learning_rate']:g}", []).append(r["validation_loss"])
     crossover = {}
     shallow = shapes[0]
     for shape in shapes[1:]:
-        pairs = [(a, b) for a in records for b in records
-                 if a["shape"] == shape and b["shape"] == shallow and a["seed"] == b["seed"]]
+        if shape not in best or shallow not in best:
+            continue
+        pairs = [(a, b) for a in best[shape] for b in best[shallow] if a["seed"] == b["seed"]]
         if not pairs:
             continue
         tokens = [t for t, _ in pairs[0][0]["curve"]]
         mean_gap = [statistics.fmean(a["curve"][i][1] - b["curve"][i][1] for a, b in pairs) for i in range(len(tokens))]
         after = next((tokens[i] for i in range(len(tokens)) if all(g < 0 for g in mean_gap[i:])), None)
-        crossover[f"{shape} vs {shallow}"] = {"tokens": after, "final_mean_gap": mean_gap[-1]}
-    return {"table": table, "crossover": crossover}
+        crossover[f"{shape} vs {shallow}"] = {"tokens": after, "final_mean_gap": mean_gap[-1], "seeds": len(pairs)}
+    return {"table": table, "losses_by_learning_rate": all_rates, "crossover": crossover}
 
 
 def plot(records: list[dict], shapes: list[str], path: Path):
@@ -158,10 +179,11 @@ def plot(records: list[dict], shapes: list[str], path: Path):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    best = best_runs(records, shapes)
     for index, shape in enumerate(shapes):
-        for r in (r for r in records if r["shape"] == shape):
+        for r in best.get(shape, []):
             tokens, losses = zip(*r["curve"])
-            axis.plot(tokens, losses, color=f"C{index}", alpha=0.7, label=f"{shape} ({r['parameters'] / 1e6:.2f}M)" if r["seed"] == min(x["seed"] for x in records if x["shape"] == shape) else None)
+            axis.plot(tokens, losses, color=f"C{index}", alpha=0.7, label=f"{shape} ({r['parameters'] / 1e6:.2f}M, lr {r['learning_rate']:g})" if r is best[shape][0] else None)
     axis.set(xlabel="training tokens", ylabel="held-out loss", xscale="log", title="Deep vs shallow, equal tokens")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -179,7 +201,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parameterization", default="depth_mup", choices=("deepscalelm", "depth_mup", "completep"))
     parser.add_argument("--base-layers", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=8e-3, help="base learning rate (at --base-layers)")
+    parser.add_argument("--learning-rates", nargs="+", type=float, default=[8e-3, 1.6e-2],
+                        help="base learning rates (at --base-layers) tried for every shape; each shape is reported at "
+                             "its best (lowest mean held-out loss over seeds)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=64)
@@ -199,6 +223,7 @@ def parse_arguments(argv=None):
         args.seeds, args.workers, args.threads = [0], 1, 8
     if args.smoke:
         args.shapes, args.seeds, args.steps, args.batch, args.context = ["2x32", "8x16"], [0, 1], 4, 2, 16
+        args.learning_rates = args.learning_rates[:2]
         args.warmup, args.eval_every, args.validation_blocks, args.corpus_megabytes, args.vocab_size = 1, 2, 4, 0.2, 300
     return args
 
@@ -208,9 +233,9 @@ def main(argv=None):
     started = time.perf_counter()
     version = code_version()
     shared = {k: getattr(args, k) for k in ("corpus", "corpus_megabytes", "vocab_size", "text", "parameterization",
-                                             "base_layers", "learning_rate", "steps", "batch", "context", "warmup",
+                                             "base_layers", "steps", "batch", "context", "warmup",
                                              "eval_every", "validation_blocks", "device", "bf16", "compile", "threads")}
-    todo = [(shape, seed) for seed in args.seeds for shape in args.shapes]
+    todo = [(shape, lr, seed) for seed in args.seeds for lr in args.learning_rates for shape in args.shapes]
     records, skipped = [], []
 
     def save():
@@ -231,7 +256,7 @@ def main(argv=None):
             for future in done:
                 record = future.result()
                 records.append(record)
-                print(f"{record['shape']:>8s} seed {record['seed']} params {record['parameters']:,} "
+                print(f"{record['shape']:>8s} lr {record['learning_rate']:g} seed {record['seed']} params {record['parameters']:,} "
                       f"val {record['validation_loss']:.4f} ({record['wall_s']:.0f}s)", flush=True)
                 save()
     path = save()

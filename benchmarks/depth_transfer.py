@@ -166,7 +166,8 @@ def code_version() -> dict:
     root = Path(__file__).resolve().parents[1]
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty_paths": [line[3:] for line in git("status", "--porcelain").splitlines()]}
+            "git_dirty_paths": [line[3:] for line in git("status", "--porcelain").splitlines()
+                                if not line[3:].startswith("benchmarks/results/")]}  # other results: not code
 
 
 def main(argv=None):
