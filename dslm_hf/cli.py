@@ -60,6 +60,16 @@ def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] |
     return 0
 
 
+def usage_errors_as_user_errors(parser):
+    """Make the parser's usage errors (an unknown flag, a value of the wrong type) UserErrors, so that `run_command`
+    prints them as one line too, instead of argparse's usage block. Returns the parser."""
+    def error(message: str):
+        raise UserError(f"{message} (see {parser.prog} --help)")
+
+    parser.error = error
+    return parser
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Cheap checks, run before anything expensive
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cli import UserError, check_output_dir, run_command
+from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import read_text_file
 from .recipe_deepscalelm import embedding_correlation_estimate
@@ -583,7 +583,8 @@ def _run(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (`dslm-diagnose`): 0 on success; bad input is one stderr line and status 2."""
-    return run_command("dslm-diagnose", lambda arguments: print(_run(build_parser().parse_args(arguments))), argv)
+    parser = usage_errors_as_user_errors(build_parser())
+    return run_command("dslm-diagnose", lambda arguments: print(_run(parser.parse_args(arguments))), argv)
 
 
 if __name__ == "__main__":

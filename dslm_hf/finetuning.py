@@ -47,7 +47,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .cli import UserError, check_output_dir, run_command
+from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .data import read_text_file
 
 logger = logging.get_logger(__name__)
@@ -679,7 +679,11 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0])
     parser.prog = "dslm-finetune"
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unused = usage_errors_as_user_errors(parser).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if unused:
+        raise FinetuneInputError(f"unrecognized arguments: {' '.join(unused)} (see dslm-finetune --help)")
+    return tuple(parsed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from .cli import UserError, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
 from .evaluation import evaluate
+from .export import stage_native_twin
 from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_total
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -694,6 +695,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify-eval", type=Path, default=None, metavar="TEXT_FILE",
                         help="before staging, recompute the evaluation file's numbers from the weights on the "
                              "held-out part of TEXT_FILE (the text it names, checked by sha256) and refuse a mismatch")
+    parser.add_argument("--native", choices=("also", "only"), default=None,
+                        help="also: stage the native transformers twin (dslm-export: GPT-2, BERT, Bart...) in native/, "
+                             "loadable without trust_remote_code (subfolder='native'); only: publish the twin instead")
     return parser.parse_args(argv)
 
 
@@ -709,8 +713,11 @@ def publish(argv: list[str]) -> Path:
                              "file was measured on")
     staging_dir = args.staging_dir or Path(tempfile.mkdtemp(prefix="dslm-publish-"))
     try:
-        stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size,
-                         verify_text_file=args.verify_eval)
+        if args.native != "only":
+            stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size,
+                             verify_text_file=args.verify_eval)
+        if args.native is not None:
+            stage_native_twin(args.checkpoint_dir, staging_dir, args.repo_id, args.native)
     except PublishRefusal as refusal:
         raise PublishRefusal(f"refusing to publish: {refusal}") from None
     if args.verify_eval is not None:
