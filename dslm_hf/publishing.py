@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .checkpointing import file_sha256, find_pickle_files
-from .cli import UserError, run_command
+from .cli import UserError, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
 from .evaluation import evaluate
@@ -698,7 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--native", choices=("also", "only"), default=None,
                         help="also: stage the native transformers twin (dslm-export: GPT-2, BERT, Bart...) in native/, "
                              "loadable without trust_remote_code (subfolder='native'); only: publish the twin instead")
-    return parser.parse_args(argv)
+    return usage_errors_as_user_errors(parser).parse_args(argv)
 
 
 def publish(argv: list[str]) -> Path:
