@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from dslm_hf import checkpointing
 from dslm_hf.checkpointing import CheckpointError, load_checkpoint, verify_checkpoint, write_manifest
+from dslm_hf.cli import UserError
 from dslm_hf.run_control import LOCK_NAME, StopSignals
 from dslm_hf.run_metrics import drop_records_after, read_metrics
 from pretrain_helpers import REPO, TINY_RUN, cpu_environment, pretrain_command, run_in_process, train_losses
@@ -153,6 +154,15 @@ def test_latest_skips_a_checkpoint_with_a_pickle_and_resumes_from_the_previous_o
     assert "resumed at step 2" in output and metrics["step"] == 4
     assert train_losses(run_dir) == train_losses(finished_run)  # steps 3 and 4 replayed bit-identically
     assert not marker.exists()
+
+
+def test_resuming_without_the_runs_tokenizer_is_refused_instead_of_training_a_new_one(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    shutil.rmtree(run_dir / "tokenizer")
+    with pytest.raises(UserError, match=r"cannot resume: the run's tokenizer .*tokenizer is missing"):
+        run_in_process(run_dir, "--max_steps", 6, "--resume_from_checkpoint", "latest")
+    assert not (run_dir / "tokenizer").exists()
 
 
 def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
