@@ -1,7 +1,10 @@
 """dslm_hf: DeepScaleLM (Kedia et al., "Transformers Get Stable", ICML 2024) for Hugging Face transformers.
 
 `import dslm_hf` registers the model with the Auto classes, so `AutoModelForCausalLM.from_pretrained(path)` and
-friends work without `trust_remote_code`; saved checkpoints also carry the code for `trust_remote_code=True`.
+friends work without `trust_remote_code`; saved checkpoints also carry the code for `trust_remote_code=True`
+(`modeling_deepscalelm.AUTO_MAP`, from the same `AUTO_CLASSES` table). Importing the package loads what transformers
+loads, not PEFT or datasets: those come with the modules that use them (`dslm_hf.peft_support` registers LoRA's
+default target modules).
 """
 
 import transformers
@@ -21,11 +24,11 @@ from .modeling_deepscalelm import (
     DeepScaleLMSeq2SeqModel,
 )
 
-transformers.AutoConfig.register("deepscalelm", DeepScaleLMConfig, exist_ok=True)
+# The one in-process registration; AutoModel's DeepScaleLMModel returns a DeepScaleLMSeq2SeqModel for an
+# encoder-decoder config.
+transformers.AutoConfig.register(DeepScaleLMConfig.model_type, DeepScaleLMConfig, exist_ok=True)
 for _auto_name, _model_class in AUTO_CLASSES.items():
     getattr(transformers, _auto_name).register(DeepScaleLMConfig, _model_class, exist_ok=True)
-
-from . import peft_support  # noqa: E402,F401  registers LoRA's default target modules for "deepscalelm"
 
 __all__ = [
     "DeepScaleLMConfig",

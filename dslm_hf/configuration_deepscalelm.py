@@ -1,5 +1,8 @@
 """DeepScaleLM configuration."""
 
+import dataclasses
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -9,6 +12,7 @@ from .recipe_deepscalelm import (
     DEPTH_PARAMETERIZATIONS,
     INIT_SCHEMES,
     NORM_PLACEMENTS,
+    RECURRENCES,
     depth_exponent,
     embedding_correlation_estimate,
     residual_branch_total,
@@ -60,6 +64,11 @@ class DeepScaleLMConfig(PreTrainedConfig):
         embedding_correlation (`float`, defaults to 0.221): r0, the correlation of two positions' summed embeddings
             (the reference code's BERT/Wikipedia value). It depends on the data: estimate it with
             `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for your tokenizer and corpus.
+        recurrence (`str`, defaults to `"refined"`): how the correlation recurrence (which sets W_v, W_o per layer)
+            treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
+            length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
+            code - attention's output variance is the input correlation r and its outputs are identical across
+            positions (correlation 1, then 1 - p after dropout).
         init_sequence_length (`int`, *optional*): sequence length the recipe assumes when it undoes attention's
             averaging; `None` means `max_position_embeddings`.
         initializer_range (`float`, defaults to 0.02): std of the `"standard"` scheme.
@@ -72,6 +81,13 @@ class DeepScaleLMConfig(PreTrainedConfig):
 
     model_type = "deepscalelm"
     keys_to_ignore_at_inference = ["cache"]
+    # One stack's plans (layers.*); the encoder-decoder's stacks prefix them with encoder./decoder. and its decoder
+    # adds cross_attn (see DeepScaleLMModel.init_parallel_plans).
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -102,6 +118,7 @@ class DeepScaleLMConfig(PreTrainedConfig):
     depth_parameterization: str = "deepscalelm"
     depth_base_layers: int = 4
     embedding_correlation: float = 0.221
+    recurrence: str = "refined"
     init_sequence_length: int | None = None
     initializer_range: float = 0.02
     classifier_dropout: float | int | None = None
@@ -134,6 +151,11 @@ class DeepScaleLMConfig(PreTrainedConfig):
 
         def fail(field, allowed):
             raise ValueError(f"DeepScaleLMConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for spec in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed
+            value = getattr(self, spec.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(spec.name, "expected a finite number")
 
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                       "max_position_embeddings", "init_sequence_length"):
@@ -191,10 +213,13 @@ class DeepScaleLMConfig(PreTrainedConfig):
                 fail("decoder_layers", "expected a positive integer for an encoder-decoder")
         elif self.decoder_layers is not None:
             fail("decoder_layers", "only an encoder-decoder (is_encoder_decoder=True) has decoder layers; leave it None")
-        for field in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, field)
-            if value is not None and not 0 <= value < self.vocab_size:
+            ids = value if isinstance(value, list) else [value]
+            if any(i is not None and (isinstance(i, bool) or not 0 <= i < self.vocab_size) for i in ids):
                 fail(field, f"expected None or a token id in [0, vocab_size={self.vocab_size})")
+        if self.recurrence not in RECURRENCES:
+            fail("recurrence", f"expected one of {RECURRENCES}")
         if self.init_scheme == "deepscalelm":
             for stack, layers, branches in self.residual_stacks():
                 beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches) * (

@@ -37,7 +37,8 @@ N(0, sigma^2), biases are zero, LayerNorms have weight 1 and bias 0.
 
 Model structure assumed (dslm_hf/modeling_deepscalelm.py): Pre-LN sums the embedding tables, applies dropout, runs
 the layers (each branch sees LN(stream)), and normalises the last layer's output with a final LayerNorm. Post-LN
-normalises the embedding sum, applies dropout, and every branch ends in LN(lambda x + beta Dropout(F(x))).
+applies dropout to the embedding sum, then normalises it (the reference code's order), and every branch ends in
+LN(lambda x + beta Dropout(F(x))).
 
 Approximations (document them before trusting a number): attention weights are treated as uniform over the visible
 keys in the backward pass and in the correlation of the outputs (logit variance ~1 at init); the causal mask is
@@ -655,7 +656,9 @@ def _predict_stack(config, stack: str, length: int, token_same: float, label_sam
     if config.type_vocab_size > 0:
         same_rows.append(1.0)
     embedding = embedding_forward(embedding_table_stds(config), same_rows)
-    stream = dropout_forward(layer_norm_forward(embedding) if not pre_ln else embedding, p)
+    stream = dropout_forward(embedding, p)
+    if not pre_ln:  # the reference order: embedding dropout, then the embedding LayerNorm
+        stream = layer_norm_forward(stream)
     first_stream = stream
 
     kinds = ("attention", "cross", "ffn") if encoder_output is not None else ("attention", "ffn")

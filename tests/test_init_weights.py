@@ -40,7 +40,7 @@ def expected_std(config: DeepScaleLMConfig, name: str, shape: tuple[int, ...]) -
         if scheme == "deepscalelm":
             return embedding_std(p, config.num_embedding_tables)
         return config.initializer_range if scheme == "standard" else xavier_std(*shape)
-    if name in ("head.dense.weight", "score.weight", "qa_outputs.weight", "lm_head.weight"):
+    if name in ("transform.dense.weight", "score.weight", "qa_outputs.weight", "lm_head.weight"):
         if scheme == "standard":
             return config.initializer_range
         return head_dense_std(d) if scheme == "deepscalelm" else xavier_std(shape[1], shape[0])
