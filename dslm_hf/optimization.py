@@ -20,6 +20,10 @@ import torch
 from .recipe_deepscalelm import depth_optimizer_multipliers
 
 LAYER_CLASS_NAME = "DeepScaleLMLayer"
+# dslm-pretrain's defaults, from the learning-rate x depth sweep (benchmarks/RESULTS.md, "Depth"): with the depth-muP
+# rule the best base learning rate stayed within one factor-2 step from 4 to 256 layers at width 64.
+PRETRAINING_PARAMETERIZATION = "depth_mup"
+BASE_LEARNING_RATE = 8e-3
 
 
 def _layer_depths(model: torch.nn.Module) -> dict[int, int]:
@@ -78,6 +82,22 @@ def build_adamw(model: torch.nn.Module, learning_rate: float, weight_decay: floa
                              betas=betas, eps=eps)
 
 
+def default_learning_rate(config) -> tuple[float, str]:
+    """(base learning rate, why) when the user gives none: the swept base rate at `depth_base_layers`; the depth rule
+    then scales it inside the layers. Without a rule ("deepscalelm"), one rate for the whole model, taken down as
+    (layers / base)^-1/2 -- the rule's layer rate -- so deep models start from a safe value."""
+    parameterization = getattr(config, "depth_parameterization", "deepscalelm")
+    depth = max(layers for _, layers, _ in config.residual_stacks())
+    if parameterization == "deepscalelm":
+        rate = BASE_LEARNING_RATE * min(1.0, (depth / config.depth_base_layers) ** -0.5)
+        return rate, (f"{rate:.3g} for every parameter: {BASE_LEARNING_RATE:g} at {config.depth_base_layers} layers "
+                      f"x ({depth} / {config.depth_base_layers})^-1/2 (no depth rule in the config)")
+    lr_mult = depth_optimizer_multipliers(parameterization, depth / config.depth_base_layers)[0]
+    return BASE_LEARNING_RATE, (f"base {BASE_LEARNING_RATE:g} (embeddings, final norm, head), "
+                                f"{BASE_LEARNING_RATE * lr_mult:.3g} inside the {depth} layers ({parameterization} rule "
+                                f"from {config.depth_base_layers} layers)")
+
+
 def describe_groups(groups: list[dict]) -> str:
     """One line per distinct learning rate, for the training log."""
     seen = {}
@@ -89,4 +109,4 @@ def describe_groups(groups: list[dict]) -> str:
                      f"lr {lr:.3g} ({count:,} parameters)" for (depth, lr), count in seen.items())
 
 
-__all__ = ["depth_parameter_groups", "build_adamw", "describe_groups"]
+__all__ = ["depth_parameter_groups", "build_adamw", "default_learning_rate", "describe_groups"]

@@ -50,6 +50,8 @@ from .checkpointing import checkpoint_folders, load_checkpoint, resolve_checkpoi
 from .cli import UserError, check_known_keys, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
+from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
+from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
 from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
 from .run_metrics import JsonlTracker, drop_records_after
 
@@ -92,7 +94,14 @@ class PretrainingArguments:
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per micro-step."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Blocks per process per evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak base learning rate (AdamW): embeddings, final norm, heads, and the layers at the config's "
+                "depth_base_layers; the depth rule scales it inside deeper layers. Unset: picked from depth "
+                "(dslm_hf.optimization.default_learning_rate) and said so in the log."})
+    depth_parameterization: str | None = field(default=None, metadata={
+        "help": "How branches and learning rates scale with depth: 'depth_mup' (default for DeepScaleLM inits: "
+                "DeepScaleLM's init and beta with the depth-muP AdamW rule), 'deepscalelm' (one learning rate), "
+                "'completep'. Sets the config field of the same name."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases or LayerNorm)."})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -164,8 +173,10 @@ class PretrainingArguments:
             yield "validation_fraction", "expected a share in (0, 1)"
         if not 0.0 <= self.warmup_ratio < 1.0:
             yield "warmup_ratio", "expected a share in [0, 1)"
-        if self.learning_rate <= 0:
-            yield "learning_rate", "expected a positive number"
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            yield "learning_rate", "expected a positive number (or leave it unset to pick it from depth)"
+        if self.depth_parameterization is not None and self.depth_parameterization not in DEPTH_PARAMETERIZATIONS:
+            yield "depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}"
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             yield "weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number"
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
@@ -222,6 +233,10 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
     overrides = parse_config_overrides(args.config_overrides)
     check_known_keys(overrides, known, "--config_overrides")
     kwargs.update(overrides)
+    if args.depth_parameterization is not None:
+        kwargs["depth_parameterization"] = args.depth_parameterization
+    elif kwargs.get("init_scheme", "deepscalelm") == "deepscalelm" and kwargs.get("norm_placement", "pre") == "pre":
+        kwargs.setdefault("depth_parameterization", PRETRAINING_PARAMETERIZATION)
     positions = kwargs.get("max_position_embeddings", DeepScaleLMConfig.max_position_embeddings)
     if isinstance(positions, int) and positions < args.block_size:
         raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "
@@ -251,13 +266,6 @@ def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> D
 
 def build_model(config, objective: str):
     return AUTO_MODEL_CLASSES[objective].from_config(config)
-
-
-def adamw_parameter_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm gains (1-D) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,8 +480,13 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
             raise UserError("--fully_shard shards over the launched processes: launch at least 2 "
                             "(e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
         model = parallel.shard_model(model.to(accelerator.device))
-    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate)") \
+        if args.learning_rate is not None else default_learning_rate(config)
+    args.learning_rate = learning_rate  # recorded with the run's arguments
+    groups = depth_parameter_groups(model, learning_rate, args.weight_decay, eps=args.adam_epsilon)
+    accelerator.print(f"learning rate: {why}; {describe_groups(groups)}")
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
     # Stepped once per optimizer step on every rank and not given to prepare(), which would step it
     # num_processes times; its state travels in trainer_state.json.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.max_steps,

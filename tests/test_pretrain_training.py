@@ -49,7 +49,7 @@ def test_final_folder_loads_with_auto_class_and_prints_a_sample(tmp_path, capsys
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    common = ["--max_steps", 2, "--save_steps", 0, "--eval_steps", 100, *NO_DROPOUT]
+    common = ["--max_steps", 2, "--save_steps", 0, "--eval_steps", 100, "--learning_rate", 5e-4, *NO_DROPOUT]
     run_in_process(tmp_path / "accumulated", *common, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2)
     run_in_process(tmp_path / "big", *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1)
     records = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
@@ -58,7 +58,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-6)
         assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
     first, second = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("accumulated", "big"))
-    # Float summation order differs; Adam turns relative gradient noise of ~1e-7 into ~1e-6 weight differences.
+    # Float summation order differs; at lr 5e-4 Adam turns relative gradient noise of ~1e-7 into ~1e-6 weight
+    # differences (the bound scales with the learning rate).
     assert max((first[k] - second[k]).abs().max().item() for k in first) < 1e-5
 
 
@@ -151,3 +152,14 @@ def test_tensorboard_tracker_writes_events_beside_the_jsonl(tmp_path):
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert "config" in records[0] and [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_learning_rate_is_picked_from_depth_and_logged_when_not_given(tmp_path, capsys):
+    run_in_process(tmp_path, "--max_steps", 1, "--save_steps", 0, "--eval_steps", 100, "--sample_max_new_tokens", 0)
+    log = capsys.readouterr().out
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["depth_parameterization"] == "depth_mup"  # dslm-pretrain's default rule for Pre-LN DeepScaleLM
+    layers, base = config["num_hidden_layers"], config["depth_base_layers"]
+    inside = 8e-3 * (layers / base) ** -0.5  # depth-muP: layer learning rate * (L / L0)^-1/2
+    assert "learning rate: base 0.008 (embeddings, final norm, head)" in log
+    assert f"{inside:.3g} inside the {layers} layers (depth_mup rule from {base} layers)" in log
