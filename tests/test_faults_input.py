@@ -180,6 +180,8 @@ CLEAR_ERRORS = {
     "malformed_jsonl_line": ("finetuning", lambda w, c: classify(w, c, '{"text": "a", "label": 0}\n{"text": "b", \n'),
                              "line 2 is not valid JSON"),
     "binary_finetune_file": ("finetuning", binary_train_file, "train.jsonl is binary, not text"),
+    "unknown_flag": ("finetuning", lambda w, c: classify(w, c, GOOD_ROWS) + ["--bogus"],
+                     "unrecognized arguments: --bogus (see dslm-finetune --help)"),
     # publishing
     "shard_index_outside_the_folder": ("publishing", index_pointing_outside,
                                        "points at shards outside"),
@@ -190,6 +192,9 @@ CLEAR_ERRORS = {
     "diagnose_non_utf8_text_file": ("diagnostics", lambda w, c: [w["checkpoint"], "--output-dir", c / "out",
                                                                  "--text-file", w["latin1"], "--no-progress"],
                                     "is not UTF-8 text"),
+    "value_of_the_wrong_type": ("diagnostics", lambda w, c: [w["checkpoint"], "--output-dir", c / "out",
+                                                             "--batch-size", "four"],
+                                "argument --batch-size: invalid int value: 'four' (see dslm-diagnose --help)"),
 }
 
 
