@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import monitoring  # module import: monitoring reads layer stacks from this module
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import read_text_file
@@ -520,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--signals", metavar="RUN", help="plot a training run's layer signals instead of measuring "
+                        "a model: a dslm-pretrain run folder (--signal_every) or a Trainer output folder "
+                        "(LayerSignalCallback), or their layer_signals.jsonl")
     plan = parser.add_argument_group("depth planning (--plan: theory only, no MODEL)")
     plan.add_argument("--plan", action="store_true", help="plot predicted profiles at several depths, vanilla vs DeepScaleLM")
     plan.add_argument("--hidden-size", type=int, default=256)
@@ -553,6 +557,22 @@ def _run(args) -> str:
         (out / "depth_plan.json").write_text(json.dumps(plan))
         plot_plan(plan, out / "depth_plan.png")
         return f"wrote {out / 'depth_plan.png'} and {out / 'depth_plan.json'}"
+    if args.signals is not None:
+        source = Path(args.signals)
+        log = source / "layer_signals.jsonl" if source.is_dir() else source
+        if not log.is_file():
+            raise DiagnoseError(f"--signals {source}: no layer_signals.jsonl there; train with --signal_every N "
+                                "(dslm-pretrain) or LayerSignalCallback (Trainer)")
+        rows = monitoring.read_signals(log)
+        if not rows:
+            raise DiagnoseError(f"--signals {log} holds no measurement yet")
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        monitoring.plot_signals(rows, out / "layer_signals.png")
+        last = rows[-1]
+        return (f"wrote {out / 'layer_signals.png'} ({len(rows)} measurements; at step {last['step']}: first/last "
+                f"layer gradient {last['grad_first_last']:.3g}, spread {last['grad_spread']:.3g}, shared fraction up to "
+                f"{last['shared_fraction_max']:.3f})")
     if args.model is None:
         raise DiagnoseError("give a MODEL (model id, folder or config.json), or --plan for the depth-planning view")
     if args.batch_size < 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .diagnostics import find_layer_stacks, token_correlation
+from . import diagnostics  # module import: dslm-diagnose imports this module back to plot run logs
 
 SCALARS = ("grad_first_last", "grad_spread", "sum_variance_min", "sum_variance_max", "shared_fraction_max")
 
@@ -47,7 +47,7 @@ class LayerSignalMonitor:
         if every < 1:
             raise ValueError(f"LayerSignalMonitor every={every}: expected a positive number of steps")
         self.every = every
-        (_, self.layers), *_ = find_layer_stacks(model)
+        (_, self.layers), *_ = diagnostics.find_layer_stacks(model)
         self.post_norm = getattr(model.config, "norm_placement", "pre") == "post"
         self._armed = False
         self._sums: dict[int, tuple[float, float]] = {}
@@ -61,7 +61,7 @@ class LayerSignalMonitor:
     def _record(self, index: int, hidden: torch.Tensor):
         if self._armed and index not in self._sums:
             hidden = hidden.detach()
-            self._sums[index] = (float(hidden.double().pow(2).mean()), token_correlation(hidden) if hidden.shape[1] > 1 else float("nan"))
+            self._sums[index] = (float(hidden.double().pow(2).mean()), diagnostics.token_correlation(hidden) if hidden.shape[1] > 1 else float("nan"))
 
     def _input_hook(self, index):
         def hook(module, args):

@@ -50,6 +50,7 @@ from .checkpointing import checkpoint_folders, load_checkpoint, resolve_checkpoi
 from .cli import UserError, check_known_keys, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
+from .monitoring import LayerSignalMonitor
 from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
 from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
@@ -125,6 +126,9 @@ class PretrainingArguments:
         "help": "Start fresh in an output_dir that holds checkpoints: its previous run outputs are deleted."})
     max_nonfinite_steps: int = field(default=10, metadata={
         "help": "Steps with a NaN/inf loss or gradient are skipped; the run stops when more than this many were skipped."})
+    signal_every: int = field(default=0, metadata={
+        "help": "Every N steps, measure per-layer gradient norms, each pre-LN sum's variance and shared-across-tokens "
+                "fraction (dslm_hf.monitoring): summaries to the trackers, profiles to layer_signals.jsonl. 0: off."})
     fully_shard: bool = field(default=False, metadata={
         "help": "Shard parameters, gradients and optimizer state with FSDP2 fully_shard over the launched processes "
                 "(each DeepScaleLMLayer, then the root); works on gloo/CPU. No periodic checkpoints in this mode."})
@@ -160,7 +164,9 @@ class PretrainingArguments:
                      "r0_sample_blocks", "vocab_size", "num_processes"):
             if getattr(self, name) < 1:
                 yield name, "expected a positive integer"
-        for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens"):
+        if self.signal_every and self.fully_shard:
+            yield "signal_every", "layer signals read whole gradients: not available with --fully_shard"
+        for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens", "signal_every"):
             if getattr(self, name) < 0:
                 yield name, "expected a non-negative integer"
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -412,6 +418,7 @@ class Run:
     layout: dict
     step: int = 0
     nonfinite_steps: int = 0
+    monitor: LayerSignalMonitor | None = None
 
     def say(self, message: str) -> None:
         self.accelerator.print(message)
@@ -502,8 +509,9 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
                         f"{accelerator.num_processes} processes: use more text or a smaller batch")
     layout = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": args.per_device_train_batch_size,
               "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
+    monitor = LayerSignalMonitor(model, args.signal_every) if args.signal_every else None
     return Run(args, accelerator, run_dir, tokenizer, config, model, optimizer, scheduler, collator, sampler,
-               train_loader, eval_loader, eval_blocks, layout)
+               train_loader, eval_loader, eval_blocks, layout, monitor=monitor)
 
 
 def resume(run: Run, folder: Path) -> None:
@@ -528,7 +536,10 @@ def train_step(run: Run, batches) -> dict:
               for _ in range(args.gradient_accumulation_steps)]
     # Seeded after fetching: starting a DataLoader iterator (a new epoch, a resume) draws from the global RNG.
     torch.manual_seed(step_seed)
+    if run.monitor is not None:
+        run.monitor.arm(run.step)
     loss, finite = training_window(accelerator, run.model, window, run.collator)
+    signals = run.monitor.measure(run.step) if run.monitor is not None and finite else None
     grad_norm = None
     if finite and args.max_grad_norm > 0:
         grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
@@ -547,11 +558,21 @@ def train_step(run: Run, batches) -> dict:
         raise UserError(f"stopping at step {run.step}: {run.nonfinite_steps} steps had a non-finite loss or gradient, "
                         f"more than --max_nonfinite_steps={args.max_nonfinite_steps}")
     measured = {"tokens": sum(b["input_ids"].numel() for b in window) * accelerator.num_processes}
+    if signals is not None:
+        measured["signals"] = signals
     if finite:
         measured["loss"] = loss.item()
         if grad_norm is not None:
             measured["grad_norm"] = float(grad_norm)
     return measured
+
+
+def record_signals(run: Run, signals: dict) -> None:
+    """Layer-signal summaries to the trackers, the per-layer profiles to <run>/layer_signals.jsonl (main process)."""
+    run.accelerator.log(LayerSignalMonitor.scalars(signals), step=run.step)
+    if run.accelerator.is_main_process:
+        with (run.run_dir / "layer_signals.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**signals, "step": run.step}) + "\n")
 
 
 def save(run: Run) -> Path:
@@ -571,6 +592,8 @@ def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
     while run.step < args.max_steps:
         measured = train_step(run, batches)
         window_tokens += measured.pop("tokens")
+        if "signals" in measured:
+            record_signals(run, measured.pop("signals"))
         tokens_per_second = window_tokens / max(time.monotonic() - window_started, 1e-9)
         progress.update(1)
         if "loss" in measured:
@@ -652,7 +675,8 @@ def train(args: PretrainingArguments) -> dict:
         if resume_dir is not None:
             resume(run, resume_dir)
         if accelerator.is_main_process:
-            drop_records_after(run_dir / "metrics.jsonl", run.step)  # the steps after the checkpoint are redone
+            for log in ("metrics.jsonl", "layer_signals.jsonl"):  # the steps after the checkpoint are redone
+                drop_records_after(run_dir / log, run.step)
             run.config.save_pretrained(run_dir / "model_config")
         accelerator.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
         with StopSignals(announce=accelerator.is_main_process) as stop:

@@ -61,3 +61,28 @@ def test_callback_logs_profiles_and_scalars_inside_trainer(tmp_path, text_batch)
     assert (tmp_path / "signals.png").stat().st_size > 0
     assert json.loads((tmp_path / "layer_signals.jsonl").read_text().splitlines()[0])["grad_spread"] >= 1.0
     assert list((tmp_path / "runs" / "layer_signals").glob("events.out.tfevents.*"))
+
+
+def test_dslm_diagnose_plots_a_runs_layer_signals(tmp_path, text_batch):
+    import subprocess
+    import sys
+
+    model = post_ln_model(4)
+    monitor = LayerSignalMonitor(model, every=1)
+    rows = []
+    for step in range(2):
+        ids = text_batch(4, 32, offset=step * 5000)
+        monitor.arm(step)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        rows.append(monitor.measure(step))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "layer_signals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, "-m", "dslm_hf.diagnostics", "--signals", str(tmp_path / "run"),
+                           "--output-dir", str(tmp_path / "plots")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"first/last layer gradient {rows[-1]['grad_first_last']:.3g}" in done.stdout
+    assert (tmp_path / "plots" / "layer_signals.png").stat().st_size > 0
+    missing = subprocess.run([sys.executable, "-m", "dslm_hf.diagnostics", "--signals", str(tmp_path / "nowhere"),
+                              "--output-dir", str(tmp_path / "plots")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "layer_signals.jsonl" in missing.stderr and "Traceback" not in missing.stderr

@@ -163,3 +163,14 @@ def test_learning_rate_is_picked_from_depth_and_logged_when_not_given(tmp_path, 
     inside = 8e-3 * (layers / base) ** -0.5  # depth-muP: layer learning rate * (L / L0)^-1/2
     assert "learning rate: base 0.008 (embeddings, final norm, head)" in log
     assert f"{inside:.3g} inside the {layers} layers (depth_mup rule from {base} layers)" in log
+
+
+def test_layer_signals_are_logged_every_n_steps(tmp_path):
+    run_in_process(tmp_path, "--max_steps", 4, "--save_steps", 0, "--eval_steps", 100, "--signal_every", 2,
+                   "--sample_max_new_tokens", 0)
+    rows = [json.loads(line) for line in (tmp_path / "layer_signals.jsonl").read_text().splitlines()]
+    layers = json.loads((tmp_path / "final" / "config.json").read_text())["num_hidden_layers"]
+    assert [row["step"] for row in rows] == [1, 3]  # the optimizer steps whose gradients were measured
+    assert all(len(row["grad_norm"]) == layers and row["grad_spread"] >= 1.0 for row in rows)
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "signals/grad_first_last" in r]
+    assert [r["step"] for r in logged] == [1, 3]
