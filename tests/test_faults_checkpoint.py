@@ -302,3 +302,20 @@ def test_killing_a_one_process_accelerate_launch_leaves_no_orphan_writing(tmp_pa
     (checkpoint,) = checkpointing.checkpoint_folders(tmp_path)
     step = verify_checkpoint(checkpoint)
     assert logged_steps(tmp_path)[-1] == step  # it stopped after the step it checkpointed
+
+
+@pytest.mark.slow
+def test_sigterm_to_dslm_pretrain_num_processes_reaches_both_ranks_and_exits_0_with_a_checkpoint(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-m", "dslm_hf.pretraining", "--num_processes", "2", "--output_dir",
+                                 str(tmp_path), *TINY_RUN, "--max_steps", "100000", "--save_steps", "0", "--eval_steps",
+                                 "100000", "--per_device_train_batch_size", "4"],
+                                env=cpu_environment(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 2, launcher, "step 2")
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert not worker_processes(tmp_path)
+    (checkpoint,) = checkpointing.checkpoint_folders(tmp_path)
+    step = verify_checkpoint(checkpoint)
+    assert f"stopped by SIGTERM after step {step}" in stdout
+    assert logged_steps(tmp_path) == list(range(1, step + 1))
