@@ -19,6 +19,10 @@ from .recipe_deepscalelm import (
 )
 
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
+# r0 when the config gives none, per architecture: chosen on the text we ship (tests/data, Tiny Shakespeare) with the
+# 192-layer, width-128 stacks of tests/test_fidelity.py, where the reference's 0.221 (BERT on Wikipedia, 3 tables)
+# lets the stream variance sag to 0.65-0.75. Byte-level text estimates r0 ~0.029 (2 tables), BPE ~0.01.
+DEFAULT_EMBEDDING_CORRELATIONS = {"decoder": 0.01, "encoder": 0.03, "encoder-decoder": 0.02}
 
 
 @strict
@@ -61,9 +65,10 @@ class DeepScaleLMConfig(PreTrainedConfig):
             `init_scheme="deepscalelm"` only; the initialisation is DeepScaleLM's in every case.
         depth_base_layers (`int`, defaults to 4): the depth at which the learning rate was tuned; every
             parameterization equals `"deepscalelm"` at this depth.
-        embedding_correlation (`float`, defaults to 0.221): r0, the correlation of two positions' summed embeddings
-            (the reference code's BERT/Wikipedia value). It depends on the data: estimate it with
-            `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for your tokenizer and corpus.
+        embedding_correlation (`float`, *optional*): r0, the correlation of two positions' summed embeddings. It
+            depends on the data: estimate it with `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for
+            your tokenizer and corpus. `None` takes `DEFAULT_EMBEDDING_CORRELATIONS` for the architecture (decoder
+            0.01, encoder 0.03, encoder-decoder 0.02); the reference code's BERT/Wikipedia value is 0.221.
         recurrence (`str`, defaults to `"refined"`): how the correlation recurrence (which sets W_v, W_o per layer)
             treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
             length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
@@ -117,7 +122,7 @@ class DeepScaleLMConfig(PreTrainedConfig):
     residual_beta2: float | None = None
     depth_parameterization: str = "deepscalelm"
     depth_base_layers: int = 4
-    embedding_correlation: float = 0.221
+    embedding_correlation: float | None = None
     recurrence: str = "refined"
     init_sequence_length: int | None = None
     initializer_range: float = 0.02
@@ -139,6 +144,9 @@ class DeepScaleLMConfig(PreTrainedConfig):
             self.init_sequence_length = self.max_position_embeddings
         if self.is_encoder_decoder and self.decoder_layers is None:
             self.decoder_layers = self.num_hidden_layers
+        if self.embedding_correlation is None:
+            architecture = "encoder-decoder" if self.is_encoder_decoder else "decoder" if self.is_decoder else "encoder"
+            self.embedding_correlation = DEFAULT_EMBEDDING_CORRELATIONS[architecture]
         self.check_values()
         super().__post_init__(**kwargs)
 
