@@ -46,7 +46,7 @@ from transformers import (
 )
 
 from . import data, parallel
-from .checkpointing import checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import UserError, check_known_keys, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
@@ -517,10 +517,15 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
 def resume(run: Run, folder: Path) -> None:
     """Load a verified checkpoint into the run: weights, optimizer, scheduler, step and counters."""
     state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer)
+    scheduler_keys = set(run.scheduler.state_dict())
+    if not (isinstance(state.get("scheduler"), dict) and set(state["scheduler"]) == scheduler_keys
+            and isinstance(state.get("nonfinite_steps"), int) and isinstance(state.get("layout"), dict)):
+        raise CheckpointError(f"checkpoint {folder} is corrupt: its trainer_state.json lacks this run's layout, "
+                              f"counters or scheduler state ({', '.join(sorted(scheduler_keys))})")
     if state["layout"] != run.layout:
         raise UserError(f"checkpoint {folder} was written with {state['layout']}, this run has {run.layout}: "
                         "resuming with another batch layout would change the data order; use the original settings")
-    run.scheduler.load_state_dict(state["scheduler"])
+    run.scheduler.load_state_dict(state["scheduler"])  # only the scheduler's own keys: JSON values, nothing callable
     run.step, run.nonfinite_steps = state["step"], state["nonfinite_steps"]
     run.say(f"resumed at step {run.step} ({run.nonfinite_steps} non-finite steps skipped so far)")
 

@@ -156,6 +156,18 @@ def test_latest_skips_a_checkpoint_with_a_pickle_and_resumes_from_the_previous_o
     assert not marker.exists()
 
 
+def test_trainer_state_with_foreign_scheduler_keys_is_refused_before_the_scheduler_sees_them(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    folder = run_dir / "checkpoints" / "step_00000004"
+    state = json.loads((folder / checkpointing.TRAINER_STATE).read_text())
+    state["scheduler"]["optimizer"] = "replaced"  # would overwrite the scheduler's attribute through __dict__
+    (folder / checkpointing.TRAINER_STATE).write_text(json.dumps(state))
+    write_manifest(folder, 4)
+    with pytest.raises(CheckpointError, match="trainer_state.json lacks this run's layout, counters or scheduler state"):
+        run_in_process(run_dir, "--max_steps", 6, "--resume_from_checkpoint", folder)
+
+
 def test_resuming_without_the_runs_tokenizer_is_refused_instead_of_training_a_new_one(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
