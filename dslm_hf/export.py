@@ -467,10 +467,9 @@ Measured equivalence (fp32, probe batch of 2 x {length} tokens): max |logit diff
 {rel_diff:.3g} of the largest logit.
 """
 
-AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "GPTNeoXForCausalLM": "AutoModelForCausalLM",
-              "MegatronBertForMaskedLM": "AutoModelForMaskedLM", "BertForMaskedLM": "AutoModelForMaskedLM",
-              "BlenderbotForConditionalGeneration": "AutoModelForSeq2SeqLM",
-              "BartForConditionalGeneration": "AutoModelForSeq2SeqLM"}
+# the Auto class that loads the twin of each DeepScaleLM head
+AUTO_CLASS = {"DeepScaleLMForCausalLM": "AutoModelForCausalLM", "DeepScaleLMForMaskedLM": "AutoModelForMaskedLM",
+              "DeepScaleLMForSeq2SeqLM": "AutoModelForSeq2SeqLM"}
 
 
 @dataclass
@@ -514,7 +513,7 @@ def export_native(source: str | Path, output_dir: str | Path, *, revision: str |
             name=repo_id or output_dir.name, subfolder=f", subfolder={subfolder!r}" if subfolder else "", target=target, source=source, revision=f" at revision `{revision}`" if revision else "",
             architecture=config.architectures[0], layers=layers, norm=config.norm_placement.capitalize(),
             positions="learned" if config.position_embedding_type == "absolute" else "rotary",
-            auto=AUTO_CLASS[target], length=inputs["input_ids"].shape[1], abs_diff=abs_diff, rel_diff=rel_diff,
+            auto=AUTO_CLASS[type(model).__name__], length=inputs["input_ids"].shape[1], abs_diff=abs_diff, rel_diff=rel_diff,
         ))
         if output_dir.exists():
             output_dir.rmdir()

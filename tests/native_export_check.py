@@ -1,30 +1,18 @@
 """Load exported checkpoints the way a user without dslm_hf does, and record what they compute.
 
-    python tests/native_export_check.py JOBS.json
-
-JOBS.json lists {"folder", "inputs", "results", "onnx"}: each folder is loaded with the Auto class its config names
-(trust_remote_code=False) in this process, where `import dslm_hf` is blocked; the logits on the inputs (a
-safetensors file), greedy generation (32 new tokens) and, if asked, onnxruntime's logits of a torch.onnx export
-are written to the results file (safetensors).
+Run through `fresh_process.run_without_dslm_hf(CODE, JOBS.json)`, where `import dslm_hf` is blocked. JOBS.json lists
+{"folder", "inputs", "results", "onnx"}: each folder is loaded with the Auto class its config names
+(trust_remote_code=False); the logits on the inputs (a safetensors file), greedy generation (32 new tokens) and, if
+asked, onnxruntime's logits of a torch.onnx export are written to the results file (safetensors).
 """
 
-import importlib.abc
 import json
 import sys
 from pathlib import Path
 
-
-class BlockDeepScaleLM(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "dslm_hf":
-            raise ImportError(f"{name} is blocked: an exported checkpoint must load without dslm_hf")
-
-
-sys.meta_path.insert(0, BlockDeepScaleLM())
-
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 AUTO = {"GPT2LMHeadModel": AutoModelForCausalLM, "GPTNeoXForCausalLM": AutoModelForCausalLM,
         "MegatronBertForMaskedLM": AutoModelForMaskedLM, "BertForMaskedLM": AutoModelForMaskedLM,

@@ -8,9 +8,6 @@ the per-LayerNorm eps restored: the same fold then agrees to float32 rounding).
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
 from dslm_hf import DeepScaleLMForSequenceClassification
-from dslm_hf.export import ExportRefusal, branches, export_native, main, native_twin, probe_inputs, relative_difference
+from dslm_hf.export import branches, export_native, main, native_twin, probe_inputs, relative_difference
+from fresh_process import run_without_dslm_hf
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKER = Path(__file__).parent / "native_export_check.py"
@@ -109,14 +107,10 @@ def reference_outputs(model, inputs: dict) -> dict:
 
 
 def run_native_checks(jobs: list[dict], tmp: Path) -> None:
-    """Run the checker once for all jobs, in a clean environment where dslm_hf cannot be imported."""
+    """Run the checker once for all jobs, in a fresh process where dslm_hf cannot be imported."""
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, str(CHECKER), str(jobs_file)], cwd=tmp, env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_dslm_hf(CHECKER.read_text(), str(jobs_file), cwd=tmp, timeout=1800)
 
 
 def export_and_check(cases: dict, tmp: Path, onnx: bool, through_files: bool = True) -> dict:
