@@ -3,7 +3,12 @@ their cards' numbers are the evaluation files' and re-evaluating the weights on 
 them, and what they produce is sensible.
 
 Tolerance of the re-evaluation: 1e-4 relative on the loss (the same CPU code; only float summation order may
-differ with the thread count), and the card's 4-decimal rounding of it.
+differ with the thread count), and the card's 4-decimal rounding of it. The re-evaluation needs the whole text the
+checkpoints were evaluated on (tinyshakespeare, sha256 in eval_results.json) and skips without ../shared; the other
+tests read the shipped excerpt's paragraphs that pretraining held out (tests/shakespeare_data.py).
+
+The checkpoints' code files must be dslm_hf's, byte for byte, and a process that cannot import dslm_hf must build
+each checkpoint from them (trust_remote_code) and compute the same logits as dslm_hf does here.
 """
 
 import functools
@@ -17,17 +22,22 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
-from dslm_hf.data import hold_out_documents, load_corpus
+from safetensors.torch import load_file
+
+import dslm_hf
 from dslm_hf.publishing import check_checkpoint, evaluate_checkpoint, weights_digest
+from fresh_process import run_without_dslm_hf
+from shakespeare_data import FULL_TEXT, excerpt_paragraphs_by_pretraining_split
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+PACKAGE = Path(dslm_hf.__file__).resolve().parent
+REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
 DECODER = CHECKPOINTS / "deepscalelm-48l-decoder"
 ENCODER = CHECKPOINTS / "deepscalelm-48l-encoder"
 ENCODER_DECODER = CHECKPOINTS / "deepscalelm-48x48l-encoder-decoder"
 LANGUAGE_MODELS = [DECODER, ENCODER]
 # Both language models predict from context: their held-out perplexities (decoder 34.5, encoder 48.9) are well
-# below that of token frequencies (69.2; see docs/publishing.md).
+# below that of token frequencies (69.2 on the whole text, see docs/publishing.md; 69.7 counted on the excerpt).
 USES_CONTEXT = [DECODER, ENCODER]
 PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER]
 MIN_LAYERS = 48
@@ -64,13 +74,14 @@ def test_card_reports_the_evaluation_files_numbers(checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FULL_TEXT.is_file(), reason=f"{FULL_TEXT}, the evaluated text, is not beside the repository")
 @pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: path.name)
 def test_reevaluation_reproduces_the_cards_numbers(checkpoint):
     recorded = eval_record(checkpoint)
     dataset, evaluation = recorded["dataset"], recorded["evaluation"]
-    assert dataset["file_sha256"] == hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest()
+    assert dataset["file_sha256"] == hashlib.sha256(FULL_TEXT.read_bytes()).hexdigest()
     measured = evaluate_checkpoint(
-        checkpoint, SHAKESPEARE, recorded["training"], dataset_id=dataset["id"], dataset_name=dataset["name"],
+        checkpoint, FULL_TEXT, recorded["training"], dataset_id=dataset["id"], dataset_name=dataset["name"],
         held_out_fraction=dataset["held_out_fraction"], block_size=dataset["block_size"],
         batch_size=evaluation["batch_size"], seed=evaluation["seed"],
     )
@@ -81,9 +92,10 @@ def test_reevaluation_reproduces_the_cards_numbers(checkpoint):
 
 
 @functools.cache
-def shakespeare_splits(held_out_fraction: float = 0.1):
-    """The documents pretraining trained on and held out (dslm_hf.data.hold_out_documents)."""
-    return hold_out_documents(load_corpus(str(SHAKESPEARE)), held_out_fraction)
+def shakespeare_splits() -> dict[str, list[str]]:
+    """The excerpt's paragraphs pretraining trained on and held out (the checkpoints held out 10% of the text)."""
+    (fraction,) = {eval_record(checkpoint)["dataset"]["held_out_fraction"] for checkpoint in PUBLISHED}
+    return excerpt_paragraphs_by_pretraining_split(fraction)
 
 
 def token_ids(tokenizer, texts) -> torch.Tensor:
@@ -94,9 +106,9 @@ def unigram_perplexity(checkpoint: Path) -> float:
     """Held-out perplexity of token frequencies alone (counted on the training documents, add-one smoothed):
     what a model that ignores context scores."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    counts = torch.bincount(token_ids(tokenizer, shakespeare_splits()["train"]["text"]), minlength=len(tokenizer))
+    counts = torch.bincount(token_ids(tokenizer, shakespeare_splits()["train"]), minlength=len(tokenizer))
     log_probs = ((counts.double() + 1) / (counts.sum() + len(tokenizer))).log()
-    return math.exp(-log_probs[token_ids(tokenizer, shakespeare_splits()["validation"]["text"])].mean().item())
+    return math.exp(-log_probs[token_ids(tokenizer, shakespeare_splits()["validation"])].mean().item())
 
 
 @pytest.mark.parametrize("checkpoint", LANGUAGE_MODELS, ids=lambda path: path.name)
@@ -125,7 +137,7 @@ def test_decoder_generates_valid_shakespeare_like_text():
 def test_encoder_fills_masks_far_above_chance():
     tokenizer = AutoTokenizer.from_pretrained(ENCODER)
     model = AutoModelForMaskedLM.from_pretrained(ENCODER).eval()
-    input_ids = token_ids(tokenizer, shakespeare_splits()["validation"]["text"])[:1024].view(8, 128)
+    input_ids = token_ids(tokenizer, shakespeare_splits()["validation"])[:1024].view(8, 128)
     generator = torch.Generator().manual_seed(0)
     masked = torch.rand(input_ids.shape, generator=generator) < 0.15
     corrupted = input_ids.masked_fill(masked, tokenizer.mask_token_id)
@@ -151,3 +163,70 @@ def test_encoder_decoder_fills_a_span_with_its_sentinel_and_text():
     assert max(generated) < model.config.vocab_size
     first = generated[1] if generated[0] == model.config.decoder_start_token_id else generated[0]
     assert first == tokenizer.convert_tokens_to_ids("<extra_id_0>")  # the target format: sentinel, then its span
+
+
+@pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: path.name)
+def test_checkpoint_code_files_are_the_packages_byte_for_byte(checkpoint):
+    shipped = sorted(path.name for path in checkpoint.glob("*.py"))
+    assert set(REMOTE_CODE_FILES) <= set(shipped)
+    stale = [name for name in shipped
+             if not (PACKAGE / name).is_file() or (checkpoint / name).read_bytes() != (PACKAGE / name).read_bytes()]
+    assert not stale, f"{checkpoint.name}: {stale} differ from dslm_hf/ (copy the package's files into the checkpoint)"
+
+
+# Loads every checkpoint with the Auto class of its task (trust_remote_code) and saves its logits on fixed ids.
+LOAD_CHECKPOINTS = """
+import json
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+try:
+    import dslm_hf
+    package_importable = True
+except ImportError:
+    package_importable = False
+torch.set_num_threads(1)
+auto = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+output, jobs = sys.argv[1], json.loads(sys.argv[2])
+logits, classes = {}, {}
+for name, (folder, kind, inputs) in jobs.items():
+    model = auto[kind].from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits[name] = model(**{key: torch.tensor(value) for key, value in inputs.items()}).logits.contiguous()
+    classes[name] = type(model).__module__
+save_file(logits, output)
+print(json.dumps({"package_importable": package_importable, "modules": classes,
+                  "dslm_modules": sorted(m for m in sys.modules if m.split(".")[0] == "dslm_hf")}))
+"""
+AUTO_CLASSES = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+
+
+def task_kind(checkpoint: Path) -> str:
+    config = json.loads((checkpoint / "config.json").read_text())
+    return "seq2seq" if config.get("is_encoder_decoder") else "causal" if config.get("is_decoder") else "masked"
+
+
+@pytest.mark.slow
+def test_checkpoints_load_from_their_own_code_without_dslm_hf_and_give_the_same_logits(tmp_path):
+    jobs = {}
+    for checkpoint in PUBLISHED:
+        ids = AutoTokenizer.from_pretrained(checkpoint)("ROMEO:\nI will go with thee.", add_special_tokens=False).input_ids
+        inputs = {"input_ids": [ids]}
+        if task_kind(checkpoint) == "seq2seq":
+            inputs["decoder_input_ids"] = [ids[:4]]
+        jobs[checkpoint.name] = (str(checkpoint), task_kind(checkpoint), inputs)
+    output = tmp_path / "logits.safetensors"
+    report = json.loads(run_without_dslm_hf(LOAD_CHECKPOINTS, str(output), json.dumps(jobs), cwd=tmp_path)
+                        .strip().splitlines()[-1])
+    assert not report["package_importable"] and report["dslm_modules"] == []
+    assert all(module.startswith("transformers_modules.") for module in report["modules"].values()), report
+    remote = load_file(output)
+    for name, (folder, kind, inputs) in jobs.items():
+        model = AUTO_CLASSES[kind].from_pretrained(folder).eval()  # dslm_hf's registered classes, in this process
+        assert type(model).__module__.startswith("dslm_hf.")
+        with torch.no_grad():
+            local = model(**{key: torch.tensor(value) for key, value in inputs.items()}).logits
+        # The same code on the same CPU with one thread each: bit-identical.
+        torch.testing.assert_close(remote[name], local, rtol=0, atol=0, msg=name)
