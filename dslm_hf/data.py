@@ -83,6 +83,16 @@ def load_default_corpus(max_megabytes: float) -> Dataset:
     })
 
 
+def load_hub_dataset(name: str, config_name: str | None, flag: str) -> DatasetDict:
+    """`datasets.load_dataset(name, config_name)`; a name that is neither a reachable (or cached) Hub dataset nor a
+    loadable local folder is a UserError naming `flag`."""
+    try:
+        return load_dataset(name, config_name)
+    except OSError as error:  # ConnectionError (offline, unreachable), FileNotFoundError (no such dataset or data)
+        raise UserError(f"{flag} {name!r} is neither a local file nor a loadable dataset "
+                        f"({str(error).splitlines()[0]}): give a local data file or a Hub dataset id") from None
+
+
 def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None = None,
                 text_column: str = "text", default_corpus_megabytes: float = 4.0) -> DatasetDict:
     """A DatasetDict with a "train" split (and "validation" when the source has one) of one "text" column.
@@ -98,7 +108,7 @@ def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None
             read_text_file(path, "--dataset")
         splits = load_dataset("text", data_files={"train": [str(p) for p in paths]}, sample_by="paragraph")
     else:
-        splits = load_dataset(source, dataset_config_name)
+        splits = load_hub_dataset(source, dataset_config_name, "--dataset")
     if "train" not in splits:
         raise ValueError(f"dataset {source!r} has no 'train' split (it has {list(splits)})")
     if text_column not in splits["train"].column_names:

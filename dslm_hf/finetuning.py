@@ -48,7 +48,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
-from .data import read_text_file
+from .data import load_hub_dataset, read_text_file
 
 logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
@@ -179,7 +179,7 @@ def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
     """`train` and `validation` splits from local files or a Hub dataset, with the task's columns and valid labels;
     a missing validation split is held out of the training data."""
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, "--dataset_name")
     else:
         data_files = {"train": args.train_file}
         if args.validation_file is not None:

@@ -158,6 +158,8 @@ CLEAR_ERRORS = {
                          "binary.txt is binary, not text (a NUL byte on line 1)"),
     "non_utf8_data_file": ("pretraining", lambda w, c: pretrain(w, c, dataset=w["latin1"]),
                            "latin1.txt is not UTF-8 text (byte 0xe9 on line 2)"),
+    "dataset_neither_file_nor_dataset": ("pretraining", lambda w, c: pretrain(w, c, dataset=c / "no_such_folder"),
+                                         "no_such_folder' is neither a local file nor a loadable dataset"),
     "corpus_smaller_than_one_block": ("pretraining", lambda w, c: pretrain(w, c, dataset=w["small"]),
                                       "fewer than one block of --block_size=32"),
     # fine-tuning: data files and labels, before the model is loaded
@@ -180,6 +182,10 @@ CLEAR_ERRORS = {
     "malformed_jsonl_line": ("finetuning", lambda w, c: classify(w, c, '{"text": "a", "label": 0}\n{"text": "b", \n'),
                              "line 2 is not valid JSON"),
     "binary_finetune_file": ("finetuning", binary_train_file, "train.jsonl is binary, not text"),
+    "finetune_dataset_that_cannot_be_loaded": (
+        "finetuning", lambda w, c: ["--task", "sequence-classification", "--model_name_or_path", w["checkpoint"],
+                                    "--dataset_name", c / "no_such_folder", "--output_dir", c / "out", "--use_cpu"],
+        "no_such_folder' is neither a local file nor a loadable dataset"),
     "unknown_flag": ("finetuning", lambda w, c: classify(w, c, GOOD_ROWS) + ["--bogus"],
                      "unrecognized arguments: --bogus (see dslm-finetune --help)"),
     # publishing
