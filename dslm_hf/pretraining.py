@@ -47,7 +47,7 @@ from transformers import (
 
 from . import data, parallel
 from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .cli import UserError, check_known_keys, check_output_dir, run_command
+from .cli import UserError, check_known_keys, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
 from .monitoring import LayerSignalMonitor
@@ -196,13 +196,14 @@ class PretrainingArguments:
 
 
 def parse_arguments(argv=None) -> PretrainingArguments:
-    """Command line -> PretrainingArguments; invalid values exit with the message and status 2 (no traceback)."""
+    """Command line -> PretrainingArguments; an unknown flag or an invalid value is a UserError (`main` prints it as
+    one line and exits with status 2)."""
     parser = HfArgumentParser(PretrainingArguments)
     parser.prog = "dslm-pretrain"
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        parser.error(str(error))
+    args, unused = usage_errors_as_user_errors(parser).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if unused:
+        raise UserError(f"unrecognized arguments: {' '.join(unused)} (see dslm-pretrain --help)")
     return args
 
 

@@ -91,10 +91,13 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     (["--preset", "tiny", "--config_name", "x.json"], "either --preset or --config_name"),
     (["--mixed_precision", "fp8"], "--mixed_precision='fp8' is invalid"),
     (["--block_size", "0"], "--block_size=0 is invalid"),
+    (["--max_steps", "ten"], "invalid int value: 'ten'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_invalid_arguments_exit_with_a_message(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        pretraining.parse_arguments(["--output_dir", "unused", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        pretraining.main(["--output_dir", "unused", *argv])
+    assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
