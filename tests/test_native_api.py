@@ -223,7 +223,7 @@ def test_device_map_auto_loads_every_shipped_checkpoint(checkpoint):
                   "encoder-decoder": AutoModelForSeq2SeqLM}[checkpoint.name.split("l-", 1)[1]]
     placed = auto_class.from_pretrained(checkpoint, device_map="auto").eval()
     plain = auto_class.from_pretrained(checkpoint).eval()
-    assert set(placed.hf_device_map.values()) == {"cpu"}
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}  # placement ran (the MLM used to IndexError)
     ids = tokens(length=8) % plain.config.vocab_size
     inputs = {"input_ids": ids} | ({"decoder_input_ids": ids[:, :3]} if plain.config.is_encoder_decoder else {})
     torch.testing.assert_close(placed(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)

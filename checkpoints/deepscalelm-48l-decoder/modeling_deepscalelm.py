@@ -4,8 +4,15 @@ Kedia et al., "Transformers Get Stable: An End-to-End Signal Propagation Theory 
 The file reads like the paper: embeddings, attention, feed-forward, the scaled residual, the layer, the stacks,
 the heads. Every initialisation constant comes from `recipe_deepscalelm.py` (pure math shared with the theory).
 
+Notation: d hidden size, d_ff FFN width, p hidden dropout, N the number of residual branches of a stack, r the
+correlation between the hidden vectors of two different positions, sigma_e the std of each embedding table.
+
     out = lambda * skip + beta * Dropout(F(h)),   lambda^2 + beta^2 = 1,   beta^2 = k / N      (Pre-LN: h = LN(skip))
     x_next = LN(lambda * x + beta * Dropout(F(x)))                                               (Post-LN)
+
+Each branch F is initialised to output unit variance, so the stream keeps variance 1 at every depth; the tied
+output embedding reads the final hidden state times `logit_scale` = 1/sqrt(d sigma_e^2), which gives the initial
+logits variance 1.
 """
 
 from collections.abc import Callable
@@ -29,17 +36,25 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import auto_docstring, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .recipe_deepscalelm import embedding_table_std, linear_init_std, output_logit_scale, stack_init_plan
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100  # label positions that carry no loss (padding, unmasked tokens), as everywhere in transformers
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Positions: learned absolute (the paper) or rotary
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMRotaryEmbedding(nn.Module):
+    """Rotary position angles (cos, sin) per position, used only with `position_embedding_type="rotary"`."""
+
     def __init__(self, config: DeepScaleLMConfig):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
@@ -76,7 +91,9 @@ def eager_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # an sdpa mask: True attends
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:  # an eager mask: added to the scores
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
@@ -84,8 +101,17 @@ def eager_attention_forward(
     return output, probs
 
 
+def _returns_attention_maps(config: DeepScaleLMConfig, kwargs: dict) -> bool:
+    """sdpa computes no attention maps: when they are asked for, attention runs eagerly (with explicit masks)."""
+    return bool(kwargs.get("output_attentions")) and config._attn_implementation == "sdpa"
+
+
 class DeepScaleLMAttention(nn.Module):
-    """Multi-head attention (self or cross) through transformers' attention interface (sdpa, eager)."""
+    """Multi-head attention (self or cross) through transformers' attention interface (sdpa, eager, flex, flash).
+
+    Returns (output, attention probabilities or None). Under the default sdpa, `output_attentions=True` runs the
+    eager computation for that call (with a one-time warning) so the maps are real, not None.
+    """
 
     def __init__(self, config: DeepScaleLMConfig, layer_idx: int, stack: str, is_cross_attention: bool = False):
         super().__init__()
@@ -103,6 +129,7 @@ class DeepScaleLMAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.o_proj = nn.Linear(d, d)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -136,9 +163,16 @@ class DeepScaleLMAttention(nn.Module):
                 if self.is_cross_attention:
                     cache.is_updated[self.layer_idx] = True
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        if _returns_attention_maps(self.config, kwargs):
+            logger.warning_once(
+                "sdpa attention computes no attention maps: output_attentions=True runs eager attention for these "
+                "calls (load with attn_implementation='eager' to make it the default)"
+            )
+            attention_interface: Callable = eager_attention_forward
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         output, probs = attention_interface(
             self,
             query,
@@ -157,6 +191,8 @@ class DeepScaleLMAttention(nn.Module):
 # Feed-forward
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMMLP(nn.Module):
+    """FFN branch fc2(act(fc1(h))), d -> d_ff -> d (ReLU in the paper)."""
+
     def __init__(self, config: DeepScaleLMConfig, stack: str):
         super().__init__()
         self.stack = stack
@@ -172,6 +208,9 @@ class DeepScaleLMMLP(nn.Module):
 # The layer: every branch (self-attention, cross-attention, FFN) joins the stream through the scaled residual
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMLayer(GradientCheckpointingLayer):
+    """Self-attention, cross-attention (decoder of an encoder-decoder only) and FFN branches, each joined to the
+    stream by lambda * skip + beta * Dropout(branch) (Pre-LN: the branch reads LN(stream); Post-LN: LN of the sum)."""
+
     def __init__(self, config: DeepScaleLMConfig, layer_idx: int, stack: str, has_cross_attention: bool = False):
         super().__init__()
         plan = stack_init_plan(config, stack)
@@ -194,6 +233,7 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
             out = torch.add(skip * self.residual_skip, branch, alpha=self.residual_branch)
         return out if self.pre_norm else norm(out)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -203,30 +243,48 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> torch.Tensor:
         branch_in = self.self_attn_norm(hidden_states) if self.pre_norm else hidden_states
-        attn_out, self_probs = self.self_attn(
+        attn_out, _ = self.self_attn(
             branch_in, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
         )
         hidden_states = self.residual(hidden_states, attn_out, self.self_attn_norm)
 
-        cross_probs = None
         if self.cross_attn is not None:
             branch_in = self.cross_attn_norm(hidden_states) if self.pre_norm else hidden_states
-            attn_out, cross_probs = self.cross_attn(
+            attn_out, _ = self.cross_attn(
                 branch_in, attention_mask=encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache,
                 **kwargs,
             )
             hidden_states = self.residual(hidden_states, attn_out, self.cross_attn_norm)
 
         branch_in = self.mlp_norm(hidden_states) if self.pre_norm else hidden_states
-        hidden_states = self.residual(hidden_states, self.mlp(branch_in), self.mlp_norm)
-        return hidden_states, self_probs, cross_probs
+        return self.residual(hidden_states, self.mlp(branch_in), self.mlp_norm)
+
+
+class DeepScaleLMPredictionHeadTransform(nn.Module):
+    """The masked-LM head before the output projection: dense d->d (N(0, 1/d)), activation, LayerNorm."""
+
+    def __init__(self, config: DeepScaleLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden_states)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained base: initialisation through transformers.initialization (never touches loaded tensors)
 # ----------------------------------------------------------------------------------------------------------------
+@auto_docstring(
+    custom_intro="""
+    Base class of every DeepScaleLM model: the recipe's initialisation (each Linear's std chosen from the module that
+    owns it - attention projection, FFN layer, MLM transform, task head - and, inside a layer, its stack and depth),
+    the Auto-class map written into saved configs, and the parallelism plans.
+    """
+)
 class DeepScaleLMPreTrainedModel(PreTrainedModel):
     config: DeepScaleLMConfig
     config_class = DeepScaleLMConfig
@@ -234,42 +292,54 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepScaleLMLayer"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": DeepScaleLMLayer,
+        "attentions": OutputRecorder(DeepScaleLMAttention, index=1, layer_name="self_attn"),
+    }
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False):
+        # transformers skips, in custom code, every module whose own parameters are all loaded - which includes the
+        # attention and FFN modules (they own none, their Linears do) even when their Linears were not loaded. Our
+        # _init_weights writes only through transformers.initialization, which leaves loaded tensors alone, so the
+        # shortcut is not needed.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    def _init_linear(self, linear: nn.Linear, role: str, stack: str | None = None, layer_idx: int | None = None,
+                     cross: bool = False):
+        fan_out, fan_in = linear.weight.shape
+        std = linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out)
+        init.normal_(linear.weight, mean=0.0, std=std)
+        if linear.bias is not None:
+            init.zeros_(linear.bias)
 
     def _init_weights(self, module: nn.Module):
+        """The recipe's std for each weight, chosen from the module's type and its role in the parent module."""
         config = self.config
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=embedding_table_std(config, tuple(module.weight.shape)))
-        elif isinstance(module, nn.Linear):
-            stack, layer_idx, cross = getattr(module, "_dslm_owner", (None, None, False))
-            fan_out, fan_in = module.weight.shape
-            std = linear_init_std(config, module._dslm_name, stack, layer_idx, cross, fan_in, fan_out)
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        elif isinstance(module, DeepScaleLMAttention):
+            for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                self._init_linear(getattr(module, role), role, module.stack, module.layer_idx, module.is_cross_attention)
+        elif isinstance(module, DeepScaleLMMLP):
+            for role in ("fc1", "fc2"):
+                self._init_linear(getattr(module, role), role, module.stack)
+        elif isinstance(module, DeepScaleLMPredictionHeadTransform):
+            self._init_linear(module.dense, "head_dense")
         elif isinstance(module, DeepScaleLMRotaryEmbedding):
             head_dim = config.hidden_size // config.num_attention_heads
             inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             init.copy_(module.inv_freq, inv_freq)
-
-    def post_init(self):
-        # Name each Linear for the init table (its role and, inside a layer, its stack/index/cross flag).
-        for module in self.modules():
-            if isinstance(module, DeepScaleLMAttention):
-                for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                    linear = getattr(module, role)
-                    linear._dslm_name = role
-                    linear._dslm_owner = (module.stack, module.layer_idx, module.is_cross_attention)
-            elif isinstance(module, DeepScaleLMMLP):
-                for role in ("fc1", "fc2"):
-                    linear = getattr(module, role)
-                    linear._dslm_name = role
-                    linear._dslm_owner = (module.stack, None, False)
-        super().post_init()
+        elif isinstance(module, DeepScaleLMPreTrainedModel):  # a task head's own output layer
+            for name, role in (("lm_head", "lm_head"), ("score", "score"), ("qa_outputs", "score")):
+                if isinstance(getattr(module, name, None), nn.Linear):
+                    self._init_linear(getattr(module, name), role)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Map every Auto class to its head so any head of this checkpoint loads with trust_remote_code.
@@ -277,17 +347,78 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def _check_inputs(config: DeepScaleLMConfig, input_ids, attention_mask, position_ids, past_length: int, seq_length: int, batch: int):
-    """Bad input fails here with a message that says what to do, not deep inside an embedding or kernel."""
+
+def _with_label_count(labels: torch.Tensor, kwargs: dict, shift: bool) -> dict:
+    """The loss kwargs with `num_items_in_batch`: the label tokens (`shift`: the causal loss's labels[:, 1:]), >= 1.
+
+    The losses then divide a summed cross-entropy by that count: the mean for any batch with a label token, and for
+    a batch whose labels are all -100 a loss of 0, still connected to the graph (zero gradients), where the mean
+    would be NaN and poison the optimizer state. A caller's own count (gradient accumulation) is kept.
+    """
+    if kwargs.get("num_items_in_batch") is not None:
+        return kwargs
+    counted = labels[..., 1:] if shift else labels
+    return {**kwargs, "num_items_in_batch": (counted != IGNORE_INDEX).sum().clamp(min=1)}
+
+
+def _is_token_tensor(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
+def _values_checkable(tensor: torch.Tensor, past_length: int) -> bool:
+    """Reading a tensor's min/max forces a host sync on an accelerator: do it on CPU always, elsewhere only outside
+    cached decoding (training, a prompt's prefill), so generation on a GPU adds no sync per token."""
+    return tensor.device.type == "cpu" or past_length == 0
+
+
+def _check_range(name: str, tensor: torch.Tensor | None, high: int, domain: str, advice: str, past_length: int,
+                 ignore: int | None = None):
+    """ValueError unless every value of `tensor` (other than `ignore`) lies in [0, high)."""
+    if tensor is None or tensor.numel() == 0 or not _values_checkable(tensor, past_length):
+        return
+    values = tensor[tensor != ignore] if ignore is not None else tensor
+    if values.numel() == 0:
+        return
+    low, top = int(values.min()), int(values.max())
+    if low < 0 or top >= high:
+        allowed = f"{domain} [0, {high})" + (f" or {ignore} (no loss)" if ignore is not None else "")
+        raise ValueError(f"{name} holds {low if low < 0 else top}, outside {allowed}: {advice}")
+
+
+def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids,
+                  past_length: int):
+    """Bad input fails here with a message that says what to do, not deep inside an embedding or kernel.
+
+    Shapes and dtypes are always checked (free). Value ranges (token ids, token types, positions) need the tensors'
+    min/max, a host sync on an accelerator: see `_values_checkable`. Nothing is checked while torch.compile traces.
+    """
     if is_torchdynamo_compiling():
         return
-    if input_ids is not None and input_ids.numel() > 0:
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= config.vocab_size:
+    if input_ids is not None:
+        if not _is_token_tensor(input_ids):
             raise ValueError(
-                f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary [0, {config.vocab_size}): "
-                "use the tokenizer this model was trained with, or resize the embeddings (model.resize_token_embeddings)"
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}: pass the tokenizer's input_ids "
+                "(torch.long), or pass vectors as inputs_embeds"
             )
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}: batch a single sequence "
+                "with input_ids[None] (or tokenizer(..., return_tensors='pt'))"
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, sequence, hidden_size={config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if 0 in shape:
+        raise ValueError(f"empty input: shape {shape} (batch, sequence); pass at least one sequence of one token or more")
+    batch, seq_length = shape
+    _check_range("input_ids", input_ids, config.vocab_size, "the vocabulary", "use the tokenizer this model was "
+                 "trained with, or resize the embeddings (model.resize_token_embeddings)", past_length)
+
     if attention_mask is not None and attention_mask.dim() == 2:
         expected = (batch, past_length + seq_length)
         if tuple(attention_mask.shape) != expected:
@@ -299,42 +430,82 @@ def _check_inputs(config: DeepScaleLMConfig, input_ids, attention_mask, position
         raise ValueError(
             f"attention_mask must be 2-D (batch, sequence) or a prepared 4-D mask, got shape {tuple(attention_mask.shape)}"
         )
-    if config.position_embedding_type == "absolute":
-        longest = int(position_ids.max()) + 1 if position_ids is not None else past_length + seq_length
-        if longest > config.max_position_embeddings:
+
+    if token_type_ids is not None:
+        if not _is_token_tensor(token_type_ids) or tuple(token_type_ids.shape) != shape:
             raise ValueError(
-                f"sequence reaches position {longest} but the learned position table has max_position_embeddings="
-                f"{config.max_position_embeddings} rows: truncate inputs (tokenizer truncation=True, "
-                f"max_length={config.max_position_embeddings}) or generate fewer tokens"
+                f"token_type_ids must be integers of shape {shape} (batch, sequence), got {tuple(token_type_ids.shape)} "
+                f"{token_type_ids.dtype}"
             )
+        rows = max(config.type_vocab_size, 1)  # without a token-type table only segment 0 means "nothing"
+        _check_range("token_type_ids", token_type_ids, rows, "the segment ids", f"this model has type_vocab_size="
+                     f"{config.type_vocab_size} segment rows: pass segment ids below it, or no token_type_ids", past_length)
+
+    if position_ids is not None:
+        if not _is_token_tensor(position_ids) or position_ids.dim() != 2 or position_ids.shape[-1] != seq_length:
+            raise ValueError(
+                f"position_ids must be integers of shape (batch or 1, {seq_length}), got {tuple(position_ids.shape)} "
+                f"{position_ids.dtype}"
+            )
+        longest = config.max_position_embeddings if config.position_embedding_type == "absolute" else 2**62
+        _check_range("position_ids", position_ids, longest, "the positions", "positions count from 0 and must fit "
+                     f"the learned position table (max_position_embeddings={config.max_position_embeddings}): "
+                     "truncate the inputs", past_length)
+    elif config.position_embedding_type == "absolute" and past_length + seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence reaches position {past_length + seq_length} but the learned position table has "
+            f"max_position_embeddings={config.max_position_embeddings} rows: truncate inputs (tokenizer "
+            f"truncation=True, max_length={config.max_position_embeddings}) or generate fewer tokens"
+        )
+
+
+def _check_token_labels(labels: torch.Tensor, expected_shape: tuple, classes: int, what: str):
+    """Token-level labels: the inputs' shape, each a class id in [0, classes) or -100 (no loss)."""
+    if is_torchdynamo_compiling():
+        return
+    if not _is_token_tensor(labels) or tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"labels must be integer class ids of shape {tuple(expected_shape)} (one per {what}), got "
+            f"{tuple(labels.shape)} {labels.dtype}"
+        )
+    _check_range("labels", labels, classes, "the classes", "labels are class ids of the output layer; mark "
+                 "positions without a loss with -100", past_length=0, ignore=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The stacks
 # ----------------------------------------------------------------------------------------------------------------
-class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
-    """A stack of DeepScaleLM layers with its embeddings.
-
-    `stack="decoder"` (causal; with cross-attention inside an encoder-decoder) or `stack="encoder"` (bidirectional).
-    By default the config decides: `is_decoder=True` gives a decoder, `False` an encoder.
+@auto_docstring(
+    custom_intro="""
+    A stack of DeepScaleLM layers with its embeddings: a causal decoder (`config.is_decoder=True`) or a bidirectional
+    encoder (`False`). Built from an encoder-decoder config (`is_encoder_decoder=True`), `DeepScaleLMModel(config)`
+    returns a `DeepScaleLMSeq2SeqModel`, so `AutoModel` gives the right base model for every config.
     """
+)
+class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
+    def __new__(cls, config: DeepScaleLMConfig | None = None, *args, **kwargs):
+        # AutoModel maps a config class to one model class; the encoder-decoder is told apart by a config value.
+        if cls is DeepScaleLMModel and getattr(config, "is_encoder_decoder", False) and not args and "stack" not in kwargs:
+            return DeepScaleLMSeq2SeqModel(config)
+        return super().__new__(cls)
 
-    def __init__(self, config: DeepScaleLMConfig, stack: str | None = None, embed_tokens: nn.Embedding | None = None):
-        if stack is None and config.is_encoder_decoder:
-            raise ValueError("an encoder-decoder config (is_encoder_decoder=True) builds DeepScaleLMSeq2SeqModel or "
-                             "DeepScaleLMForSeq2SeqLM, not a single DeepScaleLMModel stack")
+    def __init__(self, config: DeepScaleLMConfig, stack: str | None = None):
+        r"""
+        stack (`str`, *optional*):
+            `"decoder"` (causal) or `"encoder"` (bidirectional); `None` follows `config.is_decoder`.
+        """
         super().__init__(config)
         self.stack = stack or ("decoder" if config.is_decoder else "encoder")
         has_cross = config.is_encoder_decoder and self.stack == "decoder"
         num_layers = config.decoder_layers if has_cross else config.num_hidden_layers
         d = config.hidden_size
-        self.embed_tokens = embed_tokens if embed_tokens is not None else nn.Embedding(config.vocab_size, d)
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
         absolute = config.position_embedding_type == "absolute"
         self.embed_positions = nn.Embedding(config.max_position_embeddings, d) if absolute else None
         self.rotary_emb = None if absolute else DeepScaleLMRotaryEmbedding(config)
         self.embed_token_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size > 0 else None
-        self.embed_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement == "post" else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.embed_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement == "post" else None
         self.layers = nn.ModuleList(
             [DeepScaleLMLayer(config, i, self.stack, has_cross_attention=has_cross) for i in range(num_layers)]
         )
@@ -342,12 +513,25 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def init_parallel_plans(self):
+        super().init_parallel_plans()
+        if self.layers[0].cross_attn is not None:  # the config's plan names self-attention and FFN only
+            self._tp_plan |= {
+                f"layers.*.cross_attn.{name}": style
+                for name, style in (("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))
+            }
+        if self.norm is None:  # Post-LN has no final LayerNorm
+            self._pp_plan.pop("norm", None)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -359,16 +543,18 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Segment ids, read only when `config.type_vocab_size > 0`; otherwise only 0 is accepted.
+        encoder_hidden_states (`torch.Tensor` of shape `(batch_size, source_length, hidden_size)`, *optional*):
+            The encoder's output, read by the cross-attention of an encoder-decoder's decoder stack.
+        encoder_attention_mask (`torch.Tensor` of shape `(batch_size, source_length)`, *optional*):
+            Padding mask of `encoder_hidden_states` (1 keeps, 0 masks).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         causal = self.stack == "decoder"
         use_cache = causal and (use_cache if use_cache is not None else self.config.use_cache) and not self.training
         if use_cache and cache is None:
@@ -378,44 +564,50 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
             cache = None
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
-        batch, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        _check_inputs(self.config, input_ids, attention_mask, position_ids, past_length, seq_length, batch)
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, seq_length = tokens.shape[:2]
         if position_ids is None:
-            position_ids = (torch.arange(seq_length, device=device) + past_length).unsqueeze(0)  # (1, T)
+            position_ids = (torch.arange(seq_length, device=tokens.device) + past_length).unsqueeze(0)  # (1, T)
 
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_positions is not None:
             embeds = embeds + self.embed_positions(position_ids)
         if self.embed_token_types is not None:
             if token_type_ids is None:
-                token_type_ids = torch.zeros((batch, seq_length), dtype=torch.long, device=device)
+                token_type_ids = torch.zeros((batch, seq_length), dtype=torch.long, device=tokens.device)
             embeds = embeds + self.embed_token_types(token_type_ids)
-        if self.embed_norm is not None:
-            embeds = self.embed_norm(embeds)
+        # Embedding dropout first, then (Post-LN) the embedding LayerNorm, as the reference code orders them: the
+        # first layer sees unit variance, not 1/(1-p).
         hidden_states = self.embed_dropout(embeds)
+        if self.embed_norm is not None:
+            hidden_states = self.embed_norm(hidden_states)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
 
+        # Attention maps under sdpa are computed eagerly, which needs the masks sdpa would otherwise skip.
+        if self.config.output_attentions and kwargs.get("output_attentions") is None:
+            kwargs["output_attentions"] = True
+        explicit_masks = _returns_attention_maps(self.config, kwargs)
         if causal:
             mask = create_causal_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=self_cache,
-                position_ids=position_ids,
+                position_ids=position_ids, allow_is_causal_skip=not explicit_masks,
             )
         else:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                allow_is_bidirectional_skip=not explicit_masks,
+            )
         cross_mask = None
         if encoder_hidden_states is not None:
             cross_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=encoder_attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states=encoder_hidden_states, allow_is_bidirectional_skip=not explicit_masks,
             )
 
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_cross_attentions = () if output_attentions and encoder_hidden_states is not None else None
         for layer in self.layers:
-            hidden_states, self_probs, cross_probs = layer(
+            hidden_states = layer(
                 hidden_states,
                 mask,
                 encoder_hidden_states,
@@ -425,29 +617,31 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (self_probs,)
-                if all_cross_attentions is not None:
-                    all_cross_attentions += (cross_probs,)
-
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            cross_attentions=all_cross_attentions,
-        )
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
+class DeepScaleLMSeq2SeqDecoder(DeepScaleLMModel):
+    """The decoder stack of an encoder-decoder: causal self-attention plus cross-attention to the encoder."""
+
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(DeepScaleLMLayer, num_hidden_layers_key="decoder_layers"),
+        "attentions": OutputRecorder(DeepScaleLMAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(DeepScaleLMAttention, index=1, layer_name="cross_attn"),
+    }
+
+    def __init__(self, config: DeepScaleLMConfig):
+        super().__init__(config, stack="decoder")
+
+
+@auto_docstring(
+    custom_intro="""
+    Bart-style encoder-decoder: a bidirectional encoder stack and a causal decoder stack with cross-attention,
+    sharing one word embedding.
+    """
+)
 class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
-    """Bart-style encoder-decoder: a bidirectional encoder stack and a causal decoder stack with cross-attention."""
-
     _tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
 
     def __init__(self, config: DeepScaleLMConfig):
@@ -455,8 +649,14 @@ class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
             raise ValueError("DeepScaleLMSeq2SeqModel needs config.is_encoder_decoder=True (and decoder_layers)")
         super().__init__(config)
         self.encoder = DeepScaleLMModel(config, stack="encoder")
-        self.decoder = DeepScaleLMModel(config, stack="decoder")
+        self.decoder = DeepScaleLMSeq2SeqDecoder(config)
         self.post_init()
+
+    def init_parallel_plans(self):
+        super().init_parallel_plans()
+        # The config's plans describe one stack; here they arrive through the encoder and decoder, prefixed.
+        self._tp_plan = {k: v for k, v in self._tp_plan.items() if k.startswith(("encoder.", "decoder."))}
+        self._pp_plan = {}  # transformers' pipeline parallelism splits a single stack of layers
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embed_tokens
@@ -468,6 +668,12 @@ class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
     def get_encoder(self, modality=None):
         return self.encoder
 
+    def get_decoder(self):
+        return self.decoder
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -480,15 +686,14 @@ class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
+        r"""
+        decoder_position_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Positions of the decoder inputs; by default 0, 1, ... after the cached tokens.
+        """
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
-            )
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
         elif not isinstance(encoder_outputs, BaseModelOutputWithPastAndCrossAttentions):
             encoder_outputs = BaseModelOutputWithPastAndCrossAttentions(
                 last_hidden_state=encoder_outputs[0],
@@ -504,8 +709,6 @@ class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
             encoder_attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         return Seq2SeqModelOutput(
@@ -536,18 +739,30 @@ def _require(config: DeepScaleLMConfig, head: str, *, is_decoder: bool | None = 
         )
 
 
+_LOGIT_SCALE_DOC = """
+    `logit_scale` (float attribute): the logits are `lm_head(hidden_states * logit_scale)`. Under the recipe with a
+    tied output embedding it is 1/sqrt(d sigma_e^2) (initial logits of variance 1); otherwise 1. Code that computes
+    `hidden_states @ embed_tokens.weight.T` itself must multiply by it.
+"""
+
+
+@auto_docstring(custom_intro="A DeepScaleLM causal decoder with a (tied) language-modelling head." + _LOGIT_SCALE_DOC)
 class DeepScaleLMForCausalLM(DeepScaleLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForCausalLM", is_decoder=True)
         super().__init__(config)
         self.model = DeepScaleLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head._dslm_name = "lm_head"
         self.logit_scale = output_logit_scale(config)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -558,55 +773,53 @@ class DeepScaleLMForCausalLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets aligned with `input_ids` (shifted inside the loss); -100 marks positions without a loss.
+            A batch without any label token has loss 0 (connected to the graph), not NaN.
+        """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :] * self.logit_scale)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep) * self.logit_scale)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            _check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "input token")
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **_with_label_count(labels, kwargs, shift=True)
+            )
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
 
 
-class DeepScaleLMMaskedLMHead(nn.Module):
-    """dense d->d (N(0, 1/d)), activation, LayerNorm: the recipe's MLM head before the (tied) output projection."""
-
-    def __init__(self, config: DeepScaleLMConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dense._dslm_name = "head_dense"
-        self.act = ACT2FN[config.hidden_act]
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.act(self.dense(hidden_states)))
-
-
+@auto_docstring(
+    custom_intro="""
+    A DeepScaleLM bidirectional encoder with the reference masked-LM head: transform (dense, activation, LayerNorm),
+    then the tied output embedding plus a trainable vocabulary bias (zeros at initialisation), as in the reference
+    code.
+    """ + _LOGIT_SCALE_DOC
+)
 class DeepScaleLMForMaskedLM(DeepScaleLMPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForMaskedLM", is_decoder=False)
         super().__init__(config)
         self.model = DeepScaleLMModel(config)
-        self.head = DeepScaleLMMaskedLMHead(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head._dslm_name = "lm_head"
+        self.transform = DeepScaleLMPredictionHeadTransform(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.logit_scale = output_logit_scale(config)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -615,24 +828,29 @@ class DeepScaleLMForMaskedLM(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Original token ids at the masked positions, -100 elsewhere. A batch without any label token has loss 0
+            (connected to the graph), not NaN.
+        """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs,
         )
-        logits = self.lm_head(self.head(outputs.last_hidden_state) * self.logit_scale)
+        logits = self.lm_head(self.transform(outputs.last_hidden_state) * self.logit_scale)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            _check_token_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **_with_label_count(labels, kwargs, shift=False)
+            )
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None) -> torch.Tensor:
-    """Decoder inputs from labels: start token, then labels[:-1], with ignored (-100) positions padded."""
+    """Decoder inputs from labels (as Bart): start token, then labels[:-1], with ignored (-100) positions padded."""
     if decoder_start_token_id is None or pad_token_id is None:
         raise ValueError(
             "training DeepScaleLMForSeq2SeqLM from labels needs config.decoder_start_token_id and config.pad_token_id "
@@ -641,21 +859,27 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_s
     shifted = labels.new_full(labels.shape, pad_token_id)
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
-    return shifted.masked_fill(shifted == -100, pad_token_id)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
 
 
+@auto_docstring(
+    custom_intro="""
+    A DeepScaleLM encoder-decoder with a (tied) language-modelling head on the decoder. Given `labels` and no
+    decoder inputs, the decoder reads the labels shifted right (`shift_tokens_right`, as Bart).
+    """ + _LOGIT_SCALE_DOC
+)
 class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {
         "lm_head.weight": "model.encoder.embed_tokens.weight",
         "model.decoder.embed_tokens.weight": "model.encoder.embed_tokens.weight",
     }
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForSeq2SeqLM", is_encoder_decoder=True)
         super().__init__(config)
         self.model = DeepScaleLMSeq2SeqModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head._dslm_name = "lm_head"
         self.logit_scale = output_logit_scale(config)
         self.post_init()
 
@@ -665,6 +889,9 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model.decoder
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -678,10 +905,16 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> Seq2SeqLMOutput:
+        r"""
+        decoder_position_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Positions of the decoder inputs; by default 0, 1, ... after the cached tokens.
+        labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Target token ids, -100 where there is no loss. Without decoder inputs the decoder reads them shifted right.
+            A batch without any label token has loss 0 (connected to the graph), not NaN.
+        """
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -689,15 +922,16 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
             encoder_outputs=encoder_outputs, cache=cache, inputs_embeds=inputs_embeds,
-            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, **kwargs,
+            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache, **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state * self.logit_scale)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep) * self.logit_scale)
         loss = None
         if labels is not None:
+            _check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "decoder token")
             # Labels are already aligned with the decoder outputs (the decoder inputs were shifted): an unshifted
             # loss. transformers' name-based loss lookup would pick the causal loss and shift a second time.
-            loss = ForMaskedLMLoss(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
+            counted = _with_label_count(labels, {"num_items_in_batch": num_items_in_batch}, shift=False)
+            loss = ForMaskedLMLoss(logits, labels, self.config.vocab_size, **counted)
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
@@ -724,6 +958,30 @@ def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, caus
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+def _check_sequence_labels(labels: torch.Tensor, batch: int, num_labels: int):
+    """Class ids (B,) in [0, num_labels), or floats: (B,) regression with one label, (B, num_labels) multi-label."""
+    if is_torchdynamo_compiling():
+        return
+    if _is_token_tensor(labels):
+        if tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must be class ids of shape ({batch},) (one per sequence), got {tuple(labels.shape)}")
+        _check_range("labels", labels, num_labels, "the classes", f"the classifier has num_labels={num_labels} "
+                     "outputs: relabel the data or build the head with more labels", past_length=0)
+        return
+    expected = (batch,) if num_labels == 1 else (batch, num_labels)
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"float labels must have shape {expected} ({'regression' if num_labels == 1 else 'multi-label'} with "
+            f"num_labels={num_labels}), got {tuple(labels.shape)}"
+        )
+
+
+@auto_docstring(
+    custom_intro="""
+    A DeepScaleLM stack with a sequence classification (or regression) head on the pooled hidden state: the last
+    real token of a causal decoder, the first token of an encoder.
+    """
+)
 class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForSequenceClassification")
@@ -733,9 +991,10 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.score._dslm_name = "score"
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -744,25 +1003,24 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
         )
         pooled = _pool(outputs.last_hidden_state, attention_mask, self.model.stack == "decoder")
         logits = self.score(self.dropout(pooled))
         loss = None
         if labels is not None:
+            _check_sequence_labels(labels, logits.shape[0], self.num_labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
 
+@auto_docstring(custom_intro="A DeepScaleLM stack with a token classification head (one label per token).")
 class DeepScaleLMForTokenClassification(DeepScaleLMPreTrainedModel):
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForTokenClassification")
@@ -772,9 +1030,10 @@ class DeepScaleLMForTokenClassification(DeepScaleLMPreTrainedModel):
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.score._dslm_name = "score"
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -783,31 +1042,36 @@ class DeepScaleLMForTokenClassification(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> TokenClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            A class id in `[0, num_labels)` per token, -100 where there is no loss. A batch without any label token
+            has loss 0 (connected to the graph), not NaN.
+        """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
         )
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, config=self.config)
+            _check_token_labels(labels, logits.shape[:2], self.num_labels, "input token")
+            loss = self.loss_function(logits, labels, self.config, **_with_label_count(labels, kwargs, shift=False))
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
+@auto_docstring(custom_intro="A DeepScaleLM stack with an extractive question-answering head (span start/end logits).")
 class DeepScaleLMForQuestionAnswering(DeepScaleLMPreTrainedModel):
     def __init__(self, config: DeepScaleLMConfig):
         _require(config, "DeepScaleLMForQuestionAnswering")
         super().__init__(config)
         self.model = DeepScaleLMModel(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.qa_outputs._dslm_name = "score"
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -817,19 +1081,21 @@ class DeepScaleLMForQuestionAnswering(DeepScaleLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
         )
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)  # (B, T, 1) each
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
+            batch = start_logits.shape[0]
+            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+                if not _is_token_tensor(positions) or positions.numel() != batch:
+                    raise ValueError(f"{name} must be {batch} integer token positions (one per sequence), got "
+                                     f"{tuple(positions.shape)} {positions.dtype}")
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
         return QuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=outputs.hidden_states,
@@ -849,6 +1115,8 @@ AUTO_CLASSES = {
 AUTO_MAP = {"AutoConfig": "configuration_deepscalelm.DeepScaleLMConfig"} | {
     auto: f"modeling_deepscalelm.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()
 }
+# Saving writes these files beside the weights (trust_remote_code); the in-process Auto registration is in
+# dslm_hf/__init__.py.
 DeepScaleLMConfig.register_for_auto_class()
 for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class)

@@ -1,18 +1,28 @@
 """DeepScaleLM configuration."""
 
+import dataclasses
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .recipe_deepscalelm import (
     ACTIVATIONS,
     BRANCH_COUNTINGS,
+    DEPTH_PARAMETERIZATIONS,
     INIT_SCHEMES,
     NORM_PLACEMENTS,
+    RECURRENCES,
+    depth_exponent,
     embedding_correlation_estimate,
     residual_branch_total,
 )
 
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
+# r0 when the config gives none, per architecture: chosen on the text we ship (tests/data, Tiny Shakespeare) with the
+# 192-layer, width-128 stacks of tests/test_fidelity.py, where the reference's 0.221 (BERT on Wikipedia, 3 tables)
+# lets the stream variance sag to 0.65-0.75. Byte-level text estimates r0 ~0.029 (2 tables), BPE ~0.01.
+DEFAULT_EMBEDDING_CORRELATIONS = {"decoder": 0.01, "encoder": 0.03, "encoder-decoder": 0.02}
 
 
 @strict
@@ -46,9 +56,24 @@ class DeepScaleLMConfig(PreTrainedConfig):
             (2 per layer, 3 in a decoder with cross-attention; k=2 gives the reference code's beta^2 ~ 1/layers) or its
             `"layers"` (k=2 gives beta^2 = 2/layers as in other re-implementations).
         residual_beta2 (`float`, *optional*): a raw beta^2 overriding k / N; lambda^2 = 1 - beta^2 always.
-        embedding_correlation (`float`, defaults to 0.221): r0, the correlation of two positions' summed embeddings
-            (the reference code's BERT/Wikipedia value). It depends on the data: estimate it with
-            `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for your tokenizer and corpus.
+        depth_parameterization (`str`, defaults to `"deepscalelm"`): how the residual branches and the optimizer
+            scale with depth, relative to `depth_base_layers`. `"deepscalelm"`: beta^2 = k / N and one learning rate
+            for every depth (the paper). `"depth_mup"`: the same beta (~ 1/sqrt(depth)) with the depth-muP AdamW rule
+            for the parameters inside the layers (learning rate and epsilon * (layers / base)^-1/2, weight decay *
+            (layers / base)^1/2; `dslm_hf.optimization.depth_parameter_groups`). `"completep"`: CompleteP's branch
+            multiplier ~ 1/depth (beta^2 = k / N * base / layers) with epsilon * base / layers (Pre-LN only).
+            `init_scheme="deepscalelm"` only; the initialisation is DeepScaleLM's in every case.
+        depth_base_layers (`int`, defaults to 4): the depth at which the learning rate was tuned; every
+            parameterization equals `"deepscalelm"` at this depth.
+        embedding_correlation (`float`, *optional*): r0, the correlation of two positions' summed embeddings. It
+            depends on the data: estimate it with `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for
+            your tokenizer and corpus. `None` takes `DEFAULT_EMBEDDING_CORRELATIONS` for the architecture (decoder
+            0.01, encoder 0.03, encoder-decoder 0.02); the reference code's BERT/Wikipedia value is 0.221.
+        recurrence (`str`, defaults to `"refined"`): how the correlation recurrence (which sets W_v, W_o per layer)
+            treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
+            length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
+            code - attention's output variance is the input correlation r and its outputs are identical across
+            positions (correlation 1, then 1 - p after dropout).
         init_sequence_length (`int`, *optional*): sequence length the recipe assumes when it undoes attention's
             averaging; `None` means `max_position_embeddings`.
         initializer_range (`float`, defaults to 0.02): std of the `"standard"` scheme.
@@ -61,6 +86,13 @@ class DeepScaleLMConfig(PreTrainedConfig):
 
     model_type = "deepscalelm"
     keys_to_ignore_at_inference = ["cache"]
+    # One stack's plans (layers.*); the encoder-decoder's stacks prefix them with encoder./decoder. and its decoder
+    # adds cross_attn (see DeepScaleLMModel.init_parallel_plans).
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -88,7 +120,10 @@ class DeepScaleLMConfig(PreTrainedConfig):
     residual_k: float | int = 2.0
     residual_branch_count: str = "branches"
     residual_beta2: float | None = None
-    embedding_correlation: float = 0.221
+    depth_parameterization: str = "deepscalelm"
+    depth_base_layers: int = 4
+    embedding_correlation: float | None = None
+    recurrence: str = "refined"
     init_sequence_length: int | None = None
     initializer_range: float = 0.02
     classifier_dropout: float | int | None = None
@@ -109,6 +144,9 @@ class DeepScaleLMConfig(PreTrainedConfig):
             self.init_sequence_length = self.max_position_embeddings
         if self.is_encoder_decoder and self.decoder_layers is None:
             self.decoder_layers = self.num_hidden_layers
+        if self.embedding_correlation is None:
+            architecture = "encoder-decoder" if self.is_encoder_decoder else "decoder" if self.is_decoder else "encoder"
+            self.embedding_correlation = DEFAULT_EMBEDDING_CORRELATIONS[architecture]
         self.check_values()
         super().__post_init__(**kwargs)
 
@@ -121,6 +159,11 @@ class DeepScaleLMConfig(PreTrainedConfig):
 
         def fail(field, allowed):
             raise ValueError(f"DeepScaleLMConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for spec in dataclasses.fields(self):  # nan and inf pass every comparison below unnoticed
+            value = getattr(self, spec.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(spec.name, "expected a finite number")
 
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                       "max_position_embeddings", "init_sequence_length"):
@@ -158,6 +201,17 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("residual_branch_count", f"expected one of {BRANCH_COUNTINGS}")
         if self.residual_beta2 is not None and not 0.0 < self.residual_beta2 < 1.0:
             fail("residual_beta2", "expected None or a beta^2 in (0, 1) (lambda^2 = 1 - beta^2)")
+        if self.depth_parameterization not in DEPTH_PARAMETERIZATIONS:
+            fail("depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}")
+        if isinstance(self.depth_base_layers, bool) or not isinstance(self.depth_base_layers, int) or self.depth_base_layers < 1:
+            fail("depth_base_layers", "expected a positive integer (the depth the learning rate was tuned at)")
+        if self.depth_parameterization != "deepscalelm" and self.init_scheme != "deepscalelm":
+            fail("depth_parameterization", "the depth rules scale DeepScaleLM's lambda/beta and its optimizer: "
+                 "use init_scheme='deepscalelm', or depth_parameterization='deepscalelm'")
+        if self.depth_parameterization == "completep" and self.norm_placement != "pre":
+            fail("depth_parameterization", "CompleteP's 1/depth branch multiplier is derived for Pre-LN streams (a "
+                 "Post-LN LayerNorm after each sum undoes it): use norm_placement='pre', or 'depth_mup' (its optimizer "
+                 "rule only) for Post-LN")
         if not 0.0 < self.embedding_correlation < 1.0:
             fail("embedding_correlation", "expected r0 in (0, 1); estimate it with estimate_embedding_correlation")
         if self.initializer_range <= 0:
@@ -167,15 +221,19 @@ class DeepScaleLMConfig(PreTrainedConfig):
                 fail("decoder_layers", "expected a positive integer for an encoder-decoder")
         elif self.decoder_layers is not None:
             fail("decoder_layers", "only an encoder-decoder (is_encoder_decoder=True) has decoder layers; leave it None")
-        for field in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, field)
-            if value is not None and not 0 <= value < self.vocab_size:
+            ids = value if isinstance(value, list) else [value]
+            if any(i is not None and (isinstance(i, bool) or not 0 <= i < self.vocab_size) for i in ids):
                 fail(field, f"expected None or a token id in [0, vocab_size={self.vocab_size})")
+        if self.recurrence not in RECURRENCES:
+            fail("recurrence", f"expected one of {RECURRENCES}")
         if self.init_scheme == "deepscalelm":
             for stack, layers, branches in self.residual_stacks():
-                beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches)
+                beta2 = self.residual_beta2 if self.residual_beta2 is not None else self.residual_k / self._branch_total(layers, branches) * (
+                    layers / self.depth_base_layers) ** (1.0 - 2.0 * depth_exponent(self.depth_parameterization))
                 if beta2 >= 1.0:
-                    fail("residual_k", f"beta^2 = k / N = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
+                    fail("residual_k", f"beta^2 = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
 
     # -- helpers the model and the theory share ----------------------------------------------------------------
     @property

@@ -4,8 +4,29 @@ Kedia et al., "Transformers Get Stable" (ICML 2024). Every constant the model in
 here, and the theory module (`dslm_hf.theory`) uses the same functions, so a constant exists exactly once.
 No torch, no numpy: this file ships to the Hub beside the modeling code (`trust_remote_code`).
 
-Notation follows ../shared/RECIPE.md: d hidden size, d_ff FFN width, p hidden dropout, r correlation between
-the hidden vectors of two different positions, L sequence length.
+Notation: d hidden size, d_ff FFN width, p hidden dropout, L sequence length, N the residual branches of a stack,
+r the correlation between the hidden vectors of two different positions (r0: of the summed embeddings), and
+sigma the standard deviation of a weight ~ N(0, sigma^2) (biases 0, LayerNorms identity).
+
+The recipe (section 1: residuals; section 2: initialisation):
+1. Every residual branch joins as out = lambda * skip + beta * Dropout(F(h)), lambda^2 + beta^2 = 1, beta^2 = k / N.
+2. Each branch is initialised to output unit variance, so the stream keeps variance 1 at any depth:
+   - each of n embedding tables sigma^2 = (1-p)/n (the sum has variance 1-p; embedding dropout brings it to 1);
+   - W_q, W_k: 1/d (attention logits of variance ~1);
+   - W_v, W_o of layer l: sigma^2 = sqrt((1-p)/a_l)/d each, a_l the variance of attention's average of unit
+     values at the layer's input correlation r_l (~r_l for long bidirectional sequences: the reference code);
+   - FFN: sigma_1^2 sigma_2^2 = (1-p) / (E[act(z)^2] d d_ff) (ReLU: E = 1/2);
+   - MLM head dense and an untied output layer: 1/d; a tied output embedding reads the hidden state times
+     1/sqrt(d sigma_e^2), which gives the initial logits variance 1.
+   r_l runs through the stack by the correlation recurrence (`correlation_recurrence`), from r0 (1-p) after the
+   embedding dropout.
+
+Moment formulas used below (section 3; input of per-element variance s2, correlation r, zero mean):
+   Linear with sigma_w: variance d_in sigma_w^2 s2; dropout: correlation r (1-p); ReLU: correlation
+   (pi r + sqrt(1-r^2) - r acos(r) - 1) / (pi - 1) around its mean; residual y = lambda x + beta f of independent
+   x, f: var = lambda^2 var_x + beta^2 var_f, r_y = (lambda^2 r_x var_x + beta^2 r_f var_f) / var_y;
+   single-head attention over L keys with logit variance sq: output variance per unit value variance
+   r + ((1-r)/L) [ (1-r)(L-1) sq/d + exp((1-r) sq)(1 + 4(1-r) sq/d) / (1-p_attn) ].
 """
 
 import math
@@ -17,6 +38,8 @@ INIT_SCHEMES = ("deepscalelm", "xavier", "standard", "deepnet")
 NORM_PLACEMENTS = ("pre", "post")
 BRANCH_COUNTINGS = ("branches", "layers")
 ACTIVATIONS = ("relu", "gelu")
+DEPTH_PARAMETERIZATIONS = ("deepscalelm", "depth_mup", "completep")
+RECURRENCES = ("refined", "reference")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,7 +94,7 @@ def activation_cross_moment(activation: str, r: float) -> float:
 
 
 def activation_output_correlation(activation: str, r: float) -> float:
-    """Correlation after act -> mean-zero linear layer: E[act(x)act(y)] / E[act(x)^2] (RECIPE 3, Linear with mu)."""
+    """Correlation after act -> mean-zero linear layer: E[act(x)act(y)] / E[act(x)^2] (section 3, Linear)."""
     return activation_cross_moment(activation, round(r, 6)) / activation_second_moment(activation)
 
 
@@ -87,15 +110,54 @@ def residual_branch_total(num_layers: int, branches_per_layer: int, counting: st
     raise ValueError(f"residual_branch_count must be one of {BRANCH_COUNTINGS}, got {counting!r}")
 
 
-def deepscalelm_residual_scales(k: float, n: int, beta2_override: float | None = None) -> tuple[float, float]:
-    """(lambda, beta) with beta^2 = k / N (or the override) and lambda^2 + beta^2 = 1."""
-    beta2 = beta2_override if beta2_override is not None else k / n
+def deepscalelm_residual_scales(
+    k: float, n: int, beta2_override: float | None = None, depth_multiplier: float = 1.0, depth_exponent: float = 0.5
+) -> tuple[float, float]:
+    """(lambda, beta) with lambda^2 + beta^2 = 1 and beta^2 = (k / N) * m^(1 - 2 alpha) (or the raw override).
+
+    m = layers / base layers and alpha is the depth exponent of the parameterization (`depth_exponent`): alpha = 1/2
+    is DeepScaleLM's own beta^2 = k / N (branch multiplier ~ 1/sqrt(depth), as depth-muP); alpha = 1 is CompleteP's
+    branch multiplier ~ 1/depth, equal to DeepScaleLM's at the base depth (N = N_base * m, so
+    beta = sqrt(k / N_base) * m^-alpha).
+    """
+    beta2 = beta2_override if beta2_override is not None else k / n * depth_multiplier ** (1.0 - 2.0 * depth_exponent)
     if not 0.0 < beta2 <= 1.0:
         raise ValueError(
             f"beta^2 = {beta2} (k={k}, N={n}, override={beta2_override}) must lie in (0, 1] so that "
             "lambda^2 = 1 - beta^2 is non-negative: lower residual_k or residual_beta2, or count more branches"
         )
     return math.sqrt(1.0 - beta2), math.sqrt(beta2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth parameterizations: how the residual branch and the optimizer scale with depth
+# ----------------------------------------------------------------------------------------------------------------
+def depth_exponent(parameterization: str) -> float:
+    """alpha in branch multiplier ~ (layers / base layers)^-alpha.
+
+    "deepscalelm" and "depth_mup" share DeepScaleLM's beta^2 = k / N (alpha = 1/2: Yang et al., "Tensor Programs
+    VI", 2023; Bordelon et al., 2023); "completep" is alpha = 1 (Dey et al., "Don't be lazy: CompleteP enables
+    compute-efficient deep transformers", 2025).
+    """
+    if parameterization not in DEPTH_PARAMETERIZATIONS:
+        raise ValueError(f"depth_parameterization must be one of {DEPTH_PARAMETERIZATIONS}, got {parameterization!r}")
+    return 1.0 if parameterization == "completep" else 0.5
+
+
+def depth_optimizer_multipliers(parameterization: str, depth_multiplier: float) -> tuple[float, float, float]:
+    """(learning rate, Adam epsilon, weight decay) multipliers of the parameters inside the residual layers.
+
+    m = layers / base layers. "deepscalelm" (the paper): none, one learning rate for every depth.
+    "depth_mup" and "completep" follow CompleteP's AdamW rule for branch multiplier m^-alpha (Dey et al. 2025,
+    as in EleutherAI's nanoGPT-mup `configure_optimizers`): learning rate * m^(alpha - 1), epsilon * m^-alpha;
+    decoupled weight decay * m^(1 - alpha) keeps the per-step shrinkage lr * wd independent of depth. Embeddings,
+    the final LayerNorm and the output heads keep the base values (multiplier 1).
+    """
+    if parameterization == "deepscalelm":
+        return 1.0, 1.0, 1.0
+    alpha = depth_exponent(parameterization)
+    m = depth_multiplier
+    return m ** (alpha - 1.0), m ** -alpha, m ** (1.0 - alpha)
 
 
 def deepnet_constants(num_layers: int, decoder_layers: int | None = None, stack: str = "single") -> tuple[float, float]:
@@ -116,7 +178,7 @@ def deepnet_constants(num_layers: int, decoder_layers: int | None = None, stack:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Initialisation sigmas (RECIPE section 2). All return standard deviations.
+# Initialisation sigmas (section 2). All return standard deviations.
 # ----------------------------------------------------------------------------------------------------------------
 def embedding_std(dropout: float, num_tables: int) -> float:
     """Each of n tables ~ N(0, (1-p)/n): the sum has variance 1-p, embedding dropout brings it to 1."""
@@ -173,7 +235,7 @@ def scaled_output_std(initializer_range: float, num_layers: int) -> float:
 def _attention_position_variances(
     r: float, sequence_length: int, causal: bool, hidden_size: int, attention_dropout: float, logit_variance: float
 ) -> list[float]:
-    """v_n: variance of an attention average over n keys (RECIPE section 3, single-head attention), n = 1..L."""
+    """v_n: variance of an attention average over n keys (section 3, single-head attention), n = 1..L."""
     sq, d = logit_variance, hidden_size
 
     def at_length(n: int) -> float:
@@ -191,7 +253,7 @@ def attention_variance_ratio(
 ) -> float:
     """Variance of the attention average of unit-variance, r-correlated value vectors (per unit value variance).
 
-    RECIPE section 3, single-head attention with L keys, logit variance sq:
+    Section 3, single-head attention with L keys, logit variance sq:
         r + ((1-r)/L) [ (1-r)(L-1) sq/d + exp((1-r) sq)(1 + 4(1-r) sq/d) / (1-p_attn) ]
     The bracket's second term is L * E[sum_j a_j^2], the inverse effective number of averaged tokens; it can not
     exceed L (one token takes all the weight), which matters for the first positions of a causal mask.
@@ -269,7 +331,7 @@ def branch_output_correlation(kind: str, r_in: float, dropout: float, activation
 
 
 def mix_residual(r_skip: float, var_skip: float, r_branch: float, var_branch: float, lam2: float, beta2: float):
-    """y = lambda x + beta f for independent x, f: (correlation, variance) of y (RECIPE 3, residual)."""
+    """y = lambda x + beta f for independent x, f: (correlation, variance) of y (section 3, residual)."""
     var = lam2 * var_skip + beta2 * var_branch
     return (lam2 * r_skip * var_skip + beta2 * r_branch * var_branch) / var, var
 
@@ -340,6 +402,7 @@ def _recipe_key(config) -> tuple:
         config.is_encoder_decoder, config.is_decoder, config.hidden_act, float(config.hidden_dropout_prob),
         float(config.attention_probs_dropout_prob), float(config.residual_k), config.residual_branch_count,
         config.residual_beta2, float(config.embedding_correlation), config.init_sequence_length,
+        config.depth_parameterization, config.depth_base_layers, config.recurrence,
     )
 
 
@@ -350,19 +413,30 @@ def stack_init_plan(config, stack: str) -> StackInitPlan:
 
 def _residual_and_correlations(key: tuple, layers: int, kinds: tuple[str, ...], causal: bool, cross_correlation=None):
     """(lambda, beta, per-layer branch-input correlations) of a DeepScaleLM stack with these branch kinds."""
-    _, d, _, _, _, _, act, p, p_attn, k, counting, beta2_override, r0, seq_len = key
-    lam, beta = deepscalelm_residual_scales(k, residual_branch_total(layers, len(kinds), counting), beta2_override)
+    _, d, _, _, _, _, act, p, p_attn, k, counting, beta2_override, r0, seq_len, parameterization, base_layers, recurrence = key
+    lam, beta = deepscalelm_residual_scales(
+        k, residual_branch_total(layers, len(kinds), counting), beta2_override,
+        depth_multiplier=layers / base_layers, depth_exponent=depth_exponent(parameterization),
+    )
     correlations = correlation_recurrence(
         num_layers=layers, branch_kinds=kinds, embedding_correlation=r0, dropout=p, activation=act,
-        lam2=lam * lam, beta2=beta * beta, sequence_length=seq_len, hidden_size=d, attention_dropout=p_attn,
-        causal=causal, cross_correlation=cross_correlation,
+        lam2=lam * lam, beta2=beta * beta, sequence_length=None if recurrence == "reference" else seq_len,
+        hidden_size=d, attention_dropout=p_attn, causal=causal, cross_correlation=cross_correlation,
     )
     return lam, beta, correlations
 
 
+def _attention_ratio(recurrence: str, r: float, sequence_length: int, causal: bool, hidden_size: int,
+                     attention_dropout: float) -> float:
+    """Attention output variance per unit value variance: r in the reference code, else attention_variance_ratio."""
+    if recurrence == "reference":
+        return r
+    return attention_variance_ratio(r, sequence_length, causal, hidden_size, attention_dropout)
+
+
 @lru_cache(maxsize=64)
 def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
-    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len = key
+    scheme, d, num_layers, decoder_layers, is_encoder_decoder, _, _, p, p_attn, _, _, _, _, seq_len, _, _, recurrence = key
     has_cross = is_encoder_decoder and stack == "decoder"
     layers = decoder_layers if has_cross else num_layers
     if scheme == "deepnet":
@@ -379,11 +453,11 @@ def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
     kinds = ("attention", "cross", "ffn") if has_cross else ("attention", "ffn")
     lam, beta, correlations = _residual_and_correlations(key, layers, kinds, causal, r_encoder)
     self_vo = tuple(
-        value_output_std(p, attention_variance_ratio(r[0], seq_len, causal, d, p_attn), d) for r in correlations[:-1]
+        value_output_std(p, _attention_ratio(recurrence, r[0], seq_len, causal, d, p_attn), d) for r in correlations[:-1]
     )
     cross_vo = ()
     if has_cross:
-        cross_vo = (value_output_std(p, attention_variance_ratio(r_encoder, seq_len, False, d, p_attn), d),) * layers
+        cross_vo = (value_output_std(p, _attention_ratio(recurrence, r_encoder, seq_len, False, d, p_attn), d),) * layers
     return StackInitPlan(lam, beta, self_vo, cross_vo, 1.0, layers)
 
 
@@ -409,7 +483,7 @@ LINEAR_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "head_dens
 def linear_init_std(config, role: str, stack: str | None, layer_idx: int | None, cross: bool, fan_in: int, fan_out: int) -> float:
     """Std of a Linear weight by its role under config.init_scheme (biases are zero, LayerNorms identity).
 
-    deepscalelm: RECIPE section 2 (q/k 1/d; v/o per layer from the correlation recurrence; FFN from ffn_stds;
+    deepscalelm: section 2 (q/k 1/d; v/o per layer from the correlation recurrence; FFN from ffn_stds;
     heads 1/d). xavier: xavier-normal everywhere. standard: N(0, initializer_range), o_proj and fc2 at
     initializer_range / sqrt(2 N). deepnet: xavier-normal with gain beta on v_proj, o_proj, fc1, fc2.
     """
