@@ -500,9 +500,10 @@ def _format_training_value(name: str, value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
-def comparison_rows(results: dict) -> list[tuple[str, str]]:
-    """Card rows of the baselines and gradient spread an evaluation record holds (scripts/build_checkpoint.py
-    writes them with dslm_hf.baselines.held_out_baselines), on the same held-out split as the model's numbers."""
+def baseline_and_training_rows(results: dict) -> list[tuple[str, str]]:
+    """Card rows of the baselines, gradient spread and training curve an evaluation record holds
+    (scripts/build_checkpoint.py writes them; the baselines with dslm_hf.baselines.held_out_baselines, on the same
+    held-out split as the model's numbers)."""
     baselines, rows = results.get("baselines", {}), []
     if "same_parameters" in baselines:
         same = baselines["same_parameters"]
@@ -530,6 +531,10 @@ def comparison_rows(results: dict) -> list[tuple[str, str]]:
     for stack, initial in (spread or {}).get("initialisation", {}).items():
         rows.append((f"per-layer weight-gradient spread (max/min, {stack}): at initialisation -> trained",
                      f"{initial:.2f} -> {spread['trained'][stack]:.2f}"))
+    curve = results.get("training_curve")
+    if curve:
+        rows.append(("held-out loss during training (its evaluation blocks), step: loss",
+                     ", ".join(f"{point['step']:,}: {point['eval_loss']:.3f}" for point in curve)))
     return rows
 
 
@@ -562,7 +567,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
         (f"held-out loss ({'masked tokens' if task == 'masked-lm' else 'per token'}, nats)", f"{metrics['loss']:.4f}"),
         ("held-out perplexity", f"{metrics['perplexity']:.2f}"),
         ("held-out tokens", f"{dataset['tokens']:,}"),
-    ] + comparison_rows(results)
+    ] + baseline_and_training_rows(results)
     held_out = (
         f"{dataset['name']} (`{dataset['file']}`, sha256 `{dataset['file_sha256'][:16]}`): "
         f"{dataset['held_out_fraction']:.0%} of its paragraphs, evenly spaced and never trained on, in "

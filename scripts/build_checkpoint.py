@@ -29,6 +29,7 @@ from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.data import hold_out_documents, load_corpus, pack_into_blocks
 from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, parameter_count, stage_repository,
                                 write_eval_file)
+from dslm_hf.run_metrics import read_metrics
 
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 
@@ -155,6 +156,9 @@ def build(argv: list[str]) -> None:
         block_size=settings.block_size, batch_size=results["evaluation"]["batch_size"],
         seed=results["evaluation"]["seed"], ngram_order=args.ngram_order)
     results["gradient_spread"] = gradient_spreads(final_dir, settings, args.text_file, args.held_out_fraction)
+    results["training_curve"] = [{"step": record["step"], "eval_loss": record["eval_loss"]}
+                                 for record in read_metrics(args.run_dir / "model" / "metrics.jsonl")
+                                 if "eval_loss" in record]
     write_eval_file(same_results, args.run_dir / "same-parameters" / "eval_results.json")
     eval_file = write_eval_file(results, args.run_dir / "model" / "eval_results.json")
     stage_repository(final_dir, args.output, args.repo_id, eval_file)

@@ -47,6 +47,9 @@ def test_smoke_build_trains_a_same_parameter_baseline_and_cards_every_baseline(t
     assert baselines["same_parameters"]["loss"] == same_record["metrics"]["loss"]
     card = ModelCard.load(staged / "README.md").text
     assert f"{baselines['same_parameters']['parameters']:,} parameters; same data, tokens and steps" in card
+    assert [point["step"] for point in record["training_curve"]] == [2]  # --eval_steps 1000: the final evaluation
+    assert (f"| held-out loss during training (its evaluation blocks), step: loss | "
+            f"2: {record['training_curve'][0]['eval_loss']:.3f} |") in card
     spread = record["gradient_spread"]
     assert all(1.0 <= value < 3.0 for value in spread["initialisation"].values())
     if objective == "clm":
