@@ -158,10 +158,16 @@ def check_data_file(path: str, split: str) -> None:
     elif suffix in (".json", ".jsonl"):
         if suffix == ".json":
             try:
-                json.loads(text)
-                return  # one JSON document (a list of rows or a dict of columns)
+                document = json.loads(text)
             except json.JSONDecodeError:
-                pass  # the JSON loader also reads .json files holding one object per line
+                document = None  # the JSON loader also reads .json files holding one object per line
+            if document is not None:
+                rows_ok = isinstance(document, list) and all(isinstance(row, dict) for row in document)
+                columns_ok = isinstance(document, dict) and all(isinstance(c, list) for c in document.values())
+                if not (rows_ok or columns_ok):
+                    raise FinetuneInputError(f"{role} {path} holds a JSON {type(document).__name__} that is neither a "
+                                             "list of row objects nor an object of column lists")
+                return
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue

@@ -186,6 +186,8 @@ CLEAR_ERRORS = {
         "finetuning", lambda w, c: ["--task", "sequence-classification", "--model_name_or_path", w["checkpoint"],
                                     "--dataset_name", c / "no_such_folder", "--output_dir", c / "out", "--use_cpu"],
         "no_such_folder' is neither a local file nor a loadable dataset"),
+    "json_document_of_the_wrong_shape": ("finetuning", lambda w, c: classify(w, c, "[1, 2]", "[1, 2]", suffix=".json"),
+                                         "holds a JSON list that is neither a list of row objects nor an object"),
     "unknown_flag": ("finetuning", lambda w, c: classify(w, c, GOOD_ROWS) + ["--bogus"],
                      "unrecognized arguments: --bogus (see dslm-finetune --help)"),
     # publishing
