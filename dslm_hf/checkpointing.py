@@ -181,17 +181,24 @@ def write_manifest(folder: Path, step: int) -> None:
     write_json_atomically(folder / CHECKPOINT_MARKER, {"format": CHECKPOINT_FORMAT, "step": step, "files": files})
 
 
-def save_checkpoint(accelerator, run_dir: Path, model, optimizer, trainer_state: dict, limit: int | None) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, model, optimizer, trainer_state: dict, limit: int | None,
+                    state: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoints/step_XXXXXXXX for `trainer_state["step"]` (rank 0 writes; every rank must call it, the
-    model's replicas and optimizer states being identical) and keep the newest `limit` checkpoints."""
+    model's replicas and optimizer states being identical) and keep the newest `limit` checkpoints.
+
+    `state`: (model tensors, optimizer.state_dict()-layout state) already gathered onto rank 0 by a sharded or
+    pipelined run (dslm_hf.parallel, dslm_hf.pipeline); without it they are read from `model` and `optimizer`."""
     step = trainer_state["step"]
     final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_model(accelerator.unwrap_model(model), str(staging / MODEL_FILE))
-        tensors, rest = split_optimizer_state(optimizer.state_dict())
+        if state is None:
+            save_model(accelerator.unwrap_model(model), str(staging / MODEL_FILE))
+        else:
+            save_file(state[0], str(staging / MODEL_FILE), metadata={"format": "pt"})
+        tensors, rest = split_optimizer_state(optimizer.state_dict() if state is None else state[1])
         save_file(tensors, str(staging / OPTIMIZER_FILE))
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "optimizer": rest}, indent=1))
         write_manifest(staging, step)
@@ -204,15 +211,20 @@ def save_checkpoint(accelerator, run_dir: Path, model, optimizer, trainer_state:
     return final
 
 
-def load_checkpoint(folder: Path, accelerator, model, optimizer) -> dict:
+def load_checkpoint(folder: Path, accelerator, model, optimizer, restore=None) -> dict:
     """Verify `folder`, load the weights into `model` and the state into `optimizer` (in place, on every rank), and
-    return the trainer state the loop saved (without the optimizer part)."""
+    return the trainer state the loop saved (without the optimizer part). `restore(model tensors, optimizer state)`
+    replaces both loads for a sharded or pipelined run, which takes its own part of the whole state."""
     folder = Path(folder)
     verify_checkpoint(folder)
     state = json.loads((folder / TRAINER_STATE).read_text())
     try:
-        load_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE))  # read on CPU, copied into place
-        optimizer.load_state_dict(join_optimizer_state(load_file(folder / OPTIMIZER_FILE), state.pop("optimizer")))
+        optimizer_state = join_optimizer_state(load_file(folder / OPTIMIZER_FILE), state.pop("optimizer"))
+        if restore is None:
+            load_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE))  # read on CPU, copied into place
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            restore(load_file(folder / MODEL_FILE), optimizer_state)
     except (RuntimeError, SafetensorError, KeyError, ValueError) as error:
         raise CheckpointError(f"checkpoint {folder} does not fit this model and optimizer ({' '.join(str(error).split())[:300]}): "
                               "resume with the settings that wrote it") from None

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
 from .monitoring import LayerSignalMonitor
 from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
+from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from .pipeline import Pipeline
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
 from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
 from .run_metrics import JsonlTracker, drop_records_after
@@ -131,7 +134,14 @@ class PretrainingArguments:
                 "fraction (dslm_hf.monitoring): summaries to the trackers, profiles to layer_signals.jsonl. 0: off."})
     fully_shard: bool = field(default=False, metadata={
         "help": "Shard parameters, gradients and optimizer state with FSDP2 fully_shard over the launched processes "
-                "(each DeepScaleLMLayer, then the root); works on gloo/CPU. No periodic checkpoints in this mode."})
+                "(each DeepScaleLMLayer, then the root); works on gloo/CPU; --mixed_precision bf16 computes in bf16 "
+                "with fp32 master weights. Checkpoints are gathered into the one-process layout."})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "Pipeline stages (torch.distributed.pipelining), one per launched process: the layers are split into "
+                "this many contiguous runs. Causal LM, fp32; launch exactly this many processes."})
+    pipeline_microbatches: int = field(default=4, metadata={
+        "help": "Micro-batches each batch is split into in the pipeline (must divide the train and eval batch sizes)."})
+    pipeline_schedule: str = field(default="1f1b", metadata={"help": f"Pipeline schedule: one of {sorted(PIPELINE_SCHEDULES)}."})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute each layer's activations during backward (model.activation_checkpointing_enable()): "
                 "activation memory of one layer instead of all, for very deep stacks; about a third more compute."})
@@ -187,12 +197,26 @@ class PretrainingArguments:
             yield "weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number"
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             yield "max_train_minutes", "expected a positive number of minutes"
-        if self.fully_shard and (self.save_steps or self.resume_from_checkpoint):
-            yield "fully_shard", "checkpoints of a fully_shard run are not supported yet: pass --save_steps 0"
-        if self.fully_shard and self.mixed_precision != "no":
-            yield "fully_shard", "mixed precision is not wired into --fully_shard; use accelerate_configs/fsdp2.yaml on GPUs"
+        if self.fully_shard and self.mixed_precision == "fp16":
+            yield "mixed_precision", "--fully_shard computes in bf16 or fp32: use --mixed_precision bf16 or no"
+        yield from self.pipeline_problems()
         if self.report_to not in ("tensorboard", "none"):
             yield "report_to", "expected 'tensorboard' or 'none'"
+
+
+    def pipeline_problems(self):
+        if self.pipeline_parallel_size < 1:
+            yield "pipeline_parallel_size", "expected a positive number of stages"
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            yield "pipeline_schedule", f"expected one of {sorted(PIPELINE_SCHEDULES)}"
+        if self.pipeline_parallel_size == 1:
+            return
+        if self.objective != "clm" or self.fully_shard or self.mixed_precision != "no" or self.signal_every:
+            yield "pipeline_parallel_size", "pipelines train the causal LM in fp32 without --fully_shard or " \
+                                            "--signal_every: use --objective clm --mixed_precision no"
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if self.pipeline_microbatches < 1 or getattr(self, name) % self.pipeline_microbatches:
+                yield "pipeline_microbatches", f"does not divide --{name}={getattr(self, name)}: pick a divisor of it"
 
 
 def parse_arguments(argv=None) -> PretrainingArguments:
@@ -244,6 +268,10 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
         kwargs["depth_parameterization"] = args.depth_parameterization
     elif kwargs.get("init_scheme", "deepscalelm") == "deepscalelm" and kwargs.get("norm_placement", "pre") == "pre":
         kwargs.setdefault("depth_parameterization", PRETRAINING_PARAMETERIZATION)
+    layers = kwargs.get("num_hidden_layers", DeepScaleLMConfig.num_hidden_layers)
+    if args.pipeline_parallel_size > layers:
+        raise UserError(f"--pipeline_parallel_size={args.pipeline_parallel_size} is more stages than the model's "
+                        f"{layers} layers: use at most {layers} stages")
     positions = kwargs.get("max_position_embeddings", DeepScaleLMConfig.max_position_embeddings)
     if isinstance(positions, int) and positions < args.block_size:
         raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "
@@ -484,31 +512,39 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
         raise UserError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
                         "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
     if args.fully_shard:
-        if accelerator.num_processes < 2:
-            raise UserError("--fully_shard shards over the launched processes: launch at least 2 "
-                            "(e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
-        model = parallel.shard_model(model.to(accelerator.device))
+        if not torch.distributed.is_initialized():
+            raise UserError("--fully_shard shards over the processes of a process group: launch through torchrun or a "
+                            "multi-process accelerate launch (e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
+        model = parallel.shard_model(model.to(accelerator.device), mixed_precision=args.mixed_precision)
     learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate)") \
         if args.learning_rate is not None else default_learning_rate(config)
     args.learning_rate = learning_rate  # recorded with the run's arguments
     groups = depth_parameter_groups(model, learning_rate, args.weight_decay, eps=args.adam_epsilon)
     accelerator.print(f"learning rate: {why}; {describe_groups(groups)}")
+    if args.pipeline_parallel_size > 1:
+        if accelerator.num_processes != args.pipeline_parallel_size:
+            raise UserError(f"--pipeline_parallel_size={args.pipeline_parallel_size} needs exactly that many processes, "
+                            f"{accelerator.num_processes} were launched (pipelines do not combine with data parallelism here)")
+        model = Pipeline(model, groups, args.pipeline_microbatches, args.pipeline_schedule, device=accelerator.device)
+        groups = model.parameter_groups  # this stage's share of the whole model's groups (built before the split)
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)
     # Stepped once per optimizer step on every rank and not given to prepare(), which would step it
     # num_processes times; its state travels in trainer_state.json.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.max_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps))
-    sampler, train_loader, eval_loader = make_dataloaders(args, accelerator.num_processes, train_blocks, eval_blocks)
+    # Every stage of a pipeline reads the same batches: the data-parallel size is 1.
+    data_parallel = 1 if isinstance(model, Pipeline) else accelerator.num_processes
+    sampler, train_loader, eval_loader = make_dataloaders(args, data_parallel, train_blocks, eval_blocks)
     if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
         optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
-    else:
+    elif not isinstance(model, Pipeline):  # a pipeline's stages read the whole batches, nothing to wrap
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     if len(train_loader) == 0:
         raise UserError(f"the training split has {len(train_blocks)} blocks, fewer than one batch of "
                         f"--per_device_train_batch_size={args.per_device_train_batch_size} on each of "
                         f"{accelerator.num_processes} processes: use more text or a smaller batch")
-    layout = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": args.per_device_train_batch_size,
+    layout = {"num_processes": data_parallel, "per_device_train_batch_size": args.per_device_train_batch_size,
               "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
     monitor = LayerSignalMonitor(model, args.signal_every) if args.signal_every else None
     return Run(args, accelerator, run_dir, tokenizer, config, model, optimizer, scheduler, collator, sampler,
@@ -517,7 +553,12 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
 
 def resume(run: Run, folder: Path) -> None:
     """Load a verified checkpoint into the run: weights, optimizer, scheduler, step and counters."""
-    state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer)
+    restore = None
+    if isinstance(run.model, Pipeline):
+        restore = partial(run.model.load_training_state, run.optimizer)
+    elif run.args.fully_shard:
+        restore = partial(parallel.load_sharded_training_state, run.model, run.optimizer)
+    state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer, restore)
     scheduler_keys = set(run.scheduler.state_dict())
     if not (isinstance(state.get("scheduler"), dict) and set(state["scheduler"]) == scheduler_keys
             and isinstance(state.get("nonfinite_steps"), int) and isinstance(state.get("layout"), dict)):
@@ -544,10 +585,16 @@ def train_step(run: Run, batches) -> dict:
     torch.manual_seed(step_seed)
     if run.monitor is not None:
         run.monitor.arm(run.step)
-    loss, finite = training_window(accelerator, run.model, window, run.collator)
+    pipelined = isinstance(run.model, Pipeline)
+    if pipelined:
+        loss, finite = run.model.train_window(window, run.collator.count_label_tokens)
+    else:
+        loss, finite = training_window(accelerator, run.model, window, run.collator)
     signals = run.monitor.measure(run.step) if run.monitor is not None and finite else None
     grad_norm = None
-    if finite and args.max_grad_norm > 0:
+    if finite and args.max_grad_norm > 0 and pipelined:  # the norm over all stages
+        grad_norm = run.model.clip_grad_norm_(args.max_grad_norm)
+    elif finite and args.max_grad_norm > 0:
         grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
         # DeepSpeed clips inside its engine (gradient_clipping in its config) and returns no norm.
         finite = grad_norm is None or bool(torch.isfinite(grad_norm))
@@ -563,7 +610,7 @@ def train_step(run: Run, batches) -> dict:
         accelerator.end_training()
         raise UserError(f"stopping at step {run.step}: {run.nonfinite_steps} steps had a non-finite loss or gradient, "
                         f"more than --max_nonfinite_steps={args.max_nonfinite_steps}")
-    measured = {"tokens": sum(b["input_ids"].numel() for b in window) * accelerator.num_processes}
+    measured = {"tokens": sum(b["input_ids"].numel() for b in window) * run.layout["num_processes"]}
     if signals is not None:
         measured["signals"] = signals
     if finite:
@@ -582,8 +629,13 @@ def record_signals(run: Run, signals: dict) -> None:
 
 
 def save(run: Run) -> Path:
+    state = None  # a sharded or pipelined run gathers the whole state onto rank 0 (a collective)
+    if isinstance(run.model, Pipeline):
+        state = run.model.training_state(run.optimizer)
+    elif run.args.fully_shard:
+        state = parallel.sharded_training_state(run.model, run.optimizer)
     return save_checkpoint(run.accelerator, run.run_dir, run.model, run.optimizer, run.trainer_state(),
-                           run.args.checkpoints_total_limit)
+                           run.args.checkpoints_total_limit, state)
 
 
 def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
@@ -630,14 +682,10 @@ def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
 
 
 def stop_on_signal(run: Run, signal_name: str) -> dict:
-    """After a stop signal: a checkpoint of the step just finished (not in --fully_shard mode), and how to resume."""
-    if run.args.fully_shard:
-        run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; --fully_shard runs write no "
-                "checkpoint, so this run cannot be resumed")
-    else:
-        folder = save(run)
-        run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; checkpoint {folder}. To continue, "
-                "run the same command with --resume_from_checkpoint latest")
+    """After a stop signal: a checkpoint of the step just finished, and how to resume."""
+    folder = save(run)
+    run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; checkpoint {folder}. To continue, "
+            "run the same command with --resume_from_checkpoint latest")
     run.accelerator.end_training()
     return {"step": run.step, "nonfinite_steps": run.nonfinite_steps, "stopped_by": signal_name}
 
@@ -648,7 +696,8 @@ def finish(run: Run, metrics: dict) -> dict:
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
     metrics.update(step=run.step, nonfinite_steps=run.nonfinite_steps, final_dir=str(run.run_dir / "final"))
-    if not args.fully_shard and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if not (args.fully_shard or isinstance(run.model, Pipeline)) and accelerator.distributed_type not in (
+            DistributedType.FSDP, DistributedType.DEEPSPEED):
         # Replicas exist only without sharding.
         metrics["replica_spread"] = replica_spread(accelerator, run.model)
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=run.step)
@@ -727,7 +776,7 @@ def save_final_model(run: Run, folder: Path) -> None:
     The full state dict comes from accelerate (DDP, FSDP, DeepSpeed) or, under --fully_shard, from FSDP2's
     full_state_dict gathered into a plain copy of the model on rank 0."""
     args, accelerator, config = run.args, run.accelerator, run.config
-    unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped = run.model.module.model if isinstance(run.model, Pipeline) else accelerator.unwrap_model(run.model)
     if unwrapped.can_generate():
         unwrapped.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
@@ -736,6 +785,10 @@ def save_final_model(run: Run, folder: Path) -> None:
         full = parallel.full_state_dict(run.model)  # collective: every rank takes part
         unwrapped = parallel.unsharded_copy(run.model, full) if accelerator.is_main_process else None
         state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
+    elif isinstance(run.model, Pipeline):
+        full = run.model.full_model_state()  # collective: every stage sends its layers to the first
+        unwrapped = parallel.unsharded_copy(unwrapped, full) if accelerator.is_main_process else None
+        state_dict = unwrapped.state_dict() if unwrapped is not None else None
     else:
         state_dict = accelerator.get_state_dict(run.model)
     if unwrapped is not None:

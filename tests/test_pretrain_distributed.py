@@ -1,10 +1,17 @@
-"""Multi-process pretraining on CPU: two gloo ranks (DDP through accelerate, and FSDP2 fully_shard) reproduce one
-process with the same global batch, and the sharded run exports a full model that loads with from_pretrained.
+"""Multi-process pretraining on CPU: two gloo ranks (DDP through accelerate, FSDP2 --fully_shard, and a 2-stage
+pipeline with GPipe or 1F1B) reproduce one process with the same global batch, write checkpoints in the one-process
+layout, resume bit-identically after a SIGKILL, and export a full model that loads with from_pretrained.
 
 Tolerance: float summation order differs between 1 and 2 ranks (gradient all-reduce), so losses and gradient norms
 agree to 1e-5 relative, and weights to 1e-4 absolute after 4 AdamW steps at lr 5e-4: Adam divides by sqrt(v), so
 parameters with near-zero gradients turn rounding noise into up to ~10% of one step (5e-4).
 """
+
+import os
+import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -13,9 +20,11 @@ from transformers import AutoModelForCausalLM
 
 from dslm_hf import pretraining
 from dslm_hf.run_metrics import read_metrics
-from pretrain_helpers import REPO, NO_DROPOUT, eval_losses, run_in_process, run_launched, train_losses
+from pretrain_helpers import (
+    REPO, NO_DROPOUT, cpu_environment, eval_losses, pretrain_command, run_in_process, run_launched, train_losses,
+)
 
-RUN = ["--max_steps", 4, "--eval_steps", 2, "--save_steps", 0, *NO_DROPOUT]
+RUN = ["--max_steps", 4, "--eval_steps", 2, "--save_steps", 0, "--learning_rate", 5e-4, *NO_DROPOUT]  # lr: see the tolerance
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +68,83 @@ def test_fully_shard_over_two_gloo_ranks_matches_one_process_and_exports_a_loada
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
 
 
-def test_fully_shard_rejects_periodic_checkpoints():
-    with pytest.raises(SystemExit):
-        pretraining.parse_arguments(["--output_dir", "unused", "--fully_shard", "--save_steps", "10"])
+KILL_RUN = ["--max_steps", 16, "--save_steps", 4, "--eval_steps", 100, "--per_device_train_batch_size", 4,
+            "--checkpoints_total_limit", 10, "--fully_shard"]
+
+
+@pytest.mark.slow
+def test_fully_shard_checkpoints_survive_sigkill_and_the_resume_is_bit_identical(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_launched(reference, *KILL_RUN, processes=2)
+    process = subprocess.Popen(pretrain_command(killed, *KILL_RUN, processes=2), env=cpu_environment(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_00000008").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its step-8 checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
+    process.wait()
+    assert not (killed / "final").exists()
+    result = run_launched(killed, *KILL_RUN, "--resume_from_checkpoint", "latest", processes=2)
+    assert "resuming from the newest complete checkpoint" in result.stdout
+    reference_losses, killed_losses = train_losses(reference), train_losses(killed)
+    assert set(killed_losses) == set(range(1, 17))
+    assert all(killed_losses[step] == reference_losses[step] for step in range(1, 17))  # bit-identical floats
+    # The sharded run's checkpoint holds the tensors of a one-process checkpoint, under the same names.
+    one_process_names = set(AutoModelForCausalLM.from_pretrained(killed / "final").state_dict()) - {"lm_head.weight"}
+    assert set(load_file(killed / "checkpoints" / "step_00000016" / "model.safetensors")) == one_process_names
+
+
+PIPELINE = ["--pipeline_parallel_size", 2, "--pipeline_microbatches", 4, "--per_device_train_batch_size", 8]
+
+
+@pytest.fixture(scope="module")
+def pipelined_1f1b(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline_1f1b")
+    run_launched(run_dir, *RUN, *PIPELINE, "--pipeline_schedule", "1f1b", "--save_steps", 2, processes=2)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_stage_1f1b_pipeline_matches_one_process_and_exports_a_loadable_model(pipelined_1f1b, one_process):
+    assert_same_training(pipelined_1f1b, one_process)
+    model = AutoModelForCausalLM.from_pretrained(pipelined_1f1b / "final")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert "pipeline_parallel_size" in read_metrics(pipelined_1f1b / "metrics.jsonl")[0]["config"]
+
+
+@pytest.mark.slow
+def test_two_stage_gpipe_pipeline_matches_one_process(tmp_path, one_process):
+    run_launched(tmp_path, *RUN, *PIPELINE, "--pipeline_schedule", "gpipe", processes=2)
+    assert_same_training(tmp_path, one_process)
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_resumes_bit_identically_in_the_pipeline_and_closely_in_one_process(tmp_path, pipelined_1f1b):
+    resumed, single = tmp_path / "resumed", tmp_path / "single"
+    for run_dir in (resumed, single):
+        shutil.copytree(pipelined_1f1b, run_dir)
+        shutil.rmtree(run_dir / "final")
+    middle = "checkpoints/step_00000002"
+    run_launched(resumed, *RUN, *PIPELINE, "--save_steps", 2, "--resume_from_checkpoint", resumed / middle, processes=2)
+    losses, expected = train_losses(resumed), train_losses(pipelined_1f1b)
+    assert all(losses[step] == expected[step] for step in (3, 4))  # bit-identical floats
+    # The same checkpoint resumed by one process with the same batch: the layouts agree, the sums differ in order.
+    run_in_process(single, *RUN, "--per_device_train_batch_size", 8, "--resume_from_checkpoint", single / middle)
+    assert [train_losses(single)[step] for step in (3, 4)] == pytest.approx([expected[3], expected[4]], rel=1e-5)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--pipeline_parallel_size", "3"], "--pipeline_parallel_size=3 is more stages than the model's 2 layers"),
+    (["--pipeline_parallel_size", "2", "--pipeline_microbatches", "3"],
+     "--pipeline_microbatches=3 is invalid: does not divide --per_device_train_batch_size=16"),
+])
+def test_impossible_pipeline_layouts_exit_2_with_the_reason(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        pretraining.main(["--output_dir", str(tmp_path / "run"), "--preset", "tiny", *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error.splitlines()[-1] and "Traceback" not in error
 
 
 def test_shardable_layers_are_the_deepscalelm_layers():
@@ -78,7 +161,7 @@ def test_shipped_accelerate_configs_parse_and_shard_deepscalelm_layers():
 
     configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "accelerate_configs").glob("*.yaml")}
     assert sorted(configs) == ["cpu_2proc", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
-    assert configs["fsdp2"].fsdp_config["fsdp_version"] == 2
-    assert configs["fsdp2"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "DeepScaleLMLayer"
+    # fsdp2.yaml launches the processes; the script's --fully_shard shards (the path the CPU tests run).
+    assert configs["fsdp2"].distributed_type == "MULTI_GPU" and "--fully_shard" in (REPO / "accelerate_configs" / "fsdp2.yaml").read_text()
     assert [configs[f"deepspeed_zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]
     assert configs["cpu_2proc"].num_processes == 2
