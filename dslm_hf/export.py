@@ -130,6 +130,7 @@ class Branch:
 
 
 def branches(stack: DeepScaleLMModel) -> list[Branch]:
+    """The residual branches of `stack` in the order the stream passes them."""
     out = []
     for layer in stack.layers:
         parts = [((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), layer.self_attn.o_proj,

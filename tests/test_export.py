@@ -145,24 +145,6 @@ def tiny_runs(tmp_path_factory):
     return export_and_check(TINY, tmp_path_factory.mktemp("tiny"), onnx=True)
 
 
-@pytest.fixture(scope="module")
-def shipped_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shipped")
-    runs, jobs = {}, []
-    for name in SHIPPED:
-        source = REPO / "checkpoints" / name
-        report = export_native(source, tmp / f"native-{name}")
-        model = load_shipped(source)
-        inputs = reference_inputs(model.config)
-        save_file(inputs, tmp / f"inputs-{name}.safetensors")
-        runs[name] = (reference_outputs(model, inputs), report)
-        jobs.append({"folder": str(report.output_dir), "inputs": str(tmp / f"inputs-{name}.safetensors"),
-                     "results": str(tmp / f"results-{name}.safetensors"), "onnx": True})
-    run_native_checks(jobs, tmp)
-    return {name: (reference, load_file(tmp / f"results-{name}.safetensors"), report)
-            for name, (reference, report) in runs.items()}
-
-
 def load_shipped(folder: Path):
     config = DeepScaleLMConfig.from_pretrained(folder)
     return {cls.__name__: cls for cls in HEADS.values()}[config.architectures[0]].from_pretrained(folder).eval()
@@ -181,8 +163,16 @@ def test_tiny_export_has_deepscalelm_logits_generations_and_onnx(tiny_runs, name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_checkpoint_export_matches_and_carries_tokenizer(shipped_runs, name):
-    reference, native, report = shipped_runs[name]
+def test_shipped_checkpoint_export_matches_and_carries_tokenizer(tmp_path, name):
+    source = REPO / "checkpoints" / name
+    report = export_native(source, tmp_path / "native")
+    model = load_shipped(source)
+    inputs = reference_inputs(model.config)
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    reference = reference_outputs(model, inputs)
+    run_native_checks([{"folder": str(report.output_dir), "inputs": str(tmp_path / "inputs.safetensors"),
+                        "results": str(tmp_path / "results.safetensors"), "onnx": True}], tmp_path)
+    native = load_file(tmp_path / "results.safetensors")
     config = DeepScaleLMConfig.from_pretrained(REPO / "checkpoints" / name)
     assert relative_difference(native["logits"], reference["logits"]) <= tolerance(config)
     if "generated" in reference:
@@ -307,3 +297,11 @@ def test_publish_native_stages_the_twin_next_to_or_instead_of_the_remote_code(tm
         assert (staging / "modeling_deepscalelm.py").is_file() == (mode == "also")
         card = (twin / "README.md").read_text()
         assert 'from_pretrained("org/tiny"' in card and ("subfolder='native'" in card) == (mode == "also")
+
+
+def test_dslm_export_help_names_the_native_families(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dslm-export") and "GPT-2" in out and "Bart" in out and "--output-dir" in out
