@@ -305,3 +305,19 @@ def test_dslm_export_help_names_the_native_families(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: dslm-export") and "GPT-2" in out and "Bart" in out and "--output-dir" in out
+
+
+def test_export_refuses_a_checkpoint_with_missing_weights_and_an_unknown_repo_id(tmp_path, capsys, monkeypatch):
+    tiny_model("causal", num_hidden_layers=2).save_pretrained(tmp_path / "src")
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    del weights["model.layers.1.mlp.fc1.weight"]
+    save_file(weights, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "src"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "lacks weights ['model.layers.1.mlp.fc1.weight']" in capsys.readouterr().err
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        main(["dslm-test/no-such-model", "--output-dir", str(tmp_path / "out")])
+    assert "neither a local folder nor a downloadable Hub repository" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
