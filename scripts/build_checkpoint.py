@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from dslm_hf import pretraining
 from dslm_hf.baselines import held_out_baselines, same_parameter_shape, weight_gradient_spread
-from dslm_hf.cli import UserError, run_command
+from dslm_hf.cli import UserError, run_command, usage_errors_as_user_errors
 from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.data import hold_out_documents, load_corpus, pack_into_blocks
 from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, parameter_count, stage_repository,
@@ -48,9 +48,10 @@ def parse_args(argv: list[str]):
                         help="peak learning rate of the baseline (default: the model's)")
     parser.add_argument("--ngram-order", type=int, default=4, help="order of the Kneser-Ney baseline (causal LM)")
     if "--" not in argv:
+        parser.parse_args(argv)  # --help, or argparse's usage error for this script's own arguments
         raise UserError("give the dslm-pretrain arguments after --")
     split = argv.index("--")
-    args = parser.parse_args(argv[:split])
+    args = usage_errors_as_user_errors(parser).parse_args(argv[:split])
     args.pretrain_args = argv[split + 1:]
     if args.baseline_layers < 1 or args.ngram_order < 1:
         raise UserError("--baseline-layers and --ngram-order must be >= 1")

@@ -71,3 +71,17 @@ def test_too_shallow_a_baseline_is_a_one_line_user_error(tmp_path, capsys):
                             *SMOKE])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("build_checkpoint.py: error: --baseline-layers 1: DeepScaleLMConfig.residual_k=2.0")
+
+
+def test_help_lists_the_baseline_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--baseline-layers" in capsys.readouterr().out
+
+
+def test_missing_pretrain_arguments_is_a_one_line_user_error(tmp_path, capsys):
+    with pytest.raises(CommandExit):
+        load_script().main([str(tmp_path / "staged"), "--repo-id", "me/x", "--text-file", str(EXCERPT),
+                            "--run-dir", str(tmp_path / "runs")])
+    assert capsys.readouterr().err == "build_checkpoint.py: error: give the dslm-pretrain arguments after --\n"
