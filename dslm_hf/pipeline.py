@@ -39,16 +39,15 @@ def layer_list_name(base_model: nn.Module) -> str:
     return "layers"
 
 
-def check_pipeline_layout(num_layers: int, num_stages: int, batch_size: int, num_microbatches: int) -> None:
-    """ValueError naming the setting and what to do when the stack or the batch cannot be split as asked."""
-    if num_stages < 1:
-        raise ValueError(f"--pipeline_parallel_size={num_stages}: expected a positive number of stages")
+def check_pipeline_layout(num_layers: int, num_stages: int, batch_sizes: dict[str, int], num_microbatches: int) -> None:
+    """ValueError naming the setting and what to do when the stack or a batch ({flag: size}) cannot be split."""
     if num_stages > num_layers:
         raise ValueError(f"--pipeline_parallel_size={num_stages} is more stages than the model's {num_layers} layers: "
                          f"use at most {num_layers} stages")
-    if num_microbatches < 1 or batch_size % num_microbatches:
-        raise ValueError(f"--pipeline_microbatches={num_microbatches} does not divide the per-step batch of "
-                         f"{batch_size} blocks: pick a divisor of --per_device_train_batch_size")
+    for flag, size in batch_sizes.items():
+        if num_microbatches < 1 or size % num_microbatches:
+            raise ValueError(f"--pipeline_microbatches={num_microbatches} does not divide {flag}={size}: pick a divisor "
+                             "of it (each batch is split into that many micro-batches)")
 
 
 def stage_layer_range(num_layers: int, num_stages: int, stage: int) -> range:

@@ -54,7 +54,7 @@ from .evaluation import evaluate, to_device
 from .monitoring import LayerSignalMonitor
 from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
 from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_pipeline_layout
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
 from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
 from .run_metrics import JsonlTracker, drop_records_after
@@ -214,9 +214,6 @@ class PretrainingArguments:
         if self.objective != "clm" or self.fully_shard or self.mixed_precision != "no" or self.signal_every:
             yield "pipeline_parallel_size", "pipelines train the causal LM in fp32 without --fully_shard or " \
                                             "--signal_every: use --objective clm --mixed_precision no"
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-            if self.pipeline_microbatches < 1 or getattr(self, name) % self.pipeline_microbatches:
-                yield "pipeline_microbatches", f"does not divide --{name}={getattr(self, name)}: pick a divisor of it"
 
 
 def parse_arguments(argv=None) -> PretrainingArguments:
@@ -268,10 +265,14 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
         kwargs["depth_parameterization"] = args.depth_parameterization
     elif kwargs.get("init_scheme", "deepscalelm") == "deepscalelm" and kwargs.get("norm_placement", "pre") == "pre":
         kwargs.setdefault("depth_parameterization", PRETRAINING_PARAMETERIZATION)
-    layers = kwargs.get("num_hidden_layers", DeepScaleLMConfig.num_hidden_layers)
-    if args.pipeline_parallel_size > layers:
-        raise UserError(f"--pipeline_parallel_size={args.pipeline_parallel_size} is more stages than the model's "
-                        f"{layers} layers: use at most {layers} stages")
+    if args.pipeline_parallel_size > 1:
+        try:
+            check_pipeline_layout(kwargs.get("num_hidden_layers", DeepScaleLMConfig.num_hidden_layers),
+                                  args.pipeline_parallel_size, {f"--{name}": getattr(args, name) for name in (
+                                      "per_device_train_batch_size", "per_device_eval_batch_size")},
+                                  args.pipeline_microbatches)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     positions = kwargs.get("max_position_embeddings", DeepScaleLMConfig.max_position_embeddings)
     if isinstance(positions, int) and positions < args.block_size:
         raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "

@@ -74,9 +74,10 @@ def test_stage_layer_ranges_cover_the_stack_evenly():
 
 
 @pytest.mark.parametrize("stages, microbatches, message", [
-    (5, 4, "more stages than the model's 4 layers"),
-    (2, 3, "does not divide the per-step batch of 8"),
+    (5, 4, "--pipeline_parallel_size=5 is more stages than the model's 4 layers"),
+    (2, 3, "--pipeline_microbatches=3 does not divide --per_device_eval_batch_size=8"),
 ])
 def test_pipeline_layout_refuses_impossible_splits(stages, microbatches, message):
     with pytest.raises(ValueError, match=message):
-        check_pipeline_layout(4, stages, 8, microbatches)
+        check_pipeline_layout(4, stages, {"--per_device_train_batch_size": 12, "--per_device_eval_batch_size": 8},
+                              microbatches)

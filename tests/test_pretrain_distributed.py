@@ -137,7 +137,7 @@ def test_pipeline_checkpoint_resumes_bit_identically_in_the_pipeline_and_closely
 @pytest.mark.parametrize("arguments, message", [
     (["--pipeline_parallel_size", "3"], "--pipeline_parallel_size=3 is more stages than the model's 2 layers"),
     (["--pipeline_parallel_size", "2", "--pipeline_microbatches", "3"],
-     "--pipeline_microbatches=3 is invalid: does not divide --per_device_train_batch_size=16"),
+     "--pipeline_microbatches=3 does not divide --per_device_train_batch_size=16: pick a divisor"),
 ])
 def test_impossible_pipeline_layouts_exit_2_with_the_reason(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
