@@ -42,7 +42,7 @@ def measure(model, input_ids: torch.Tensor, target_ids: torch.Tensor) -> dict:
 
     def hook_for(i):
         def hook(module, args, output):
-            variances[i] = output[0].detach().float().var(-1, unbiased=False).mean().item()
+            variances[i] = output.detach().float().var(-1, unbiased=False).mean().item()  # a layer returns its stream
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
