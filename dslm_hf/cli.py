@@ -41,16 +41,16 @@ def debug_requested(argv: list[str]) -> bool:
 def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
     """Run `run(argv)` as the console command `prog`; 0 on success (console scripts do `sys.exit(main())`).
 
-    `UserError`, and a `SystemExit` carrying a message (argparse-free code paths that `raise SystemExit("...")`),
-    become one stderr line and status 2. argparse's own exits (usage errors, --help) pass through unchanged.
+    A `UserError` becomes one stderr line and status 2 (`CommandExit`); other exits (--help, a status a command
+    chose) and other exceptions pass through unchanged.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
         run(argv)
-    except (UserError, SystemExit) as error:
-        if debug or (isinstance(error, SystemExit) and not isinstance(error.code, str)):
+    except UserError as error:
+        if debug:
             raise
         message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
         message = message.removeprefix(f"{prog}: ").removeprefix("error: ")

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from dslm_hf.cli import UserError, run_command
+from dslm_hf.cli import UserError, run_command, usage_errors_as_user_errors
 from dslm_hf.data import read_text_file
 from dslm_hf.publishing import EVAL_FILE_NAME, evaluate_checkpoint, write_eval_file
 
@@ -29,7 +29,7 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--dataset-id", default="karpathy/tiny_shakespeare")
     parser.add_argument("--dataset-name", default="Tiny Shakespeare")
     parser.add_argument("--output", type=Path, default=None, help=f"default: CHECKPOINT_DIR/{EVAL_FILE_NAME}")
-    args = parser.parse_args(argv)
+    args = usage_errors_as_user_errors(parser).parse_args(argv)
     read_text_file(args.text_file, "--text-file")
     training_text = read_text_file(args.training, "--training") if Path(args.training).is_file() else args.training
     try:
