@@ -1,11 +1,13 @@
 """Pieces every benchmark script shares: tinyshakespeare at character level, DeepScaleLM configs for it, a bounded
 training loop that reports loss, divergence and the per-layer gradient-norm spread, and the run metadata (machine,
-versions, date) that goes with every result file.
+versions, date, git commit and dirty-tree flag at start, command, wall time, the text used) that goes with every
+result file.
 
 The scripts import this as `common` (they put their own folder on sys.path), so each one runs from the repository
 root in one command: `python benchmarks/<name>.py --out benchmarks/results/<name>.json`.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -22,11 +24,15 @@ from transformers import get_scheduler
 
 import dslm_hf
 from dslm_hf.data import CausalLMCollator, MaskedLMCollator
-from dslm_hf.diagnostics import find_layer_stacks
+from dslm_hf.diagnostics import find_layer_stacks, weight_gradient_norm
 from dslm_hf.optimization import depth_parameter_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# The whole tinyshakespeare where ../shared sits beside the repository, else the 300 KB excerpt shipped for the tests
+# (its first 2095 paragraphs): every result file records which one it used (write_results, "text").
+SHARED_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHIPPED_TEXT = REPO_ROOT / "tests" / "data" / "tinyshakespeare_excerpt.txt"
+DEFAULT_TEXT = SHARED_TEXT if SHARED_TEXT.is_file() else SHIPPED_TEXT
 VALIDATION_FRACTION = 0.1
 OBJECTIVES = ("clm", "mlm")
 
@@ -64,7 +70,7 @@ class CharCorpus:
     def __init__(self, path: str | os.PathLike = DEFAULT_TEXT):
         path = Path(path)
         if not path.is_file():
-            raise SystemExit(f"text file {path} not found: pass --text PATH (tinyshakespeare lives in ../shared/data)")
+            raise SystemExit(f"text file {path} not found: pass --text PATH to a plain-text file")
         text = path.read_text(encoding="utf-8")
         self.tokenizer = CharTokenizer(text)
         ids = torch.tensor(self.tokenizer.encode(text))
@@ -132,11 +138,8 @@ def parameter_count(model, exclude_embeddings: bool = False) -> int:
 def layer_gradient_norms(model) -> list[float]:
     """Norm of the weight-matrix gradients of each layer of the model's (first) layer stack, input side first."""
     (_, layers), *_ = find_layer_stacks(model)
-    norms = []
-    for layer in layers:
-        squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
-        norms.append(float(torch.stack(squares).sum().sqrt()) if squares else float("nan"))
-    return norms
+    norms = [weight_gradient_norm(layer) for layer in layers]
+    return [float("nan") if n is None else n for n in norms]
 
 
 def norm_spread(norms: list[float]) -> float:
@@ -243,6 +246,27 @@ def train(model, corpus: CharCorpus, objective: str, settings: TrainingSettings)
 # ----------------------------------------------------------------------------------------------------------------
 # Bookkeeping
 # ----------------------------------------------------------------------------------------------------------------
+def code_version() -> dict:
+    """The commit the code was at and whether the tree differed from it (a dirty tree is not a recorded version).
+
+    git_dirty_paths leaves out benchmarks/results/ (other results are not code); without git both are None.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "git_dirty": None, "git_dirty_paths": None}
+    dirty = [line[3:] for line in status.splitlines() if not line[3:].startswith("benchmarks/results/")]
+    return {"git_commit": commit, "git_dirty": bool(dirty), "git_dirty_paths": dirty}
+
+
+# Taken when a benchmark script imports this module: the code its runs use, and the start of its wall time.
+RUN_STARTED = time.time()
+RUN_CODE = code_version()
+
+
 def machine_description() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()[:10]
@@ -252,13 +276,30 @@ def machine_description() -> dict:
         "lscpu": lscpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+        "hostname": platform.node(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(RUN_STARTED)),
+        "wall_time_s": round(time.time() - RUN_STARTED, 1), **RUN_CODE,
     }
 
 
+def text_description(path: str | os.PathLike) -> dict:
+    """Which text a run trained on: its path, size and sha256, and whether it is the shipped excerpt."""
+    path = Path(path)
+    data = path.read_bytes()
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "shipped_excerpt": path.resolve() == SHIPPED_TEXT}
+
+
 def write_results(path: str | os.PathLike, results: dict) -> Path:
+    """Write {"machine": machine_description(), "text": ... (when settings name one), **results} atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine_description(), **results}, indent=1))
+    record = {"machine": machine_description()}
+    text = results.get("settings", {}).get("text")
+    if text and Path(text).is_file():
+        record["text"] = text_description(text)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record | results, indent=1))
+    os.replace(partial, path)
     return path
 
 

@@ -1,7 +1,12 @@
 """Markdown tables of the benchmark results (the JSON files the other scripts write), for benchmarks/RESULTS.md, and
-the stability and quality plots over all result files of each kind (stability_all.png, quality_all.png).
+the stability and quality plots over the result files of each kind (stability_all.png, quality_all.png).
 
     python benchmarks/report.py --results benchmarks/results --out benchmarks/results/tables.md
+
+Each file's table says which code made it (git commit, dirty tree), the command and its wall time. A plot combines
+the runs of several files only when they come from one commit with a clean tree; otherwise report.py refuses
+(exit 2) unless told which files are comparable (`--comparable stability.json stability_192.json ...`), and then
+plots only those and says so in tables.md.
 """
 
 import argparse
@@ -91,23 +96,63 @@ def memory_tables(results: dict) -> str:
 
 
 SECTIONS = {"stability": stability_tables, "quality": quality_table, "speed": speed_table, "memory": memory_tables}
+PLOTS = {"stability": stability.plot, "quality": quality.plot}
+
+
+def code_of(results: dict) -> tuple[str | None, bool | None]:
+    """(git commit, dirty tree) a result file records; (None, None) for files written before they were recorded."""
+    machine = results.get("machine", {})
+    return machine.get("git_commit"), machine.get("git_dirty")
+
+
+def provenance(results: dict) -> str:
+    machine = results.get("machine", {})
+    commit, dirty = code_of(results)
+    code = "code: commit not recorded" if commit is None else f"code: commit {commit[:10]}" + (
+        " with uncommitted changes" if dirty else "")
+    wall = machine.get("wall_time_s")
+    return "; ".join([code, f"command: `{machine.get('command', '?')}`",
+                      "wall time: not recorded" if wall is None else f"wall time {wall:.0f} s"])
+
+
+def same_code(files: dict[str, dict]) -> bool:
+    """True when every file records one and the same commit with a clean tree."""
+    codes = {code_of(results) for results in files.values()}
+    return len(codes) == 1 and next(iter(codes))[0] is not None and next(iter(codes))[1] is False
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/results/tables.md")
+    parser.add_argument("--comparable", nargs="+", default=[], metavar="FILE",
+                        help="result files (names in --results) whose runs may share a plot although their commits "
+                             "differ or were not recorded; only these are plotted for their kind")
     args = parser.parse_args(argv)
-    parts, runs = [], {}
+    parts, files = [], {}
     for name, render in SECTIONS.items():
         for path in sorted(Path(args.results).glob(f"{name}*.json")):
             results = json.loads(path.read_text())
-            parts.append(f"## {path.name}\n\n{render(results)}")
-            runs.setdefault(name, []).extend(results.get("runs", []))
-    for name, plot in (("stability", stability.plot), ("quality", quality.plot)):
-        if runs.get(name):
-            plot(runs[name], Path(args.results) / f"{name}_all.png")
-    Path(args.out).write_text("\n\n".join(parts) + "\n")
+            parts.append(f"## {path.name}\n\n{provenance(results)}\n\n{render(results)}")
+            files.setdefault(name, {})[path.name] = results
+    unknown = sorted(set(args.comparable) - {file for kind in files.values() for file in kind})
+    if unknown:
+        parser.exit(2, f"report.py: --comparable names {', '.join(unknown)}, not result files in {args.results}\n")
+    notes = []
+    for name, plot in PLOTS.items():
+        kind = files.get(name)
+        if not kind:
+            continue
+        declared = {file: results for file, results in kind.items() if file in args.comparable}
+        if not declared and not same_code(kind):
+            listing = ", ".join(f"{file} ({provenance(results).split(';')[0]})" for file, results in kind.items())
+            parser.exit(2, f"report.py: the {name} files do not come from one clean commit ({listing}); pass "
+                           f"--comparable with the files whose runs may share {name}_all.png\n")
+        chosen = declared or kind
+        plot([run for results in chosen.values() for run in results.get("runs", [])], Path(args.results) / f"{name}_all.png")
+        how = "declared comparable with --comparable" if declared else "one clean commit"
+        notes.append(f"`{name}_all.png` combines {', '.join(chosen)} ({how}).")
+    Path(args.out).write_text("\n\n".join(notes + parts) + "\n")
     print(f"wrote {args.out}")
 
 
