@@ -174,6 +174,12 @@ def _loss(output) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
+def weight_gradient_norm(layer: nn.Module) -> float | None:
+    """Norm of the gradient of a layer's weight matrices (biases and LayerNorm gains left out); None without one."""
+    squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
+    return float(torch.stack(squares).sum().sqrt()) if squares else None
+
+
 def token_correlation(hidden: torch.Tensor) -> float:
     """Mean correlation between the hidden vectors of two different positions of a sequence (B, T, d)."""
     centered = hidden.double() - hidden.double().mean()
@@ -258,8 +264,7 @@ def measure_signal_propagation(model: nn.Module, input_ids: torch.Tensor, progre
         _loss(model(**inputs)).backward()
         for name, layers in stacks:
             for index, layer in enumerate(layers):
-                squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
-                records[name][index]["weight_gradient_norm"] = float(torch.stack(squares).sum().sqrt()) if squares else None
+                records[name][index]["weight_gradient_norm"] = weight_gradient_norm(layer)
         model.zero_grad(set_to_none=True)
         model.eval()
         # Only eager attention materialises the probabilities; switch to it for this pass and back afterwards.

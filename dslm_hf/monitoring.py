@@ -86,10 +86,8 @@ class LayerSignalMonitor:
         if not self.due(step):
             return None
         self._armed = False
-        grads = []
-        for layer in self.layers:
-            squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
-            grads.append(float(torch.stack(squares).sum().sqrt()) if squares else float("nan"))
+        grads = [diagnostics.weight_gradient_norm(layer) for layer in self.layers]
+        grads = [float("nan") if g is None else g for g in grads]
         variances = [self._sums.get(i, (float("nan"), float("nan")))[0] for i in range(len(self.layers))]
         shared = [self._sums.get(i, (float("nan"), float("nan")))[1] for i in range(len(self.layers))]
         finite = [g for g in grads if math.isfinite(g)]
