@@ -94,7 +94,8 @@ def deep_vs_shallow_table(document: dict) -> list[str]:
 
 def postln_table(document: dict) -> list[str]:
     s = document["settings"]
-    lines = [f"### Post-LN remedies: {s['steps']} steps x {s['batch']} x {s['context']} characters, width 64", "",
+    lines = [f"### Post-LN remedies: {s['steps']} steps x {s['batch']} x {s['context']} characters, width 64, "
+             f"dropout {s.get('dropout', 0.0):g}", "",
              "| depth | remedy | held-out loss | first/last grad at init | after training | within 10x |",
              "|---|---|---|---|---|---|"]
     for r in sorted(document["runs"], key=lambda r: (r["layers"], r["remedy"])):

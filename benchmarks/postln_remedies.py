@@ -5,7 +5,7 @@
 DeepScaleLM makes a Post-LN stack's gradients flat at initialisation; during training the skip/branch covariance
 grows, each LayerNorm divides the token-specific signal by a little more than 1, and the first layers' gradients
 decay geometrically with depth. Each remedy trains the same Post-LN causal char-LM (width 64, no dropout, AdamW,
-warmup then linear decay, clipping 1.0) at 48 and 192 layers on the same batches; after training,
+warmup then linear decay, clipping 1.0, dropout `--dropout`) at 48 and 192 layers on the same batches; after training,
 `dslm_hf.monitoring.LayerSignalMonitor` measures the per-layer gradient norms, the variance of each pre-LN sum and
 its shared-across-tokens fraction on one more training batch.
 """
@@ -42,8 +42,9 @@ def run_one(task: tuple, args: dict) -> dict:
     lr, warmup, overrides = REMEDIES[name]
     corpus = common.CharCorpus(args["text"])
     config = common.deepscalelm_config(corpus, "clm", layers=layers, hidden=HIDDEN, heads=HIDDEN // HEAD_SIZE,
-                                       context=args["context"], norm_placement="post", hidden_dropout_prob=0.0,
-                                       attention_probs_dropout_prob=0.0, **overrides)
+                                       context=args["context"], norm_placement="post",
+                                       hidden_dropout_prob=args["dropout"], attention_probs_dropout_prob=args["dropout"],
+                                       **overrides)
     model = common.build_deepscalelm(config)
     settings = common.TrainingSettings(steps=args["steps"], batch=args["batch"], context=args["context"],
                                        learning_rate=lr, warmup_steps=min(warmup, args["steps"] // 2),
@@ -72,6 +73,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--validation-blocks", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=2400, help="wall-time budget: no new run starts after it")
     args = parser.parse_args(argv)
@@ -84,7 +86,7 @@ def parse_arguments(argv=None):
 def main(argv=None):
     args = parse_arguments(argv)
     started, version = time.perf_counter(), code_version()
-    shared = {k: getattr(args, k) for k in ("text", "steps", "batch", "context", "validation_blocks")}
+    shared = {k: getattr(args, k) for k in ("text", "steps", "batch", "context", "validation_blocks", "dropout")}
     todo = [(name, layers) for layers in sorted(args.depths) for name in args.remedies]
     records, skipped = [], []
 
