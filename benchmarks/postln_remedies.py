@@ -4,7 +4,7 @@
 
 DeepScaleLM makes a Post-LN stack's gradients flat at initialisation; during training the skip/branch covariance
 grows, each LayerNorm divides the token-specific signal by a little more than 1, and the first layers' gradients
-decay geometrically with depth. Each remedy trains the same Post-LN causal char-LM (width 64, no dropout, AdamW,
+decay geometrically with depth. Each remedy trains the same Post-LN causal char-LM (width 64, AdamW,
 warmup then linear decay, clipping 1.0, dropout `--dropout`) at 48 and 192 layers on the same batches; after training,
 `dslm_hf.monitoring.LayerSignalMonitor` measures the per-layer gradient norms, the variance of each pre-LN sum and
 its shared-across-tokens fraction on one more training batch.
