@@ -35,7 +35,8 @@ GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer grad
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="build_checkpoint.py", description=__doc__.split("\n")[0])
+    parser = usage_errors_as_user_errors(
+        argparse.ArgumentParser(prog="build_checkpoint.py", description=__doc__.split("\n")[0]))
     parser.add_argument("output", type=Path, help="staged repository folder to create (e.g. checkpoints/NAME)")
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--text-file", type=Path, required=True, help="training text; evenly spaced paragraphs are held out")
@@ -51,7 +52,7 @@ def parse_args(argv: list[str]):
         parser.parse_args(argv)  # --help, or argparse's usage error for this script's own arguments
         raise UserError("give the dslm-pretrain arguments after --")
     split = argv.index("--")
-    args = usage_errors_as_user_errors(parser).parse_args(argv[:split])
+    args = parser.parse_args(argv[:split])
     args.pretrain_args = argv[split + 1:]
     if args.baseline_layers < 1 or args.ngram_order < 1:
         raise UserError("--baseline-layers and --ngram-order must be >= 1")
