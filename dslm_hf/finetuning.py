@@ -49,6 +49,7 @@ from transformers.utils import logging
 
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .data import load_hub_dataset, read_text_file
+from .optimization import build_adamw
 
 logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
@@ -628,7 +629,32 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
 
     return Trainer(model=model, args=training_args, train_dataset=tokenized["train"],
                    eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
-                   compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+                   compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                   optimizers=(depth_rule_optimizer(model, training_args), None))
+
+
+def depth_rule_optimizer(model, training_args: TrainingArguments):
+    """AdamW with the model's depth rule (dslm_hf.optimization), handed to Trainer through its `optimizers` hook.
+
+    Trainer builds its scheduler around it. Sharded Trainer runs (FSDP, DeepSpeed) create their optimizer after
+    wrapping and take no prebuilt one: there the default parameterization uses Trainer's own AdamW (the same groups:
+    matrices decayed, biases and LayerNorms not), and a depth rule is refused rather than silently dropped.
+    """
+    parameterization = getattr(model.config, "depth_parameterization", "deepscalelm")
+    if training_args.fsdp or training_args.deepspeed:
+        if parameterization != "deepscalelm":
+            raise FinetuneInputError(
+                f"the model's depth_parameterization={parameterization!r} needs per-layer learning rates, which "
+                "dslm-finetune cannot hand to Trainer under FSDP/DeepSpeed: fine-tune without sharding, or set "
+                "depth_parameterization='deepscalelm' in its config")
+        return None
+    if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
+        if parameterization != "deepscalelm":
+            raise FinetuneInputError(f"--optim {training_args.optim} cannot carry the model's depth rule "
+                                     f"({parameterization}): use --optim adamw_torch")
+        return None
+    return build_adamw(model, training_args.learning_rate, training_args.weight_decay,
+                       betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
 
 
 def drop_rows_without_label_tokens(tokenized: DatasetDict, label_shift: int, max_length: int) -> DatasetDict:
