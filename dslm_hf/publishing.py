@@ -1,8 +1,9 @@
 """Publish a trained DeepScaleLM checkpoint to the Hugging Face Hub: evaluate, validate, stage, card, push.
 
-    # 1. numbers for the card: held-out loss of the weights (the 10% of the text dslm-pretrain held out) + the run's record
+    # 1. numbers for the card: held-out loss of the weights on the paragraphs dslm-pretrain held out
+    #    (its --validation_fraction, 5% by default) + the run's record
     python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
-        --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
+        --held-out-fraction 0.05 --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
     # 2. stage the repository folder and list it without any network
     dslm-publish runs/deep-48/final --repo-id org/deepscalelm-48 --dry-run
     # 3. the same, pushed (create_repo + upload_folder)
@@ -276,6 +277,8 @@ def check_checkpoint(folder: Path) -> DeepScaleLMConfig:
 # Evaluation: the only source of the numbers a card reports
 # ----------------------------------------------------------------------------------------------------------------
 OBJECTIVE_OF_TASK = {"causal-lm": "clm", "masked-lm": "mlm", "seq2seq-lm": "seq2seq"}
+WHAT_IT_DOES = {"causal-lm": "continues text", "masked-lm": "fills masked tokens in text",
+                "seq2seq-lm": "fills masked spans of text"}
 REQUIRED_TRAINING_FIELDS = {"tokens": int, "wall_time_seconds": (int, float), "hardware": str}
 
 
@@ -577,8 +580,8 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
                      for name, value in training.items()]
     limitations = (
         f"A demonstration of depth, not a useful language model: {training['tokens']:,} training tokens in "
-        f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It continues text in the style "
-        f"of {dataset['name']} and knows nothing else."
+        f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It {WHAT_IT_DOES[task]} "
+        f"in the style of {dataset['name']} and knows nothing else."
     )
     return ModelCard.from_template(
         card_data,
