@@ -49,7 +49,7 @@ from transformers.utils import logging
 
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .data import load_hub_dataset, read_text_file
-from .optimization import build_adamw
+from .optimization import build_adamw, describe_groups
 
 logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
@@ -653,8 +653,11 @@ def depth_rule_optimizer(model, training_args: TrainingArguments):
             raise FinetuneInputError(f"--optim {training_args.optim} cannot carry the model's depth rule "
                                      f"({parameterization}): use --optim adamw_torch")
         return None
-    return build_adamw(model, training_args.learning_rate, training_args.weight_decay,
-                       betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    optimizer = build_adamw(model, training_args.learning_rate, training_args.weight_decay,
+                            betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    logger.warning(f"dslm-finetune: AdamW with the model's depth rule ({parameterization}): "
+                   f"{describe_groups(optimizer.param_groups)}")
+    return optimizer
 
 
 def drop_rows_without_label_tokens(tokenized: DatasetDict, label_shift: int, max_length: int) -> DatasetDict:

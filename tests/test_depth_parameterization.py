@@ -99,3 +99,19 @@ def test_depth_mup_is_allowed_for_post_ln_as_an_optimizer_rule():
     plain = tiny(8, "deepscalelm", norm_placement="post", is_decoder=False)
     assert stack_init_plan(config, "encoder") == stack_init_plan(plain, "encoder")
     assert math.isclose(depth_optimizer_multipliers("depth_mup", 8 / 4)[0], 2 ** -0.5)
+
+
+def test_finetune_hands_trainer_the_depth_rule_optimizer(tmp_path):
+    from transformers import TrainingArguments
+
+    from dslm_hf.finetuning import FinetuneInputError, depth_rule_optimizer
+
+    model = DeepScaleLMForCausalLM(tiny(16, "depth_mup"))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.0, use_cpu=True, report_to=[])
+    optimizer = depth_rule_optimizer(model, args)
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates[id(model.model.layers[0].mlp.fc1.weight)] == pytest.approx(1e-4 * (16 / 4) ** -0.5)
+    assert rates[id(model.get_input_embeddings().weight)] == pytest.approx(1e-4)
+    sharded = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[])
+    with pytest.raises(FinetuneInputError, match="depth_parameterization='depth_mup'"):
+        depth_rule_optimizer(model, sharded)
