@@ -153,7 +153,6 @@ class Pipeline:
         self.num_stages = dist.get_world_size(self.group)
         self.stage_index = dist.get_rank(self.group)
         self.device = torch.device(device)
-        self.num_microbatches = num_microbatches
         self.config = model.config
         self.loss_function = model.loss_function
         number = {id(p): i for i, p in enumerate(p for group in parameter_groups for p in group["params"])}
@@ -231,7 +230,7 @@ class Pipeline:
 
     def _owned_model_state(self) -> dict[str, torch.Tensor]:
         model = self.module.model
-        state = parallel.without_tied_copies(model, model.state_dict())
+        state = {name: t.cpu() for name, t in parallel.without_tied_copies(model, model.state_dict()).items()}
         if self._foreign_tied() is not None:
             state = {name: t for name, t in state.items() if name not in set(model._tied_weights_keys.values())}
         return state

@@ -32,8 +32,9 @@ def pipeline_worker(rank: int, folder: str, schedules: list[str], start: int, st
             pipeline.load_training_state(optimizer, *read_state(folder))
         losses = []
         for step in range(start, stop):
-            input_ids = batch(step)
-            loss, _ = pipeline.train_window([{"input_ids": input_ids, "labels": input_ids}], label_count)
+            # GPipe also accumulates: two windows of 4 blocks (each in 4 micro-batches) make the batch of 8.
+            parts = batch(step).chunk(2 if schedule == "gpipe" else 1)
+            loss, _ = pipeline.train_window([{"input_ids": p, "labels": p} for p in parts], label_count)
             losses.append(loss.item())
             pipeline.clip_grad_norm_(1.0)
             optimizer.step()
@@ -52,7 +53,7 @@ def run_pipeline(folder, schedules: list[str], start: int = 0, stop: int = STEPS
 
 
 @pytest.mark.slow
-def test_two_stage_pipeline_gpipe_and_1f1b_train_like_one_process_over_20_steps(tmp_path):
+def test_two_stage_pipeline_gpipe_with_accumulation_and_1f1b_train_like_one_process_over_20_steps(tmp_path):
     reference = one_process_run()[0]
     losses = run_pipeline(tmp_path, ["gpipe", "1f1b"])
     for schedule in ("gpipe", "1f1b"):
