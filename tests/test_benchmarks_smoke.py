@@ -5,11 +5,11 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
+from shakespeare_data import EXCERPT as TEXT
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-TEXT = BENCHMARKS.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def load_script(name: str):
@@ -19,7 +19,6 @@ def load_script(name: str):
     return module
 
 
-@pytest.mark.skipif(not TEXT.is_file(), reason="tinyshakespeare is not in ../shared/data")
 def test_every_benchmark_script_runs_at_smoke_size(tmp_path):
     threads = torch.get_num_threads()
     outputs = {name: tmp_path / f"{name}.json" for name in ("stability", "quality", "speed", "memory")}

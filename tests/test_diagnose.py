@@ -14,7 +14,6 @@ from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
 from dslm_hf.diagnostics import diagnose, find_layer_stacks, load_model, main, plan_depths, zipf_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def tiny_dslm_config(**overrides) -> DeepScaleLMConfig:
