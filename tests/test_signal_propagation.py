@@ -175,8 +175,8 @@ def test_1000_layer_decoder_trains_with_activation_checkpointing(autocast, word_
     variances = m["variance"]
     print(f"\n1000 layers {'bf16' if autocast else 'fp32'}: variance [{min(variances):.3f}, {max(variances):.3f}], "
           f"grad max/min {max(m['grad_norm']) / min(m['grad_norm']):.3f}")
-    # Seed 0 on these ids: 0.79-0.99 (fp32 and bf16, two runs). Not a seed-measured bound: width 64 and 64 tokens make one
-    # model noisier than the 192-layer models above (30 of them: 0.82-1.26); 0.7-1.3 allows for that.
+    # Seed 0 on these ids: 0.79-0.99 (fp32 and bf16, two runs). Not a seed-measured bound: width 64 and 64 tokens
+    # make one model noisier than the 192-layer models above (30 of them: 0.82-1.26); 0.7-1.3 allows for that.
     assert all(0.7 <= v <= 1.3 for v in variances)
     assert all(torch.isfinite(torch.tensor(m["grad_norm"])))
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
