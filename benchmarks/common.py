@@ -7,9 +7,11 @@ The scripts import this as `common` (they put their own folder on sys.path), so 
 root in one command: `python benchmarks/<name>.py --out benchmarks/results/<name>.json`.
 """
 
+import concurrent.futures as futures
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -301,6 +303,24 @@ def write_results(path: str | os.PathLike, results: dict) -> Path:
     partial.write_text(json.dumps(record | results, indent=1))
     os.replace(partial, path)
     return path
+
+
+def run_tasks(function, tasks: list, shared: dict, workers: int, budget_s: float, on_result) -> list:
+    """`function(task, shared)` for each task in `workers` spawned processes (one torch thread each), in order;
+    `on_result(record)` as each finishes. No task starts after `budget_s` seconds: those are returned as skipped."""
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending, queue = set(), list(tasks)
+        while queue or pending:
+            while queue and len(pending) < workers and time.perf_counter() - started <= budget_s:
+                pending.add(pool.submit(function, queue.pop(0), shared))
+            if not pending:
+                break
+            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                on_result(future.result())
+    return queue
 
 
 def add_common_arguments(parser, default_out: str, trains_on_text: bool = True):

@@ -16,9 +16,7 @@ part; `--corpus-megabytes` of it, no network).
 """
 
 import argparse
-import concurrent.futures as futures
 import math
-import multiprocessing
 import statistics
 import sys
 import time
@@ -26,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from depth_transfer import code_version  # noqa: E402
 
 HEAD_SIZE = 16
 CPU_SHAPES = ("4x128", "16x64", "64x32")
@@ -231,7 +228,6 @@ def parse_arguments(argv=None):
 def main(argv=None):
     args = parse_arguments(argv)
     started = time.perf_counter()
-    version = code_version()
     shared = {k: getattr(args, k) for k in ("corpus", "corpus_megabytes", "vocab_size", "text", "parameterization",
                                              "base_layers", "steps", "batch", "context", "warmup",
                                              "eval_every", "validation_blocks", "device", "bf16", "compile", "threads")}
@@ -239,26 +235,17 @@ def main(argv=None):
     records, skipped = [], []
 
     def save():
-        return common.write_results(args.out, {"code": version, "settings": vars(args), "runs": records,
+        return common.write_results(args.out, {"code": common.RUN_CODE, "settings": vars(args), "runs": records,
                                                **summarise(records, args.shapes), "skipped": skipped,
                                                "wall_s": time.perf_counter() - started})
 
-    pool = futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"))
-    with pool:
-        pending, queue = set(), list(todo)
-        while queue or pending:
-            while queue and len(pending) < args.workers and time.perf_counter() - started <= args.budget_s:
-                pending.add(pool.submit(run_one, queue.pop(0), shared))
-            if not pending:
-                skipped.extend(queue)
-                break
-            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                record = future.result()
-                records.append(record)
-                print(f"{record['shape']:>8s} lr {record['learning_rate']:g} seed {record['seed']} params {record['parameters']:,} "
-                      f"val {record['validation_loss']:.4f} ({record['wall_s']:.0f}s)", flush=True)
-                save()
+    def report(record):
+        records.append(record)
+        print(f"{record['shape']:>8s} lr {record['learning_rate']:g} seed {record['seed']} params {record['parameters']:,} "
+              f"val {record['validation_loss']:.4f} ({record['wall_s']:.0f}s)", flush=True)
+        save()
+
+    skipped.extend(common.run_tasks(run_one, todo, shared, args.workers, args.budget_s, report))
     path = save()
     plot(records, args.shapes, path.with_suffix(".png"))
     print(f"wrote {path}")

@@ -15,10 +15,7 @@ written after every run, so a run cut by `--budget-s` keeps what finished.
 """
 
 import argparse
-import concurrent.futures as futures
 import math
-import multiprocessing
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -161,19 +158,9 @@ def parse_arguments(argv=None):
     return args
 
 
-def code_version() -> dict:
-    """The commit the runs used and whether the tree differed from it (a dirty tree is not a recorded version)."""
-    root = Path(__file__).resolve().parents[1]
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty_paths": [line[3:] for line in git("status", "--porcelain").splitlines()
-                                if not line[3:].startswith("benchmarks/results/")]}  # other results: not code
-
-
 def main(argv=None):
     args = parse_arguments(argv)
     started = time.perf_counter()
-    version = code_version()
     todo = tasks(args)
     args_dict = {k: getattr(args, k) for k in ("text", "context", "steps", "batch", "warmup", "validation_blocks")}
     if args.smoke:
@@ -182,29 +169,17 @@ def main(argv=None):
 
     def save():
         return common.write_results(args.out, {
-            "code": version, "settings": vars(args), "base_layers": BASE_LAYERS, "runs": records, "optimum": optimum(records),
+            "code": common.RUN_CODE, "settings": vars(args), "base_layers": BASE_LAYERS, "runs": records, "optimum": optimum(records),
             "skipped": [list(t) for t in skipped], "wall_s": time.perf_counter() - started})
 
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        pending, queue = set(), list(todo)
-        while queue or pending:
-            while queue and len(pending) < args.workers:
-                if time.perf_counter() - started > args.budget_s:
-                    skipped.extend(queue)
-                    queue = []
-                    break
-                pending.add(pool.submit(run_one, queue.pop(0), args_dict))
-            if not pending:
-                break
-            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                record = future.result()
-                records.append(record)
-                print(f"{record['scheme']:12s} {record['layers']:4d}x{record['hidden']:<4d} lr={record['learning_rate']:.1e} "
-                      f"val={record['validation_loss']:.4f} diverged={record['diverged']} ({record['wall_s']:.0f}s, "
-                      f"{time.perf_counter() - started:.0f}s elapsed)", flush=True)
-                save()
+    def report(record):
+        records.append(record)
+        print(f"{record['scheme']:12s} {record['layers']:4d}x{record['hidden']:<4d} lr={record['learning_rate']:.1e} "
+              f"val={record['validation_loss']:.4f} diverged={record['diverged']} ({record['wall_s']:.0f}s, "
+              f"{time.perf_counter() - started:.0f}s elapsed)", flush=True)
+        save()
+
+    skipped.extend(common.run_tasks(run_one, todo, args_dict, args.workers, args.budget_s, report))
     path = save()
     plot(records, path.with_suffix(".png"))
     print(f"wrote {path}; {len(records)} runs, {len(skipped)} skipped")

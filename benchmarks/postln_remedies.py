@@ -11,15 +11,12 @@ its shared-across-tokens fraction on one more training batch.
 """
 
 import argparse
-import concurrent.futures as futures
-import multiprocessing
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from depth_transfer import code_version  # noqa: E402
 
 REMEDIES = {  # name: (base learning rate, warmup steps, config overrides)
     "lr 1e-3 (baseline)": (1e-3, 50, {}),
@@ -85,30 +82,22 @@ def parse_arguments(argv=None):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    started, version = time.perf_counter(), code_version()
+    started = time.perf_counter()
     shared = {k: getattr(args, k) for k in ("text", "steps", "batch", "context", "validation_blocks", "dropout")}
     todo = [(name, layers) for layers in sorted(args.depths) for name in args.remedies]
     records, skipped = [], []
 
     def save():
-        return common.write_results(args.out, {"code": version, "settings": vars(args), "runs": records,
+        return common.write_results(args.out, {"code": common.RUN_CODE, "settings": vars(args), "runs": records,
                                                "skipped": skipped, "wall_s": time.perf_counter() - started})
 
-    with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending, queue = set(), list(todo)
-        while queue or pending:
-            while queue and len(pending) < args.workers and time.perf_counter() - started <= args.budget_s:
-                pending.add(pool.submit(run_one, queue.pop(0), shared))
-            if not pending:
-                skipped.extend(queue)
-                break
-            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                r = future.result()
-                records.append(r)
-                print(f"{r['layers']:4d} layers  {r['remedy']:26s} val {r['validation_loss']:.4f}  first/last grad "
-                      f"{r['grad_first_last_init']:.3g} -> {r['grad_first_last_end']:.3g} ({r['wall_s']:.0f}s)", flush=True)
-                save()
+    def report(record):
+        records.append(record)
+        print(f"{record['layers']:4d} layers  {record['remedy']:26s} val {record['validation_loss']:.4f}  first/last grad "
+              f"{record['grad_first_last_init']:.3g} -> {record['grad_first_last_end']:.3g} ({record['wall_s']:.0f}s)", flush=True)
+        save()
+
+    skipped.extend(common.run_tasks(run_one, todo, shared, args.workers, args.budget_s, report))
     print(f"wrote {save()}")
 
 
