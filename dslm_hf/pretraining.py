@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -47,6 +48,7 @@ from transformers import (
 )
 
 from . import data, parallel
+from .baselines import KneserNeyLM
 from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import UserError, check_known_keys, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
@@ -64,6 +66,7 @@ AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard")
+COUNT_BASELINE_ORDER = 4  # the README's main command prints the model's held-out loss next to this n-gram's
 
 
 def available_presets() -> list[str]:
@@ -691,6 +694,15 @@ def stop_on_signal(run: Run, signal_name: str) -> dict:
     return {"step": run.step, "nonfinite_steps": run.nonfinite_steps, "stopped_by": signal_name}
 
 
+def count_baseline(run: Run) -> dict:
+    """The causal LM's count-based baseline: an interpolated Kneser-Ney n-gram fitted on the training blocks, scored
+    like the model on the held-out blocks it was evaluated on (each block on its own, tokens 1..T)."""
+    train = run.train_loader.dataset["input_ids"]
+    model = KneserNeyLM(run.config.vocab_size, order=COUNT_BASELINE_ORDER).fit(np.concatenate([np.asarray(b) for b in train]))
+    scored = model.causal_lm_metrics(np.asarray(run.eval_loader.dataset["input_ids"]))
+    return {"baseline_eval_loss": scored["loss"], "baseline_eval_perplexity": scored["perplexity"]}
+
+
 def finish(run: Run, metrics: dict) -> dict:
     """Held-out metrics (if the loop had none), replica check, final/ (model, tokenizer) and a sample."""
     args, accelerator = run.args, run.accelerator
@@ -704,6 +716,12 @@ def finish(run: Run, metrics: dict) -> dict:
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=run.step)
         if metrics["replica_spread"] > 0:
             run.say(f"warning: the model replicas differ across processes (spread {metrics['replica_spread']:.3g})")
+    if args.objective == "clm" and accelerator.is_main_process and "eval_loss" in metrics:
+        metrics.update(count_baseline(run))
+        run.say(f"held-out loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f}); an "
+                f"interpolated Kneser-Ney {COUNT_BASELINE_ORDER}-gram fitted on the training blocks scores "
+                f"{metrics['baseline_eval_loss']:.4f} (perplexity {metrics['baseline_eval_perplexity']:.2f}) on the "
+                "same held-out blocks")
     save_final_model(run, run.run_dir / "final")
     if accelerator.is_main_process and args.sample_max_new_tokens:
         prompt = run.eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]

@@ -177,3 +177,13 @@ def test_layer_signals_are_logged_every_n_steps(tmp_path):
     assert all(len(row["grad_norm"]) == layers and row["grad_spread"] >= 1.0 for row in rows)
     logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "signals/grad_first_last" in r]
     assert [r["step"] for r in logged] == [1, 3]
+
+
+def test_causal_run_ends_with_its_held_out_loss_next_to_a_count_baseline(tmp_path, capsys):
+    metrics = run_in_process(tmp_path, "--max_steps", 2, "--save_steps", 0, "--eval_steps", 100,
+                             "--sample_max_new_tokens", 0)
+    log = capsys.readouterr().out
+    assert f"held-out loss {metrics['eval_loss']:.4f}" in log
+    assert f"Kneser-Ney 4-gram fitted on the training blocks scores {metrics['baseline_eval_loss']:.4f}" in log
+    # a 512-token byte-level BPE: the smoothed 4-gram is far below the uniform ln 512 = 6.24 nats
+    assert 0 < metrics["baseline_eval_loss"] < math.log(512)
