@@ -123,6 +123,9 @@ def stop_when_the_launcher_dies() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+SHUTDOWN_GRACE_SECONDS = 60.0
+
+
 def launch_workers(module: str, argv: list[str], num_processes: int, failure_grace_seconds: float = 10.0) -> int:
     """Run `python -m module *argv` as `num_processes` ranks of one process group on this machine and supervise them.
 
@@ -146,6 +149,7 @@ def launch_workers(module: str, argv: list[str], num_processes: int, failure_gra
                 worker.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    finished_cleanly_at, stragglers = None, []
     try:
         failed_at = None
         while any(worker.poll() is None for worker in workers):
@@ -154,9 +158,24 @@ def launch_workers(module: str, argv: list[str], num_processes: int, failure_gra
                 forward(signal.SIGTERM)
             elif failed_at is not None and time.monotonic() - failed_at > failure_grace_seconds:
                 forward(signal.SIGKILL)
+            if finished_cleanly_at is None and any(worker.returncode == 0 for worker in workers):
+                finished_cleanly_at = time.monotonic()
+            elif (finished_cleanly_at is not None and failed_at is None
+                  and time.monotonic() - finished_cleanly_at > SHUTDOWN_GRACE_SECONDS):
+                # Every rank leaves training at the same step (an all-reduce decides it) and writes the same
+                # checkpoint; a rank still alive this long after a peer ended cleanly is stuck in its interpreter's
+                # shutdown, not in training: end it rather than wait forever.
+                stragglers = [rank for rank, worker in enumerate(workers) if worker.poll() is None]
+                forward(signal.SIGKILL)
+                for worker in workers:
+                    worker.wait()
             time.sleep(0.1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if stragglers:
+        print(f"dslm-pretrain: rank(s) {stragglers} had not exited {SHUTDOWN_GRACE_SECONDS:.0f} s after another rank "
+              "ended cleanly; they were killed (their work was already saved)", file=sys.stderr, flush=True)
+        return 0
     statuses = [128 - worker.returncode if worker.returncode < 0 else worker.returncode for worker in workers]
     return 2 if 2 in statuses else next((status for status in statuses if status), 0)

@@ -331,3 +331,17 @@ def test_sigterm_to_dslm_pretrain_num_processes_reaches_both_ranks_and_exits_0_w
     step = verify_checkpoint(checkpoint)
     assert f"stopped by SIGTERM after step {step}" in stdout
     assert logged_steps(tmp_path) == list(range(1, step + 1))
+
+
+def test_launcher_ends_a_rank_still_alive_long_after_its_peer_ended_cleanly(tmp_path, monkeypatch, capsys):
+    import time
+
+    from dslm_hf import run_control
+
+    (tmp_path / "straggler_rank.py").write_text("import os, time\nif os.environ['RANK'] != '0':\n    time.sleep(600)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(run_control, "SHUTDOWN_GRACE_SECONDS", 1.0)
+    started = time.monotonic()
+    assert run_control.launch_workers("straggler_rank", [], 2) == 0
+    assert time.monotonic() - started < 60  # not the straggler's 600 s
+    assert "rank(s) [1] had not exited 1 s after another rank ended cleanly" in capsys.readouterr().err
