@@ -115,3 +115,13 @@ def test_finetune_hands_trainer_the_depth_rule_optimizer(tmp_path):
     sharded = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[])
     with pytest.raises(FinetuneInputError, match="depth_parameterization='depth_mup'"):
         depth_rule_optimizer(model, sharded)
+
+
+def test_default_learning_rate_follows_the_measured_optima():
+    from dslm_hf.optimization import BASE_LEARNING_RATE, default_learning_rate
+
+    # the depth rule: the base rate at every depth (the sweep's depth_mup optimum stayed within 2x of it, 4-256 layers)
+    assert default_learning_rate(tiny(256, "depth_mup"))[0] == BASE_LEARNING_RATE
+    # one rate for all: the sweep's one-rate optimum was 0.008 at 4 layers and 0.004 at 64 (width 64)
+    assert default_learning_rate(tiny(4))[0] == pytest.approx(0.008)
+    assert default_learning_rate(tiny(64))[0] == pytest.approx(0.004)
