@@ -9,7 +9,10 @@ and the launcher's death.
 - `StopSignals`: SIGTERM (what SLURM and Kubernetes send before killing) or SIGINT (Ctrl-C) asks the loop to stop
   after the current step, write a checkpoint and exit 0; a repeated signal exits at once.
 - `stop_when_the_launcher_dies`: a worker started by a launcher gets SIGTERM when the launcher process dies, so a
-  killed `accelerate launch` leaves no orphan that keeps writing into the run folder.
+  killed `accelerate launch` leaves no orphan that keeps writing into the run folder. The worker's stdout/stderr may
+  be pipes into the dead launcher (accelerate >= 1.16 tees a single-process worker's stderr through a pipe), where
+  the next write raises BrokenPipeError; once the launcher is gone they are pointed at the null device, so the stop
+  still ends in a checkpoint (what the run records goes to files in the run folder anyway).
 """
 
 import ctypes
@@ -100,6 +103,7 @@ class StopSignals:
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        outlive_the_launchers_pipes()
         if self.received is None:
             self.received, self.received_at = name, time.monotonic()
             if self.announce:
@@ -112,12 +116,32 @@ class StopSignals:
             raise SystemExit(128 + signum)
 
 
+_launcher_pid = None  # set by stop_when_the_launcher_dies in a launched worker
+
+
+def outlive_the_launchers_pipes() -> None:
+    """If this worker's launcher has died, point stdout and stderr (possibly pipes only it read) at the null device, so
+    that writing a message cannot raise BrokenPipeError (or block) in the middle of the final checkpoint."""
+    if _launcher_pid is None or os.getppid() == _launcher_pid:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    for descriptor in (1, 2):
+        os.dup2(null, descriptor)
+    os.close(null)
+
+
 def stop_when_the_launcher_dies() -> None:
     """In a worker started by a launcher (Linux): have the kernel send SIGTERM when the launcher dies, which
     `StopSignals` turns into a checkpoint and a clean stop."""
+    global _launcher_pid
     if not sys.platform.startswith("linux") or not any(name in os.environ for name in LAUNCHER_ENVIRONMENT):
         return
-    launcher = os.getppid()
+    launcher = _launcher_pid = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != launcher:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
