@@ -9,8 +9,11 @@ Everything after `--` goes to dslm-pretrain unchanged (its --output_dir, --datas
 here from --run-dir, --text-file and --held-out-fraction, so training never sees the held-out text the card reports
 on). The baseline is the same command with --baseline-layers layers (encoder-decoder: in each stack) at the width
 whose parameter count is closest to the model's, the model's tokenizer, the same seed and data, and exactly the
-model's number of optimizer steps (so the same training tokens; --max_train_minutes only bounds the model's run),
-at --baseline-learning-rate if given. Runs land in RUN_DIR/model and RUN_DIR/same-parameters.
+model's number of optimizer steps and learning-rate schedule (so the same training tokens), at
+--baseline-learning-rate if given. Runs land in RUN_DIR/model and RUN_DIR/same-parameters.
+
+Both runs are sized by --max_steps: --max_train_minutes is refused, because a time limit that fires cuts the model's
+schedule mid-way while its twin, given the same steps, decays fully (a comparison tilted against the deep model).
 """
 
 import argparse
@@ -114,7 +117,7 @@ def same_parameter_overrides(config: DeepScaleLMConfig, layers: int) -> tuple[st
 
 def baseline_argv(pretrain_argv: list[str], settings, overrides: str, run_dir: Path, tokenizer_dir: Path,
                   steps: int, learning_rate: float | None) -> list[str]:
-    argv = without_option(without_option(pretrain_argv, "--max_train_minutes"), "--output_dir")
+    argv = without_option(pretrain_argv, "--output_dir")
     argv = without_option(without_option(argv, "--config_overrides"), "--max_steps")
     argv += ["--output_dir", str(run_dir), "--tokenizer_name", str(tokenizer_dir), "--max_steps", str(steps),
              "--config_overrides", ",".join(filter(None, [settings.config_overrides, overrides]))]
@@ -135,10 +138,20 @@ def gradient_spreads(final_dir: Path, settings, text_file: Path, held_out_fracti
             "trained": weight_gradient_spread(trained, input_ids)}
 
 
+def check_sized_by_steps(model_argv: list[str]) -> None:
+    """Refuse a time limit: the model and its twin must train the same steps under the same schedule."""
+    minutes = pretraining.parse_arguments(model_argv).max_train_minutes
+    if minutes is not None:
+        raise UserError(f"--max_train_minutes {minutes:g}: a time limit that fires cuts the model's learning-rate "
+                        "schedule mid-way, while its same-parameter twin trained for the same steps decays fully; "
+                        "size both runs by --max_steps instead (time a few steps first to choose it)")
+
+
 def build(argv: list[str]) -> None:
     args = parse_args(argv)
     common = ["--dataset", str(args.text_file), "--validation_fraction", str(args.held_out_fraction)]
     model_argv = without_option(args.pretrain_args, "--output_dir") + ["--output_dir", str(args.run_dir / "model")] + common
+    check_sized_by_steps(model_argv)
     final_dir, training, settings = train_run(model_argv, args.dataset_name, args.held_out_fraction)
     config = DeepScaleLMConfig.from_pretrained(final_dir)
 

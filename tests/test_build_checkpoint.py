@@ -85,3 +85,16 @@ def test_missing_pretrain_arguments_is_a_one_line_user_error(tmp_path, capsys):
         load_script().main([str(tmp_path / "staged"), "--repo-id", "me/x", "--text-file", str(EXCERPT),
                             "--run-dir", str(tmp_path / "runs")])
     assert capsys.readouterr().err == "build_checkpoint.py: error: give the dslm-pretrain arguments after --\n"
+
+
+@pytest.mark.parametrize("flag", ["--max_train_minutes", "--max-train-minutes"])
+def test_time_limit_is_refused_so_model_and_twin_share_steps_and_schedule(tmp_path, capsys, flag):
+    # A time limit that fires would cut the model's schedule mid-way while the twin decays fully over the same steps.
+    with pytest.raises(CommandExit):
+        load_script().main([str(tmp_path / "staged"), "--repo-id", "me/smoke", "--text-file", str(EXCERPT),
+                            "--run-dir", str(tmp_path / "runs"), "--", "--objective", "clm", *SMOKE, flag, "25"])
+    assert capsys.readouterr().err == (
+        "build_checkpoint.py: error: --max_train_minutes 25: a time limit that fires cuts the model's learning-rate "
+        "schedule mid-way, while its same-parameter twin trained for the same steps decays fully; size both runs by "
+        "--max_steps instead (time a few steps first to choose it)\n")
+    assert not (tmp_path / "runs").exists()  # refused before anything trained
