@@ -316,6 +316,35 @@ def test_killing_a_one_process_accelerate_launch_leaves_no_orphan_writing(tmp_pa
     assert logged_steps(tmp_path)[-1] == step  # it stopped after the step it checkpointed
 
 
+# A launcher that pipes its worker's stdout and stderr and reads neither (accelerate >= 1.16 tees a one-process
+# worker's stderr this way): once it is SIGKILLed, the pipes have no reader and a write raises BrokenPipeError.
+PIPING_LAUNCHER = """
+import subprocess, sys
+worker = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+print(worker.pid, flush=True)
+worker.wait()
+"""
+
+
+def test_a_worker_whose_piping_launcher_was_sigkilled_still_checkpoints_the_step_it_finished(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", PIPING_LAUNCHER, sys.executable, "-m", "dslm_hf.pretraining", "--output_dir",
+         str(run_dir), *TINY_RUN, "--max_steps", "100000", "--save_steps", "0", "--eval_steps", "100000"],
+        env={**cpu_environment(), "DSLM_PRETRAIN_WORKER": "1"}, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    wait_for(lambda: len(logged_steps(run_dir)) >= 2, launcher, "step 2")
+    launcher.kill()  # the worker's pipes now lead nowhere; the kernel sends it SIGTERM (PR_SET_PDEATHSIG)
+    launcher.wait()
+    deadline = time.monotonic() + 120
+    while worker in worker_processes(run_dir):
+        assert time.monotonic() < deadline, "the orphaned worker kept running"
+        time.sleep(0.1)
+    (checkpoint,) = checkpointing.checkpoint_folders(run_dir)
+    step = verify_checkpoint(checkpoint)
+    assert step >= 2 and logged_steps(run_dir)[-1] == step  # it stopped after the step it checkpointed
+
+
 @pytest.mark.slow
 def test_sigterm_to_dslm_pretrain_num_processes_reaches_both_ranks_and_exits_0_with_a_checkpoint(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-m", "dslm_hf.pretraining", "--num_processes", "2", "--output_dir",
