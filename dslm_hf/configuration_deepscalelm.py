@@ -13,6 +13,7 @@ from .recipe_deepscalelm import (
     INIT_SCHEMES,
     NORM_PLACEMENTS,
     RECURRENCES,
+    WIDTH_PARAMETERIZATIONS,
     depth_exponent,
     embedding_correlation_estimate,
     residual_branch_total,
@@ -73,6 +74,15 @@ class DeepScaleLMConfig(PreTrainedConfig):
             treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
             length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
             code - attention's output variance is the input correlation r and its outputs are identical across
+        width_parameterization (`str`, defaults to `"standard"`): how the optimizer and the readout scale with width,
+            relative to `width_base` (m_w = hidden_size / width_base). `"standard"`: no rule. `"mup"`: muP for AdamW
+            (Yang et al., Tensor Programs V): the hidden matrices (attention, FFN, cross-attention, MLM transform)
+            get learning rate and epsilon * 1/m_w and weight decay * m_w (composed with the depth rule), vector-like
+            parameters (embeddings, biases, LayerNorms, the readout) keep the base values, and the LM head reads the
+            hidden state times the base width's `logit_scale` times 1/m_w. The initialisation is DeepScaleLM's in
+            both cases.
+        width_base (`int`, defaults to 64): the width at which the learning rate was tuned; `"mup"` equals
+            `"standard"` at this width.
             positions (correlation 1, then 1 - p after dropout).
         init_sequence_length (`int`, *optional*): sequence length the recipe assumes when it undoes attention's
             averaging; `None` means `max_position_embeddings`.
@@ -132,6 +142,8 @@ class DeepScaleLMConfig(PreTrainedConfig):
     decoder_layers: int | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
+    width_parameterization: str = "standard"
+    width_base: int = 64
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -216,6 +228,14 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("embedding_correlation", "expected r0 in (0, 1); estimate it with estimate_embedding_correlation")
         if self.initializer_range <= 0:
             fail("initializer_range", "expected a positive standard deviation")
+        if self.width_parameterization not in WIDTH_PARAMETERIZATIONS:
+            fail("width_parameterization", f"expected one of {WIDTH_PARAMETERIZATIONS}")
+        if isinstance(self.width_base, bool) or not isinstance(self.width_base, int) or self.width_base < 1:
+            fail("width_base", "expected a positive integer (the width the learning rate was tuned at)")
+        if self.width_parameterization == "mup" and self.init_scheme == "standard":
+            fail("width_parameterization", "muP scales the optimizer around matrices drawn with variance ~ 1/fan_in; "
+                 "init_scheme='standard' draws every matrix with the fixed std initializer_range: use another "
+                 "init_scheme, or width_parameterization='standard'")
         if self.is_encoder_decoder:
             if isinstance(self.decoder_layers, bool) or not isinstance(self.decoder_layers, int) or self.decoder_layers < 1:
                 fail("decoder_layers", "expected a positive integer for an encoder-decoder")
