@@ -298,6 +298,8 @@ def theory_coverage(config) -> str | None:
         return f"not covered: the theory predicts DeepScaleLM configs; this is a {getattr(config, 'model_type', type(config).__name__)!r} model"
     if config.position_embedding_type != "absolute":
         return "not covered: rotary positions (the theory assumes learned absolute position embeddings)"
+    if config.norm_placement == "mix" or config.layernorm_scaling:
+        return "not covered: Mix-LN or LayerNorm Scaling (the theory assumes all-Pre-LN or all-Post-LN, unscaled)"
     return None
 
 

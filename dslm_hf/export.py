@@ -100,6 +100,9 @@ def native_target(config: DeepScaleLMConfig, architecture: str | None) -> str:
         refuse(f"{architecture or 'a checkpoint without config.architectures'} is not a language-model head "
                f"({', '.join(sorted(heads))}); task heads have no native twin with the same head")
     norm, positions = config.norm_placement, config.position_embedding_type
+    if norm == "mix" or config.layernorm_scaling:
+        refuse("Mix-LN (norm_placement='mix') and LayerNorm Scaling (layernorm_scaling=True) have no native twin: "
+               "no transformers architecture mixes LayerNorm placements or scales a LayerNorm by its layer's depth")
     if architecture == "DeepScaleLMForCausalLM" and norm == "post":
         refuse("a Post-LN causal LM has no native twin: the only Post-LN causal LMs (BertLMHeadModel and kin) put a "
                "dense -> activation -> LayerNorm transform before the output embedding, which DeepScaleLM's head lacks")

@@ -209,13 +209,17 @@ class DeepScaleLMMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMLayer(GradientCheckpointingLayer):
     """Self-attention, cross-attention (decoder of an encoder-decoder only) and FFN branches, each joined to the
-    stream by lambda * skip + beta * Dropout(branch) (Pre-LN: the branch reads LN(stream); Post-LN: LN of the sum)."""
+    stream by lambda * skip + beta * Dropout(branch) (Pre-LN: the branch reads LN(stream); Post-LN: LN of the sum).
+
+    Mix-LN makes the first layers of a stack Post-LN and the rest Pre-LN (`config.post_norm_layers`); LayerNorm
+    Scaling multiplies the branch input LN(stream) of layer l = layer_idx + 1 by 1/sqrt(l)."""
 
     def __init__(self, config: DeepScaleLMConfig, layer_idx: int, stack: str, has_cross_attention: bool = False):
         super().__init__()
         plan = stack_init_plan(config, stack)
         self.residual_skip, self.residual_branch = plan.residual_skip, plan.residual_branch
-        self.pre_norm = config.norm_placement == "pre"
+        self.pre_norm = layer_idx >= config.post_norm_layers(plan.num_layers)
+        self.norm_output_scale = (layer_idx + 1) ** -0.5 if config.layernorm_scaling else 1.0
         self.self_attn = DeepScaleLMAttention(config, layer_idx, stack)
         self.self_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cross_attn = DeepScaleLMAttention(config, layer_idx, stack, is_cross_attention=True) if has_cross_attention else None
@@ -233,6 +237,13 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
             out = torch.add(skip * self.residual_skip, branch, alpha=self.residual_branch)
         return out if self.pre_norm else norm(out)
 
+    def branch_input(self, hidden_states: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """What a branch reads: LN(stream) (times 1/sqrt(l) under LayerNorm Scaling) in Pre-LN, the stream in Post-LN."""
+        if not self.pre_norm:
+            return hidden_states
+        normed = norm(hidden_states)
+        return normed * self.norm_output_scale if self.norm_output_scale != 1.0 else normed
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -244,21 +255,21 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        branch_in = self.self_attn_norm(hidden_states) if self.pre_norm else hidden_states
+        branch_in = self.branch_input(hidden_states, self.self_attn_norm)
         attn_out, _ = self.self_attn(
             branch_in, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
         )
         hidden_states = self.residual(hidden_states, attn_out, self.self_attn_norm)
 
         if self.cross_attn is not None:
-            branch_in = self.cross_attn_norm(hidden_states) if self.pre_norm else hidden_states
+            branch_in = self.branch_input(hidden_states, self.cross_attn_norm)
             attn_out, _ = self.cross_attn(
                 branch_in, attention_mask=encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache,
                 **kwargs,
             )
             hidden_states = self.residual(hidden_states, attn_out, self.cross_attn_norm)
 
-        branch_in = self.mlp_norm(hidden_states) if self.pre_norm else hidden_states
+        branch_in = self.branch_input(hidden_states, self.mlp_norm)
         return self.residual(hidden_states, self.mlp(branch_in), self.mlp_norm)
 
 
@@ -509,7 +520,8 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         self.layers = nn.ModuleList(
             [DeepScaleLMLayer(config, i, self.stack, has_cross_attention=has_cross) for i in range(num_layers)]
         )
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
+        # Mix-LN ends in Pre-LN layers, so it keeps the final LayerNorm (and, like Pre-LN, has no embedding one).
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement != "post" else None
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 INIT_SCHEMES = ("deepscalelm", "xavier", "standard", "deepnet")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "mix")  # mix: Mix-LN (Li et al. 2024), Post-LN first layers, Pre-LN after
 BRANCH_COUNTINGS = ("branches", "layers")
 ACTIVATIONS = ("relu", "gelu")
 DEPTH_PARAMETERIZATIONS = ("deepscalelm", "depth_mup", "completep")

@@ -612,6 +612,9 @@ def _check_covered(config):
     if config.position_embedding_type != "absolute":
         raise ValueError("the theory covers learned absolute positions only (position_embedding_type='absolute'); "
                          "rotary positions change attention's correlation structure")
+    if config.norm_placement == "mix" or config.layernorm_scaling:
+        raise ValueError("the theory covers all-Pre-LN or all-Post-LN stacks with unscaled LayerNorms: Mix-LN "
+                         "(norm_placement='mix') and LayerNorm Scaling (layernorm_scaling=True) are not predicted")
 
 
 def predict_model(
