@@ -26,7 +26,9 @@ from transformers import get_scheduler
 
 import dslm_hf
 from dslm_hf.data import CausalLMCollator, MaskedLMCollator
-from dslm_hf.diagnostics import find_layer_stacks, weight_gradient_norm
+from dslm_hf.files import write_text_atomically
+from dslm_hf.layers import find_layer_stacks
+from dslm_hf.measurements import weight_gradient_norm
 from dslm_hf.optimization import depth_parameter_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -303,10 +305,7 @@ def write_results(path: str | os.PathLike, results: dict) -> Path:
     text = results.get("settings", {}).get("text")
     if text and Path(text).is_file():
         record["text"] = text_description(text)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(record | results, indent=1))
-    os.replace(partial, path)
-    return path
+    return write_text_atomically(path, json.dumps(record | results, indent=1))
 
 
 def run_tasks(function, tasks: list, shared: dict, workers: int, budget_s: float, on_result) -> list:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from .data import derived_seed, hold_out_documents, load_corpus, make_collator, pack_into_blocks
 from .diagnostics import measure_signal_propagation
+from .modeling_deepscalelm import IGNORE_INDEX
 from .publishing import OBJECTIVE_OF_TASK, architecture_class, check_checkpoint, parameter_count
 
 # A context that was never seen in training backs off entirely to the next lower order.
@@ -206,7 +207,7 @@ def masked_position_metrics(model, batches: Iterable[dict], scored: Callable[[di
 
 def fill_mask_positions(mask_token_id: int) -> Callable[[dict], torch.Tensor]:
     """The fill-mask query positions of a masked-LM batch: a mask token in the input and a label to predict."""
-    return lambda batch: (batch["input_ids"] == mask_token_id) & (batch["labels"] != -100)
+    return lambda batch: (batch["input_ids"] == mask_token_id) & (batch["labels"] != IGNORE_INDEX)
 
 
 def same_parameter_shape(parameter_count: Callable[[int, int], int], target: int, layers: int,

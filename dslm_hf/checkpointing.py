@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .cli import UserError
+from .files import write_json_atomically
 
 CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer, scheduler and RNG states)
 CHECKPOINT_PREFIX = "step_"
@@ -54,14 +55,6 @@ def file_sha256(path: Path) -> str:
 def find_pickle_files(folder: Path) -> list[Path]:
     """Every pickle-format file anywhere under `folder` (loading one can run arbitrary code)."""
     return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES)
-
-
-def write_json_atomically(path: Path, value) -> None:
-    """Write `value` as JSON through a temporary file and a rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

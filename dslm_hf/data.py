@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .cli import UserError
+from .modeling_deepscalelm import IGNORE_INDEX
 
 OBJECTIVES = ("clm", "mlm", "seq2seq")
 DEFAULT_CORPUS = "default"
@@ -219,7 +220,7 @@ class CausalLMCollator:
 
     @staticmethod
     def count_label_tokens(batch) -> torch.Tensor:
-        return (batch["labels"][:, 1:] != -100).sum()
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 class MaskedLMCollator:
@@ -239,7 +240,7 @@ class MaskedLMCollator:
         input_ids = stack_blocks(examples)
         maskable = ~torch.isin(input_ids, self.special_ids)
         selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
-        labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         choice = torch.rand(input_ids.shape, generator=generator)
         masked = input_ids.clone()
         masked[selected & (choice < 0.8)] = self.mask_token_id
@@ -249,7 +250,7 @@ class MaskedLMCollator:
 
     @staticmethod
     def count_label_tokens(batch) -> torch.Tensor:
-        return (batch["labels"] != -100).sum()
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def _noise_span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -297,8 +298,8 @@ class SpanCorruptionCollator:
     the i-th noise span was; the labels are "<extra_id_0> span0 <extra_id_1> span1 ... </s>". Both end with EOS.
 
     Blocks may have any length from 2 to `block_size` (the length sets the counts, as in T5); a batch of unequal
-    lengths is right-padded, the inputs with the pad token (attention mask 0), the labels with -100. The model
-    makes its decoder inputs from the labels: decoder start token, then the labels shifted right.
+    lengths is right-padded, the inputs with the pad token (attention mask 0), the labels with IGNORE_INDEX (-100).
+    The model makes its decoder inputs from the labels: decoder start token, then the labels shifted right.
     """
 
     def __init__(self, tokenizer, block_size: int, noise_density: float = 0.15, mean_span_length: float = 3.0):
@@ -333,14 +334,14 @@ class SpanCorruptionCollator:
         input_ids = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True, padding_value=self.pad_token_id)
         lengths = torch.tensor([len(i) for i in inputs])
         return {"input_ids": input_ids, "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
-                "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)}
+                "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)}
 
     def restore(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The original block from one (encoder input, labels) pair, padded or not: the inverse of `corrupt`."""
         sentinel_position = {int(s): i for i, s in enumerate(self.sentinel_ids)}
         hidden = [[] for _ in self.sentinel_ids]
         current = None
-        for token in labels[labels != -100].tolist()[:-1]:
+        for token in labels[labels != IGNORE_INDEX].tolist()[:-1]:
             if token in sentinel_position:
                 current = sentinel_position[token]
             else:
@@ -354,13 +355,13 @@ class SpanCorruptionCollator:
         """True where a label is a hidden span token (not a sentinel, the closing EOS or padding; an EOS that
         separated two documents inside a span counts): what span accuracy scores."""
         labels = batch["labels"]
-        mask = (labels != -100) & ~torch.isin(labels, self.sentinel_ids)
-        mask[torch.arange(len(labels)), (labels != -100).sum(1) - 1] = False
+        mask = (labels != IGNORE_INDEX) & ~torch.isin(labels, self.sentinel_ids)
+        mask[torch.arange(len(labels)), (labels != IGNORE_INDEX).sum(1) - 1] = False
         return mask
 
     @staticmethod
     def count_label_tokens(batch) -> torch.Tensor:
-        return (batch["labels"] != -100).sum()
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def make_collator(objective: str, tokenizer, block_size: int, mlm_probability: float = 0.15,

@@ -27,15 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import monitoring  # module import: monitoring reads layer stacks from this module
+from . import layers as layer_finding
+from . import monitoring
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import read_text_file
+from .measurements import token_correlation, weight_gradient_norm
 from .recipe_deepscalelm import embedding_correlation_estimate
 from .theory import predict_model
-
-LAYER_STACK_NAMES = ("layers", "h", "layer", "block")
-
 
 class DiagnoseError(UserError):
     """Bad input to dslm-diagnose: the message says what is wrong and what to do."""
@@ -95,18 +94,12 @@ def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = F
 
 
 def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every stack of layers: ModuleLists named layers / h / layer / block, outermost only, in definition order."""
-    stacks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or name.rsplit(".", 1)[-1] not in LAYER_STACK_NAMES or len(module) == 0:
-            continue
-        if any(name.startswith(found + ".") for found, _ in stacks):
-            continue
-        stacks.append((name, module))
+    """Every stack of layers (`dslm_hf.layers.find_layer_stacks`), refusing a model that has none."""
+    stacks = layer_finding.find_layer_stacks(model)
     if not stacks:
         raise DiagnoseError(
-            f"{type(model).__name__} has no layer stack (an nn.ModuleList named one of {LAYER_STACK_NAMES}): "
-            "dslm-diagnose measures transformers built as a list of layers"
+            f"{type(model).__name__} has no layer stack (an nn.ModuleList of the classes its _no_split_modules names, "
+            "or one its base_model_pp_plan names): dslm-diagnose measures transformers built as a list of layers"
         )
     return stacks
 
@@ -174,21 +167,6 @@ def _loss(output) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
-def weight_gradient_norm(layer: nn.Module) -> float | None:
-    """Norm of the gradient of a layer's weight matrices (biases and LayerNorm gains left out); None without one."""
-    squares = [p.grad.double().pow(2).sum() for p in layer.parameters() if p.grad is not None and p.dim() >= 2]
-    return float(torch.stack(squares).sum().sqrt()) if squares else None
-
-
-def token_correlation(hidden: torch.Tensor) -> float:
-    """Mean correlation between the hidden vectors of two different positions of a sequence (B, T, d)."""
-    centered = hidden.double() - hidden.double().mean()
-    per_position = centered.pow(2).sum(-1)  # (B, T)
-    summed = centered.sum(1).pow(2).sum(-1)  # (B,)  ||sum_t x_t||^2
-    off_diagonal = (summed - per_position.sum(1)).sum()
-    return float(off_diagonal / ((hidden.shape[1] - 1) * per_position.sum()))
-
-
 def _first_tensor(output):
     if isinstance(output, torch.Tensor):
         return output

@@ -49,10 +49,10 @@ from transformers.utils import logging
 
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .data import load_hub_dataset, read_text_file
+from .modeling_deepscalelm import IGNORE_INDEX  # padding, prompt tokens, non-first sub-words: no loss
 from .optimization import build_adamw, describe_groups
 
 logger = logging.get_logger(__name__)
-IGNORE_INDEX = -100  # label value the losses and metrics skip (padding, prompt tokens, non-first sub-words)
 
 
 class FinetuneInputError(UserError):
@@ -446,7 +446,7 @@ def language_model_token_scores(label_shift: int) -> Callable:
 def sft_metrics(eval_prediction) -> dict[str, float]:
     """Token accuracy and perplexity = exp(mean negative log-likelihood per response token)."""
     log_probability, hit = eval_prediction.predictions
-    scored = hit >= 0.0  # padding between batches is -100, unscored positions -1
+    scored = hit >= 0.0  # padding between batches is IGNORE_INDEX, unscored positions -1
     mean_nll = float(-log_probability[scored].mean())
     return {"token_accuracy": float(hit[scored].mean()), "perplexity": float(np.exp(mean_nll))}
 

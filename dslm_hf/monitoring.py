@@ -12,9 +12,9 @@ What is measured, per layer l of the first layer stack:
   grad_norm[l]       norm of the gradient of the layer's weight matrices
   sum_variance[l]    mean square of the input of the layer's last LayerNorm (Post-LN: the residual sum
                      lambda*x + beta*F(x) that the LayerNorm divides by its std; Pre-LN: the stream the next layer reads)
-  shared_fraction[l] the correlation of two positions of that sum (`diagnostics.token_correlation`): 0 for
+  shared_fraction[l] the correlation of two positions of that sum (`measurements.token_correlation`): 0 for
                      independent tokens, 1 when every position holds the same vector (rank collapse)
-and the summaries `grad_first_last` (first layer / last layer gradient norm, the issue's flatness number) and
+and the summaries `grad_first_last` (first layer / last layer gradient norm: 1 when the gradient is flat over depth) and
 `grad_spread` (max / min over layers).
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import diagnostics  # module import: dslm-diagnose imports this module back to plot run logs
+from .layers import find_layer_stacks
+from .measurements import token_correlation, weight_gradient_norm
 
 SCALARS = ("grad_first_last", "grad_spread", "sum_variance_min", "sum_variance_max", "shared_fraction_max")
 
@@ -47,7 +48,11 @@ class LayerSignalMonitor:
         if every < 1:
             raise ValueError(f"LayerSignalMonitor every={every}: expected a positive number of steps")
         self.every = every
-        (_, self.layers), *_ = diagnostics.find_layer_stacks(model)
+        stacks = find_layer_stacks(model)
+        if not stacks:
+            raise ValueError(f"{type(model).__name__} has no layer stack (an nn.ModuleList of the classes its "
+                             "_no_split_modules names): LayerSignalMonitor measures transformers built as a list of layers")
+        (_, self.layers), *_ = stacks
         self.post_norm = getattr(model.config, "norm_placement", "pre") == "post"
         self._armed = False
         self._sums: dict[int, tuple[float, float]] = {}
@@ -61,7 +66,7 @@ class LayerSignalMonitor:
     def _record(self, index: int, hidden: torch.Tensor):
         if self._armed and index not in self._sums:
             hidden = hidden.detach()
-            self._sums[index] = (float(hidden.double().pow(2).mean()), diagnostics.token_correlation(hidden) if hidden.shape[1] > 1 else float("nan"))
+            self._sums[index] = (float(hidden.double().pow(2).mean()), token_correlation(hidden) if hidden.shape[1] > 1 else float("nan"))
 
     def _input_hook(self, index):
         def hook(module, args):
@@ -86,7 +91,7 @@ class LayerSignalMonitor:
         if not self.due(step):
             return None
         self._armed = False
-        grads = [diagnostics.weight_gradient_norm(layer) for layer in self.layers]
+        grads = [weight_gradient_norm(layer) for layer in self.layers]
         grads = [float("nan") if g is None else g for g in grads]
         variances = [self._sums.get(i, (float("nan"), float("nan")))[0] for i in range(len(self.layers))]
         shared = [self._sums.get(i, (float("nan"), float("nan")))[1] for i in range(len(self.layers))]

@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 
+from .layers import class_names, find_layer_stacks
 from .recipe_deepscalelm import depth_optimizer_multipliers, width_optimizer_multipliers
 
 LAYER_CLASS_NAME = "DeepScaleLMLayer"
@@ -35,22 +36,17 @@ PRETRAINING_PARAMETERIZATION = "depth_mup"
 BASE_LEARNING_RATE = 8e-3
 
 
-def _class_names(module: torch.nn.Module) -> set[str]:
-    # By class name in the MRO: fully_shard swaps each layer's class for an FSDP subclass of it.
-    return {c.__name__ for c in type(module).__mro__}
-
-
 def _layer_depths(model: torch.nn.Module) -> dict[int, int]:
     """id(parameter) -> depth of the layer stack that holds it, for every parameter inside a residual layer.
 
     A layer's stack depth is the length of the ModuleList that holds it, so the encoder and the decoder of an
-    encoder-decoder each get their own depth, and PEFT-wrapped or remote-code models work the same way.
+    encoder-decoder each get their own depth, and PEFT-wrapped or remote-code models work the same way. The stacks
+    are `dslm_hf.layers.find_layer_stacks`'s; only DeepScaleLM layers carry a depth rule.
     """
     depths = {}
-    for module in model.modules():
-        if not isinstance(module, torch.nn.ModuleList):
+    for _, layers in find_layer_stacks(model):
+        if LAYER_CLASS_NAME not in class_names(layers[0]):
             continue
-        layers = [m for m in module if LAYER_CLASS_NAME in _class_names(m)]
         for layer in layers:
             for parameter in layer.parameters():
                 depths[id(parameter)] = len(layers)
@@ -58,7 +54,7 @@ def _layer_depths(model: torch.nn.Module) -> dict[int, int]:
 
 
 def _hidden_head_parameters(model: torch.nn.Module) -> set[int]:
-    return {id(p) for module in model.modules() if HIDDEN_HEAD_CLASS_NAME in _class_names(module)
+    return {id(p) for module in model.modules() if HIDDEN_HEAD_CLASS_NAME in class_names(module)
             for p in module.parameters() if p.ndim >= 2}
 
 
@@ -84,7 +80,7 @@ def find_deepscalelm_config(model: torch.nn.Module):
                          "one optimizer per model, or give them the same rules")
     if configs:
         return configs[0]
-    if any(LAYER_CLASS_NAME in _class_names(m) for m in model.modules()):
+    if any(LAYER_CLASS_NAME in class_names(m) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} holds {LAYER_CLASS_NAME}s but no module with a DeepScaleLM config "
                          "(a `config` with model_type 'deepscalelm'), so the depth and width rules cannot be known: "
                          "pass the DeepScaleLM model (or a module that holds it) to depth_parameter_groups/build_adamw")

@@ -25,16 +25,17 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .layers import find_layer_stacks, layer_class_names
+
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 
 
 def shardable_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer layers: modules whose class is named in `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    """The model's transformer layers, every stack's (`dslm_hf.layers.find_layer_stacks`)."""
+    layers = [layer for _, stack in find_layer_stacks(model) for layer in stack]
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no layer classes in _no_split_modules ({sorted(names)}): "
-                         "nothing to shard layer by layer")
+        raise ValueError(f"{type(model).__name__} has no layer stack (an nn.ModuleList of the classes its "
+                         f"_no_split_modules names: {sorted(layer_class_names(model))}): nothing to shard layer by layer")
     return layers
 
 

@@ -25,18 +25,20 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from . import parallel
 from .checkpointing import join_optimizer_state, split_optimizer_state
+from .layers import find_layer_stacks
+from .modeling_deepscalelm import IGNORE_INDEX
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
 def layer_list_name(base_model: nn.Module) -> str:
-    """The attribute holding the repeated layers: the ModuleList named in `base_model_pp_plan` when the model
-    declares one (transformers' pipeline plan), else `layers`."""
-    plan = getattr(base_model, "base_model_pp_plan", None) or getattr(base_model.config, "base_model_pp_plan", None) or {}
-    for name in plan:
-        if isinstance(getattr(base_model, name, None), nn.ModuleList):
-            return name
-    return "layers"
+    """The attribute of `base_model` holding its repeated layers (`dslm_hf.layers.find_layer_stacks`): one stack,
+    a direct child, as a decoder-only model has."""
+    names = [name for name, _ in find_layer_stacks(base_model)]
+    if len(names) != 1 or "." in names[0]:
+        raise ValueError(f"{type(base_model).__name__} has layer stacks {names}: pipeline parallelism splits one "
+                         "stack held by the base model (a decoder-only model)")
+    return names[0]
 
 
 def check_pipeline_layout(num_layers: int, num_stages: int, batch_sizes: dict[str, int], num_microbatches: int) -> None:
@@ -220,7 +222,7 @@ class Pipeline:
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, **unused) -> CausalLMOutput:
         """The batch's mean token loss (every rank gets it); the other inputs (an all-ones attention mask) are
         implied by packed blocks."""
-        count = (labels[:, 1:] != -100).sum()  # the causal LM's label tokens after its shift
+        count = (labels[:, 1:] != IGNORE_INDEX).sum()  # the causal LM's label tokens after its shift
         return CausalLMOutput(loss=self._run(self.schedule.eval, input_ids, labels, count))
 
     # Checkpoints ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint,
 from .cli import UserError, check_known_keys, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
+from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
 from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
 from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
@@ -782,7 +783,7 @@ def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new
                                     max_new_tokens=batch["labels"].shape[1], do_sample=False)
             return f"input: {tokenizer.decode(batch['input_ids'][0])}\nspans: {tokenizer.decode(output[0])}"
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        masked = batch["labels"][0] != -100
+        masked = batch["labels"][0] != IGNORE_INDEX
         filled = batch["input_ids"][0].clone()
         filled[masked] = logits[0].argmax(-1)[masked]
         return f"input: {tokenizer.decode(batch['input_ids'][0])}\nfilled: {tokenizer.decode(filled)}"

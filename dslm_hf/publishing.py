@@ -39,6 +39,7 @@ from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
 from .evaluation import evaluate
 from .export import stage_native_twin
+from .files import write_text_atomically
 from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_total
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -356,11 +357,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
 
 def write_eval_file(results: dict, path: Path) -> Path:
     """Written atomically: a reader sees the previous file or the complete new one."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomically(path, json.dumps(results, indent=2) + "\n")
 
 
 # Relative difference allowed between recorded and recomputed numbers: the evaluation is seeded and deterministic,

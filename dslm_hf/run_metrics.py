@@ -6,10 +6,11 @@ again), so each step appears once and its numbers are those of the run that reac
 """
 
 import json
-import os
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
+
+from .files import write_text_atomically
 
 
 class JsonlTracker(GeneralTracker):
@@ -61,7 +62,5 @@ def drop_records_after(path: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        temporary = path.with_name(f".tmp-{path.name}")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
     return dropped

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
-from dslm_hf.diagnostics import token_correlation
+from dslm_hf.measurements import token_correlation
 from dslm_hf.monitoring import LayerSignalCallback, LayerSignalMonitor, plot_signals, read_signals
 
 
