@@ -169,10 +169,15 @@ def run_one(task: dict, shared: dict) -> dict:
 
 def layer_usefulness(model, blocks) -> dict:
     """Per layer after training: ablation cost, angular distance and gradient share (dslm_hf.layer_usefulness)."""
-    from dslm_hf import layer_usefulness as usefulness
+    from dslm_hf.layer_usefulness import measure_layer_usefulness
 
-    report = usefulness.measure_usefulness(model, [{"input_ids": blocks, "labels": blocks}])
-    return {key: (value.tolist() if hasattr(value, "tolist") else value) for key, value in report.items()}
+    labels = blocks.roll(-1, dims=1)
+    labels[:, -1] = -100  # the last position has no next token in its block
+    batches = [{"input_ids": i, "labels": l} for i, l in zip(blocks.split(16), labels.split(16))]
+    result = measure_layer_usefulness(model, batches)
+    return {"loss": result["loss"], "tokens": result["tokens"],
+            **{key: [layer[key] for layer in result["layers"]]
+               for key in ("ablation_cost", "angular_distance", "gradient_share")}}
 
 
 def ngram_baselines(task: dict, shared: dict) -> dict:
@@ -392,10 +397,12 @@ def report(out_dir: str) -> str:
         f"{corpus}: best {b['best_ngram']} {b['losses'][b['best_ngram']]:.4f}, unigram {b['losses']['unigram']:.4f}"
         for corpus, b in study["ngram_baselines"].items()), ""]
     useful = [r for r in study["runs"] if r.get("usefulness")]
-    best_rates = {}
-    for key in study["at_best_rate"]:
+    best_rates, best_means = {}, {}
+    for key, row in study["at_best_rate"].items():  # at each depth, the better of the rates run there
         corpus, scheme, layers, rate = key.split("/")
-        best_rates.setdefault((corpus, scheme, int(layers)), float(rate))
+        group = (corpus, scheme, int(layers))
+        if row["mean"] < best_means.get(group, math.inf):
+            best_rates[group], best_means[group] = float(rate), row["mean"]
     chosen = [r for r in useful if best_rates.get((r["corpus"], r["scheme"], r["layers"])) == r["learning_rate"]]
     combos = sorted({(r["corpus"], r["layers"]) for r in chosen})
     if combos:
@@ -414,7 +421,8 @@ def report(out_dir: str) -> str:
                 lines.append(f"| {corpus} | {layers} | {r['scheme']} | "
                              f"{100 * sum(max(c, 0.0) for c in cost[half:]) / total if total else math.nan:.1f}% | "
                              f"{statistics.fmean(angles[half:]):.3f} / {statistics.fmean(angles[:half]):.3f} |")
-            axis.set(yscale="symlog", linthresh=1e-3, xlabel="layer", ylabel="loss increase when skipped (nats)",
+            axis.set_yscale("symlog", linthresh=1e-3)
+            axis.set(xlabel="layer", ylabel="loss increase when skipped (nats)",
                      title=f"{corpus}, {layers} layers, after training")
             axis.legend(fontsize=7)
         figure.tight_layout()
@@ -478,7 +486,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.widths, args.depths, args.rates, args.study_depths = [32, 64], [2], [4e-3, 8e-3], [2, 3]
+        args.widths, args.depths, args.rates, args.study_depths = [32, 64], [2], [4e-3, 8e-3], [4, 8]
         args.dvs_shapes, args.seeds, args.batch, args.context = ["2x32", "4x16"], [0, 1], 2, 16
         args.sweep_steps = args.study_steps = args.dvs_steps = 3
         args.evaluations, args.validation_blocks, args.usefulness_blocks = 2, 4, 2
