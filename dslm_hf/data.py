@@ -7,12 +7,13 @@ span corruption for seq2seq).
 
 The embedded default corpus is the Python standard library's own source text: it exists on every machine that
 runs this code, needs no network, is a few MB of real, varied text (code, docstrings, comments), and is fully
-deterministic for a given Python version (files sorted by path, then cut at a byte budget).
+deterministic for a given Python version. It is cleaned (generated tables, duplicate files and repeated paragraphs
+dropped) and split by file before anything is trained on it (`dslm_hf.stdlib_corpus`), and comes with a manifest of
+the recipe.
 """
 
 import hashlib
 import math
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from . import stdlib_corpus
 from .cli import UserError
 from .modeling_deepscalelm import IGNORE_INDEX
 
@@ -28,8 +30,6 @@ DEFAULT_CORPUS = "default"
 # Trained tokenizers get these; an existing tokenizer must provide what its objective needs.
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "mask_token": "<mask>"}
 SENTINEL_TEMPLATE = "<extra_id_{}>"
-# Standard-library folders that are test fixtures or third-party code rather than the library's own source.
-_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,32 +56,33 @@ def read_text_file(path: str | Path, role: str) -> str:
                         "it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def default_corpus_files(max_megabytes: float) -> list[Path]:
-    """The standard library's .py files sorted by relative path, up to `max_megabytes` of text in total."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    candidates = sorted(
-        (p for p in stdlib.rglob("*.py") if not _EXCLUDED_STDLIB_DIRS.intersection(p.relative_to(stdlib).parts[:-1])),
-        key=lambda p: p.relative_to(stdlib).as_posix(),
-    )
-    budget, chosen = max_megabytes * 1e6, []
-    for path in candidates:
-        if budget <= 0:
-            break
-        chosen.append(path)
-        budget -= path.stat().st_size
-    if not chosen:
-        raise ValueError(f"no standard-library source found under {stdlib} for the default corpus")
-    return chosen
+def load_default_corpus(max_megabytes: float, validation_fraction: float = 0.05) -> tuple[DatasetDict, dict]:
+    """The cleaned standard-library corpus, "train" and "validation" splits of whole files (one row per file:
+    "text", "path", in sorted order), and its manifest (`dslm_hf.stdlib_corpus.load`: what was dropped and why,
+    sizes, the sha256 of each split's text, the Python version)."""
+    train, held_out, manifest = stdlib_corpus.load(max_megabytes, validation_fraction)
+    splits = DatasetDict({name: Dataset.from_dict({"text": [text for _, text in files], "path": [p for p, _ in files]})
+                          for name, files in (("train", train), ("validation", held_out))})
+    return splits, manifest
 
 
-def load_default_corpus(max_megabytes: float) -> Dataset:
-    """One row per standard-library file ("text", "path"), in sorted order."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = default_corpus_files(max_megabytes)
-    return Dataset.from_dict({
-        "text": [p.read_text(encoding="utf-8", errors="replace") for p in files],
-        "path": [p.relative_to(stdlib).as_posix() for p in files],
-    })
+def corpus_manifest(splits: DatasetDict, source: str) -> dict:
+    """What a run trained and was evaluated on, for a source other than the default corpus: rows, bytes and the
+    sha256 of each split's text (`stdlib_corpus.texts_sha256`)."""
+    return {"source": source, **{name: {"rows": len(split), "bytes": sum(len(t.encode()) for t in split["text"]),
+                                        "sha256": stdlib_corpus.texts_sha256(split["text"])}
+                                 for name, split in splits.items()}}
+
+
+def load_split_corpus(source: str = DEFAULT_CORPUS, *, validation_fraction: float = 0.05,
+                      default_corpus_megabytes: float = 4.0, **load_options) -> tuple[DatasetDict, dict]:
+    """("train" and "validation" splits, manifest) of any source: the default corpus split by file with its
+    cleaning manifest, any other through `load_corpus` and `hold_out_documents`."""
+    if source == DEFAULT_CORPUS:
+        splits, manifest = load_default_corpus(default_corpus_megabytes, validation_fraction)
+        return DatasetDict({name: split.select_columns(["text"]) for name, split in splits.items()}), manifest
+    splits = hold_out_documents(load_corpus(source, **load_options), validation_fraction)
+    return splits, corpus_manifest(splits, source)
 
 
 def load_hub_dataset(name: str, config_name: str | None, flag: str) -> DatasetDict:
@@ -95,14 +96,17 @@ def load_hub_dataset(name: str, config_name: str | None, flag: str) -> DatasetDi
 
 
 def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None = None,
-                text_column: str = "text", default_corpus_megabytes: float = 4.0) -> DatasetDict:
+                text_column: str = "text", default_corpus_megabytes: float = 4.0,
+                validation_fraction: float = 0.05) -> DatasetDict:
     """A DatasetDict with a "train" split (and "validation" when the source has one) of one "text" column.
 
-    `source` is "default" (the embedded standard-library corpus, one row per file), one or more local text files
-    (comma-separated paths; one row per paragraph), or a Hub dataset id (needs the network or a filled cache).
+    `source` is "default" (the embedded standard-library corpus, cleaned, one row per file, with its own
+    "validation" split of `validation_fraction` of the files), one or more local text files (comma-separated paths;
+    one row per paragraph), or a Hub dataset id (needs the network or a filled cache).
     """
     if source == DEFAULT_CORPUS:
-        return DatasetDict(train=load_default_corpus(default_corpus_megabytes).select_columns(["text"]))
+        return load_split_corpus(source, validation_fraction=validation_fraction,
+                                 default_corpus_megabytes=default_corpus_megabytes)[0]
     paths = [Path(p) for p in source.split(",")]
     if any(p.suffix in (".txt", ".text", ".md") or p.is_file() for p in paths):
         for path in paths:

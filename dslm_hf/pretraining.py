@@ -53,6 +53,7 @@ from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint,
 from .cli import UserError, check_known_keys, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
+from .files import write_json_atomically
 from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
 from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
@@ -66,7 +67,8 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard")
+RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard", "corpus_manifest.json")
+CORPUS_MANIFEST = "corpus_manifest.json"  # how the training and held-out text were made (data.load_split_corpus)
 COUNT_BASELINE_ORDER = 4  # the README's main command prints the model's held-out loss next to this n-gram's
 
 
@@ -338,6 +340,18 @@ def micro_batches(accelerator, dataloader, sampler, start: int):
         epoch, offset = epoch + 1, 0
 
 
+def describe_manifest(manifest: dict) -> str:
+    """One line: the split sizes and, for the default corpus, what its cleaning dropped."""
+    sizes = ", ".join(f"{name} {entry.get('files', entry.get('rows'))} {'files' if 'files' in entry else 'rows'} "
+                      f"{entry['bytes'] / 1e6:.2f} MB" for name, entry in manifest.items()
+                      if name in ("train", "validation"))
+    if "dropped_counts" not in manifest:
+        return sizes
+    dropped = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in manifest["dropped_counts"].items())
+    return (f"{sizes} (cleaned: dropped {dropped or 'no'} files and {manifest['repeated_paragraphs_dropped']} "
+            "repeated paragraphs)")
+
+
 def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resuming: bool):
     """(tokenizer, train blocks, held-out blocks). Rank 0 goes first: it trains (or loads) the tokenizer and saves it
     to run_dir/tokenizer; the other ranks, and resumed runs, load that saved tokenizer."""
@@ -346,10 +360,12 @@ def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resumin
         raise UserError(f"cannot resume: the run's tokenizer {tokenizer_dir} is missing, and the checkpoint's token "
                         "ids mean nothing without it; restore the folder or start over with --overwrite_output_dir")
     with accelerator.main_process_first():
-        splits = data.hold_out_documents(
-            data.load_corpus(args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
-                             default_corpus_megabytes=args.default_corpus_megabytes),
-            args.validation_fraction)
+        splits, manifest = data.load_split_corpus(
+            args.dataset, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+            default_corpus_megabytes=args.default_corpus_megabytes, validation_fraction=args.validation_fraction)
+        if accelerator.is_main_process:  # the recipe, sizes and text hashes, so anyone can rebuild the same data
+            write_json_atomically(run_dir / CORPUS_MANIFEST, manifest)
+            accelerator.print(f"corpus {args.dataset!r}: {describe_manifest(manifest)}; recipe in {run_dir / CORPUS_MANIFEST}")
         reuse_saved = tokenizer_dir.is_dir() and (resuming or not accelerator.is_main_process)
         if reuse_saved:
             tokenizer = data.load_tokenizer(str(tokenizer_dir))

@@ -24,19 +24,18 @@ def blocks(corpus, tokenizer):
 
 
 def test_default_corpus_is_sorted_stdlib_source_within_budget():
-    files = data.default_corpus_files(0.5)
-    names = [p.name for p in files]
-    assert all(name.endswith(".py") for name in names)
-    assert files == sorted(files, key=lambda p: p.as_posix())
-    total = sum(p.stat().st_size for p in files)
-    assert total >= 0.5e6 and total - files[-1].stat().st_size < 0.5e6  # the budget is crossed by the last file only
-    assert data.default_corpus_files(0.5) == files  # deterministic
+    splits, manifest = data.load_default_corpus(0.5)
+    paths = list(splits["train"]["path"]) + list(splits["validation"]["path"])
+    assert all(path.endswith(".py") for path in paths)
+    assert list(splits["train"]["path"]) == sorted(splits["train"]["path"])
+    sizes = {path: len(text.encode()) for split in splits.values() for path, text in zip(split["path"], split["text"])}
+    last = max(paths)  # the budget is crossed by the last file only
+    assert manifest["bytes_kept"] == sum(sizes.values()) >= 0.5e6 > sum(sizes.values()) - sizes[last]
 
 
 def test_default_corpus_loads_through_datasets_with_a_text_column(corpus):
-    assert list(corpus) == ["train"]
-    assert corpus["train"].column_names == ["text"]
-    assert len(corpus["train"]) == len(data.default_corpus_files(0.3))
+    assert list(corpus) == ["train", "validation"]
+    assert corpus["train"].column_names == corpus["validation"].column_names == ["text"]
 
 
 def test_trained_tokenizer_has_the_special_tokens_and_round_trips_text(tokenizer):
@@ -54,8 +53,8 @@ def test_packed_blocks_are_full_and_separate_documents_with_eos(corpus, tokenize
 
 
 def test_held_out_documents_are_evenly_spaced_and_disjoint_from_training():
-    splits = data.hold_out_documents(data.load_corpus("default", default_corpus_megabytes=1.0), 0.1)
-    documents = data.load_corpus("default", default_corpus_megabytes=1.0)["train"]["text"]
+    splits = data.hold_out_documents(data.load_corpus(str(EXCERPT)), 0.1)
+    documents = data.load_corpus(str(EXCERPT))["train"]["text"]
     held_out = [documents.index(text) for text in splits["validation"]["text"]]
     assert len(held_out) == round(0.1 * len(documents))
     assert held_out == [int((j + 0.5) * len(documents) / len(held_out)) for j in range(len(held_out))]
@@ -64,8 +63,7 @@ def test_held_out_documents_are_evenly_spaced_and_disjoint_from_training():
 
 
 def test_own_validation_split_is_kept_and_too_small_corpus_is_an_error(corpus):
-    own = DatasetDict(train=corpus["train"], validation=corpus["train"].select([0]))
-    assert data.hold_out_documents(own, 0.05) is own
+    assert data.hold_out_documents(corpus, 0.05) is corpus
     with pytest.raises(ValueError, match="has 1 document"):
         data.hold_out_documents(DatasetDict(train=corpus["train"].select([0])), 0.05)
 
