@@ -31,18 +31,19 @@ GPU_SHAPES = ("6x768", "24x384", "96x192")
 
 
 class TokenCorpus:
-    """The standard library's source as byte-level BPE ids: first 95% of the files for training, the rest held out."""
+    """The cleaned standard-library corpus (`dslm_hf.data.load_default_corpus`: deduplicated, generated tables dropped,
+    held out by file) as byte-level BPE ids trained on its training files; `manifest` says what was dropped."""
 
     def __init__(self, megabytes: float, vocab_size: int):
         import torch
         from dslm_hf.data import load_default_corpus, train_byte_level_bpe
 
-        texts = load_default_corpus(megabytes)["text"]
-        cut = int(len(texts) * 0.95)
-        tokenizer = train_byte_level_bpe(texts[:cut], vocab_size)
+        splits, self.manifest = load_default_corpus(megabytes)
+        train_texts, held_out_texts = splits["train"]["text"], splits["validation"]["text"]
+        tokenizer = train_byte_level_bpe(train_texts, vocab_size)
         encode = lambda parts: torch.tensor([i for t in parts for i in tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]])  # noqa: E731
         self.tokenizer = tokenizer
-        self.train_ids, self.validation_ids = encode(texts[:cut]), encode(texts[cut:])
+        self.train_ids, self.validation_ids = encode(train_texts), encode(held_out_texts)
 
     random_blocks = common.CharCorpus.random_blocks
     validation_blocks = common.CharCorpus.validation_blocks

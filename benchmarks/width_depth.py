@@ -65,7 +65,9 @@ def build_corpora(args, folder: Path) -> dict:
         torch.save({"train": corpus.train_ids, "validation": corpus.validation_ids, "vocab": len(corpus.tokenizer),
                     "pad": corpus.tokenizer.pad_token_id, "eos": corpus.tokenizer.eos_token_id}, path)
         described[name] = {"path": str(path), "train_tokens": len(corpus.train_ids),
-                           "validation_tokens": len(corpus.validation_ids), "vocab_size": len(corpus.tokenizer)}
+                           "validation_tokens": len(corpus.validation_ids), "vocab_size": len(corpus.tokenizer),
+                           "manifest": {k: v for k, v in getattr(corpus, "manifest", {}).items()
+                                        if isinstance(v, (str, int, float))}}
     return described
 
 

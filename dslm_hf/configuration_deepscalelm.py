@@ -74,14 +74,6 @@ class DeepScaleLMConfig(PreTrainedConfig):
             `init_scheme="deepscalelm"` only; the initialisation is DeepScaleLM's in every case.
         depth_base_layers (`int`, defaults to 4): the depth at which the learning rate was tuned; every
             parameterization equals `"deepscalelm"` at this depth.
-        embedding_correlation (`float`, *optional*): r0, the correlation of two positions' summed embeddings. It
-            depends on the data: estimate it with `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for
-            your tokenizer and corpus. `None` takes `DEFAULT_EMBEDDING_CORRELATIONS` for the architecture (decoder
-            0.01, encoder 0.03, encoder-decoder 0.02); the reference code's BERT/Wikipedia value is 0.221.
-        recurrence (`str`, defaults to `"refined"`): how the correlation recurrence (which sets W_v, W_o per layer)
-            treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
-            length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
-            code - attention's output variance is the input correlation r and its outputs are identical across
         width_parameterization (`str`, defaults to `"standard"`): how the optimizer and the readout scale with width,
             relative to `width_base` (m_w = hidden_size / width_base). `"standard"`: no rule. `"mup"`: muP for AdamW
             (Yang et al., Tensor Programs V): the hidden matrices (attention, FFN, cross-attention, MLM transform)
@@ -91,6 +83,14 @@ class DeepScaleLMConfig(PreTrainedConfig):
             both cases.
         width_base (`int`, defaults to 64): the width at which the learning rate was tuned; `"mup"` equals
             `"standard"` at this width.
+        embedding_correlation (`float`, *optional*): r0, the correlation of two positions' summed embeddings. It
+            depends on the data: estimate it with `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for
+            your tokenizer and corpus. `None` takes `DEFAULT_EMBEDDING_CORRELATIONS` for the architecture (decoder
+            0.01, encoder 0.03, encoder-decoder 0.02); the reference code's BERT/Wikipedia value is 0.221.
+        recurrence (`str`, defaults to `"refined"`): how the correlation recurrence (which sets W_v, W_o per layer)
+            treats attention. `"refined"`: attention's output variance and output correlation follow the sequence
+            length and the mask (`init_sequence_length`, causal in a decoder). `"reference"`: exactly the reference
+            code - attention's output variance is the input correlation r and its outputs are identical across
             positions (correlation 1, then 1 - p after dropout).
         init_sequence_length (`int`, *optional*): sequence length the recipe assumes when it undoes attention's
             averaging; `None` means `max_position_embeddings`.
@@ -142,6 +142,8 @@ class DeepScaleLMConfig(PreTrainedConfig):
     residual_beta2: float | None = None
     depth_parameterization: str = "deepscalelm"
     depth_base_layers: int = 4
+    width_parameterization: str = "standard"
+    width_base: int = 64
     embedding_correlation: float | None = None
     recurrence: str = "refined"
     init_sequence_length: int | None = None
@@ -152,8 +154,6 @@ class DeepScaleLMConfig(PreTrainedConfig):
     decoder_layers: int | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
-    width_parameterization: str = "standard"
-    width_base: int = 64
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -228,6 +228,14 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}")
         if isinstance(self.depth_base_layers, bool) or not isinstance(self.depth_base_layers, int) or self.depth_base_layers < 1:
             fail("depth_base_layers", "expected a positive integer (the depth the learning rate was tuned at)")
+        if self.width_parameterization not in WIDTH_PARAMETERIZATIONS:
+            fail("width_parameterization", f"expected one of {WIDTH_PARAMETERIZATIONS}")
+        if isinstance(self.width_base, bool) or not isinstance(self.width_base, int) or self.width_base < 1:
+            fail("width_base", "expected a positive integer (the width the learning rate was tuned at)")
+        if self.width_parameterization == "mup" and self.init_scheme == "standard":
+            fail("width_parameterization", "muP scales the optimizer around matrices drawn with variance ~ 1/fan_in; "
+                 "init_scheme='standard' draws every matrix with the fixed std initializer_range: use another "
+                 "init_scheme, or width_parameterization='standard'")
         if self.depth_parameterization != "deepscalelm" and self.init_scheme != "deepscalelm":
             fail("depth_parameterization", "the depth rules scale DeepScaleLM's lambda/beta and its optimizer: "
                  "use init_scheme='deepscalelm', or depth_parameterization='deepscalelm'")
@@ -239,14 +247,6 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("embedding_correlation", "expected r0 in (0, 1); estimate it with estimate_embedding_correlation")
         if self.initializer_range <= 0:
             fail("initializer_range", "expected a positive standard deviation")
-        if self.width_parameterization not in WIDTH_PARAMETERIZATIONS:
-            fail("width_parameterization", f"expected one of {WIDTH_PARAMETERIZATIONS}")
-        if isinstance(self.width_base, bool) or not isinstance(self.width_base, int) or self.width_base < 1:
-            fail("width_base", "expected a positive integer (the width the learning rate was tuned at)")
-        if self.width_parameterization == "mup" and self.init_scheme == "standard":
-            fail("width_parameterization", "muP scales the optimizer around matrices drawn with variance ~ 1/fan_in; "
-                 "init_scheme='standard' draws every matrix with the fixed std initializer_range: use another "
-                 "init_scheme, or width_parameterization='standard'")
         if self.is_encoder_decoder:
             if isinstance(self.decoder_layers, bool) or not isinstance(self.decoder_layers, int) or self.decoder_layers < 1:
                 fail("decoder_layers", "expected a positive integer for an encoder-decoder")

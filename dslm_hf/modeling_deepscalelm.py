@@ -753,8 +753,9 @@ def _require(config: DeepScaleLMConfig, head: str, *, is_decoder: bool | None = 
 
 _LOGIT_SCALE_DOC = """
     `logit_scale` (float attribute): the logits are `lm_head(hidden_states * logit_scale)`. Under the recipe with a
-    tied output embedding it is 1/sqrt(d sigma_e^2) (initial logits of variance 1); otherwise 1. Code that computes
-    `hidden_states @ embed_tokens.weight.T` itself must multiply by it.
+    tied output embedding it is 1/sqrt(d sigma_e^2) (initial logits of variance 1); otherwise 1. With
+    `width_parameterization="mup"` it is that value at `width_base` times width_base / hidden_size (muP's readout
+    multiplier). Code that computes `hidden_states @ embed_tokens.weight.T` itself must multiply by it.
 """
 
 

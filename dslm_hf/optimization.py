@@ -33,6 +33,8 @@ HIDDEN_HEAD_CLASS_NAME = "DeepScaleLMPredictionHeadTransform"
 # dslm-pretrain's defaults, from the learning-rate x depth sweep (benchmarks/RESULTS.md, "Depth"): with the depth-muP
 # rule the best base learning rate stayed within one factor-2 step from 4 to 256 layers at width 64.
 PRETRAINING_PARAMETERIZATION = "depth_mup"
+# ... and with the width rule (muP for AdamW) from width_base = 64, the width of that sweep.
+PRETRAINING_WIDTH_PARAMETERIZATION = "mup"
 BASE_LEARNING_RATE = 8e-3
 
 
@@ -150,20 +152,40 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) ->
 
 
 def default_learning_rate(config) -> tuple[float, str]:
-    """(base learning rate, why) when the user gives none: the swept base rate at `depth_base_layers`; the depth rule
-    then scales it inside the layers. Without a rule ("deepscalelm"), one rate for the whole model, taken down as
-    (layers / base)^-1/4: the sweep's one-rate optimum was 0.008 at 4 and 16 layers and 0.004 at 64 and 256 (width 64),
-    which this follows within a factor 1.5 at every measured depth."""
-    parameterization = getattr(config, "depth_parameterization", "deepscalelm")
+    """(base learning rate, why) when the user gives none, from the shape (depth and width).
+
+    The swept base rate holds at `depth_base_layers` and `width_base`; the depth rule then scales it inside the
+    layers and the width rule ("mup") for the hidden matrices. Without a depth rule ("deepscalelm"), one rate taken
+    down as (layers / base)^-1/4: the sweep's one-rate optimum was 0.008 at 4 and 16 layers and 0.004 at 64 and 256
+    (width 64), which this follows within a factor 1.5 at every measured depth. Without a width rule ("standard"), the
+    rate is taken down as width_base / width above width_base (the optimum halved from width 64 to 128, the one wider
+    width measured) and kept below it (not measured).
+    """
+    depth_rule, base_layers, width_rule, width_base, width = _rules(config)
     depth = max(layers for _, layers, _ in config.residual_stacks())
-    if parameterization == "deepscalelm":
-        rate = BASE_LEARNING_RATE * min(1.0, (depth / config.depth_base_layers) ** -0.25)
-        return rate, (f"{rate:.3g} for every parameter: {BASE_LEARNING_RATE:g} at {config.depth_base_layers} layers "
-                      f"x ({depth} / {config.depth_base_layers})^-1/4 (no depth rule in the config)")
-    lr_mult = depth_optimizer_multipliers(parameterization, depth / config.depth_base_layers)[0]
-    return BASE_LEARNING_RATE, (f"base {BASE_LEARNING_RATE:g} (embeddings, final norm, head), "
-                                f"{BASE_LEARNING_RATE * lr_mult:.3g} inside the {depth} layers ({parameterization} rule "
-                                f"from {config.depth_base_layers} layers)")
+    width_mult = width / width_base
+    rate, narrowed = BASE_LEARNING_RATE, ""
+    if width_rule == "standard" and width_mult > 1:
+        rate, narrowed = rate / width_mult, f" x {width_base}/{width}"
+    width_part = (f", {{:.3g}} for the hidden matrices (mup width rule from width {width_base})" if width_rule == "mup"
+                  else "; no width rule in the config")
+    if depth_rule == "deepscalelm":
+        rate *= min(1.0, (depth / base_layers) ** -0.25)
+        return rate, (f"{rate:.3g} for every parameter{' but the hidden matrices' if width_rule == 'mup' else ''}: "
+                      f"{BASE_LEARNING_RATE:g} at {base_layers} layers x ({depth} / {base_layers})^-1/4{narrowed} (no depth "
+                      f"rule in the config)" + width_part.format(rate / width_mult))
+    inside = rate * depth_optimizer_multipliers(depth_rule, depth / base_layers)[0]
+    return rate, (f"base {rate:g}{f' ({BASE_LEARNING_RATE:g}{narrowed})' if narrowed else ''} (embeddings, final norm, "
+                  f"head), {inside:.3g} inside the {depth} layers ({depth_rule} rule from {base_layers} layers)"
+                  + width_part.format(inside / width_mult))
+
+
+def describe_rules(config) -> str:
+    """The config's depth and width rules in words, for the training log."""
+    depth_rule, base_layers, width_rule, width_base, _ = _rules(config)
+    depth = "no depth rule" if depth_rule == "deepscalelm" else f"{depth_rule} depth rule from {base_layers} layers"
+    width = "no width rule" if width_rule == "standard" else f"{width_rule} width rule from width {width_base}"
+    return f"{depth}, {width}"
 
 
 def _describe_parameters(depth: int | None, hidden: set[bool]) -> str:
@@ -185,4 +207,4 @@ def describe_groups(groups: list[dict]) -> str:
 
 
 __all__ = ["depth_parameter_groups", "build_adamw", "set_learning_rate", "find_deepscalelm_config",
-           "default_learning_rate", "describe_groups"]
+           "default_learning_rate", "describe_rules", "describe_groups"]

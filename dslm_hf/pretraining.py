@@ -56,7 +56,14 @@ from .evaluation import evaluate, to_device
 from .files import write_json_atomically
 from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
-from .optimization import PRETRAINING_PARAMETERIZATION, default_learning_rate, depth_parameter_groups, describe_groups
+from .optimization import (
+    PRETRAINING_PARAMETERIZATION,
+    PRETRAINING_WIDTH_PARAMETERIZATION,
+    default_learning_rate,
+    depth_parameter_groups,
+    describe_groups,
+    describe_rules,
+)
 from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from .pipeline import Pipeline, check_pipeline_layout
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
@@ -106,8 +113,10 @@ class PretrainingArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Peak base learning rate (AdamW): embeddings, final norm, heads, and the layers at the config's "
-                "depth_base_layers; the depth rule scales it inside deeper layers. Unset: picked from depth "
-                "(dslm_hf.optimization.default_learning_rate) and said so in the log."})
+                "depth_base_layers and width_base; the depth rule scales it inside deeper layers, the width rule "
+                "(width_parameterization='mup', the default for Pre-LN DeepScaleLM) for the hidden matrices of wider "
+                "models. Unset: picked from depth and width (dslm_hf.optimization.default_learning_rate) and said so "
+                "in the log."})
     depth_parameterization: str | None = field(default=None, metadata={
         "help": "How branches and learning rates scale with depth: 'depth_mup' (default for DeepScaleLM inits: "
                 "DeepScaleLM's init and beta with the depth-muP AdamW rule), 'deepscalelm' (one learning rate), "
@@ -271,6 +280,8 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
         kwargs["depth_parameterization"] = args.depth_parameterization
     elif kwargs.get("init_scheme", "deepscalelm") == "deepscalelm" and kwargs.get("norm_placement", "pre") == "pre":
         kwargs.setdefault("depth_parameterization", PRETRAINING_PARAMETERIZATION)
+    if kwargs.get("init_scheme", "deepscalelm") == "deepscalelm" and kwargs.get("norm_placement", "pre") == "pre":
+        kwargs.setdefault("width_parameterization", PRETRAINING_WIDTH_PARAMETERIZATION)
     if args.pipeline_parallel_size > 1:
         try:
             check_pipeline_layout(kwargs.get("num_hidden_layers", DeepScaleLMConfig.num_hidden_layers),
@@ -537,7 +548,7 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
             raise UserError("--fully_shard shards over the processes of a process group: launch through torchrun or a "
                             "multi-process accelerate launch (e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
         model = parallel.shard_model(model.to(accelerator.device), mixed_precision=args.mixed_precision)
-    learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate)") \
+    learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate; {describe_rules(config)})") \
         if args.learning_rate is not None else default_learning_rate(config)
     args.learning_rate = learning_rate  # recorded with the run's arguments
     groups = depth_parameter_groups(model, learning_rate, args.weight_decay, eps=args.adam_epsilon)
