@@ -3,6 +3,7 @@
     dslm-diagnose MODEL --output-dir DIR                 # MODEL: a model id, a folder, or a config.json
     dslm-diagnose MODEL --output-dir DIR --text-file ../shared/data/tinyshakespeare/input.txt --tokenizer bytes
     dslm-diagnose --plan --hidden-size 256 --output-dir DIR
+    dslm-diagnose MODEL_OR_RUN --usefulness --text_file FILE --output-dir DIR   # per-layer usefulness (below)
 
 For every layer of every stack (decoder-only, encoder-only, or both stacks of an encoder-decoder) one training-mode
 forward and backward pass measures the residual stream's variance and the correlation between positions (rank
@@ -11,6 +12,9 @@ layer's output; a separate eval-mode pass (eager attention, no dropout on the pr
 the attention logits within a row and the attention entropy. For DeepScaleLM configs the predictions of
 `dslm_hf.theory` are overlaid; any other model is "not covered" and gets the measurements alone.
 Writes DIR/report.json and DIR/signal_propagation.png (`--plan`: DIR/depth_plan.json and DIR/depth_plan.png).
+`--usefulness` measures, on held-out text, what each layer is worth (`dslm_hf.layer_usefulness`: the loss increase
+when it is skipped, the angle it turns the stream by, its share of the gradient), for a model or for every checkpoint
+of a run, and writes DIR/usefulness.json and DIR/usefulness.png.
 
 Python API: `load_model`, `measure_signal_propagation`, `diagnose`, `plan_depths`.
 """
@@ -27,11 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import layer_usefulness as usefulness
 from . import layers as layer_finding
 from . import monitoring
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import read_text_file
+from .files import write_text_atomically
 from .measurements import token_correlation, weight_gradient_norm
 from .recipe_deepscalelm import embedding_correlation_estimate
 from .theory import predict_model
@@ -498,10 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="where report.json and the PNG plots go")
     parser.add_argument("--random-init", action="store_true", help="ignore weights: a fresh model from the config")
     parser.add_argument("--text", help="text to feed (default: Zipf-distributed random tokens)")
-    parser.add_argument("--text-file", help="file whose text to feed")
+    parser.add_argument("--text-file", "--text_file", help="file whose text to feed")
     parser.add_argument("--tokenizer", help="tokenizer id/folder for --text, or 'bytes' (UTF-8 bytes as ids); "
                         "default: the model's own")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, help="default: min(128, the model's maximum positions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -509,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signals", metavar="RUN", help="plot a training run's layer signals instead of measuring "
                         "a model: a dslm-pretrain run folder (--signal_every) or a Trainer output folder "
                         "(LayerSignalCallback), or their layer_signals.jsonl")
+    _add_usefulness_arguments(parser)
     plan = parser.add_argument_group("depth planning (--plan: theory only, no MODEL)")
     plan.add_argument("--plan", action="store_true", help="plot predicted profiles at several depths, vanilla vs DeepScaleLM")
     plan.add_argument("--hidden-size", type=int, default=256)
@@ -531,6 +538,8 @@ def _sequence_length(config, requested: int | None) -> int:
 
 def _run(args) -> str:
     check_output_dir(args.output_dir, "--output-dir")
+    if args.usefulness:
+        return run_usefulness(args)
     if args.plan:
         depths = [int(d) for d in args.depths.split(",") if d.strip().isdigit()]
         if len(depths) != len(args.depths.split(",")) or any(d < 1 for d in depths):
@@ -584,6 +593,153 @@ def _run(args) -> str:
         input_ids = zipf_token_ids(vocab_size, args.batch_size, length, seed=args.seed)
     report = diagnose(model, input_ids, args.output_dir, source=args.model, progress=not args.no_progress)
     return f"wrote {Path(args.output_dir) / 'report.json'} and signal_propagation.png ({report['theory'].split(':')[0]} by the theory)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-layer usefulness (--usefulness): the measurement is dslm_hf.layer_usefulness, this is its command line
+# ----------------------------------------------------------------------------------------------------------------
+def _add_usefulness_arguments(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group(
+        "per-layer usefulness (--usefulness: on held-out text, per layer, the loss increase when it is skipped, the "
+        "angular distance between its input and output stream, and its share of the gradient norm^2; decoder-only "
+        "models with a causal LM head or encoder-only models with a masked LM head)")
+    group.add_argument("--usefulness", action="store_true",
+                       help="measure per-layer usefulness: writes usefulness.json and usefulness.png. MODEL may also "
+                       "be a run folder: each checkpoint (checkpoint-*, or dslm-pretrain's checkpoints/step_*) and its "
+                       "final model are measured on the same blocks, one curve each")
+    group.add_argument("--block_size", type=int, help="tokens per held-out block (default: min(128, the model's "
+                       "positions))")
+    group.add_argument("--max_blocks", type=int, default=32, help="at most this many blocks, from the start of the "
+                       "text (default 32)")
+
+
+def _checkpoint_step(name: str, prefix: str) -> int | None:
+    rest = name[len(prefix):]
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else None
+
+
+def usefulness_sources(spec: str, random_init: bool = False, trust_remote_code: bool = False) -> tuple[list, list]:
+    """([(label, load)], [skipped checkpoint, why]) for MODEL: a run folder's checkpoints oldest first, then its final
+    model; otherwise MODEL alone. A Trainer run holds checkpoint-N model folders; a dslm-pretrain run holds verified
+    checkpoints/step_N weights (built from its model_config) and final/."""
+    from safetensors.torch import load_model as load_weights
+
+    from .checkpointing import MODEL_FILE, CheckpointError, checkpoint_folders, verify_checkpoint
+
+    def folder_loader(folder: Path):
+        return lambda: load_model(str(folder), random_init=random_init, trust_remote_code=trust_remote_code)
+
+    def weights_loader(run: Path, folder: Path):
+        def load():
+            model = load_model(str(run / "model_config"), random_init=True, trust_remote_code=trust_remote_code)
+            try:
+                load_weights(model, str(folder / MODEL_FILE))
+            except RuntimeError as error:
+                raise DiagnoseError(f"checkpoint {folder} does not fit the run's model_config ({str(error)[:200]})") from None
+            return model
+        return load
+
+    run = Path(spec)
+    sources, skipped = [], []
+    if not run.is_dir() or ((run / "config.json").is_file() and not any(run.glob("checkpoint-*"))):
+        return [(spec, folder_loader(run) if run.is_dir() else lambda: load_model(spec, random_init, trust_remote_code))], []
+    trainer = sorted((step, path) for path in run.glob("checkpoint-*")
+                     if path.is_dir() and (step := _checkpoint_step(path.name, "checkpoint-")) is not None)
+    sources += [(f"step {step}", folder_loader(path)) for step, path in trainer]
+    if (run / "model_config" / "config.json").is_file():
+        for folder in reversed(checkpoint_folders(run)):
+            try:
+                step = verify_checkpoint(folder)
+            except CheckpointError as error:
+                skipped.append((folder.name, str(error)))
+                continue
+            sources.append((f"step {step}", weights_loader(run, folder)))
+    for final in (run / "final", run):
+        if (final / "config.json").is_file():
+            sources.append(("final", folder_loader(final)))
+            break
+    if not sources:
+        raise DiagnoseError(f"{spec} holds no model to measure: expected config.json, checkpoint-N folders (Trainer) "
+                            "or checkpoints/step_N with model_config/ (dslm-pretrain)"
+                            + (f"; skipped {', '.join(name for name, _ in skipped)}" if skipped else ""))
+    return sources, skipped
+
+
+def _usefulness_tokenizer(args):
+    """--tokenizer, else the first of the run's tokenizer/, final/, checkpoint folders and MODEL that holds one."""
+    if args.tokenizer == "bytes":
+        return "bytes"
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer
+    if name is None:
+        run = Path(args.model)
+        candidates = [run / "tokenizer", run / "final", *sorted(run.glob("checkpoint-*")), run] if run.is_dir() else []
+        found = [c for c in candidates if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file()]
+        name = str(found[0]) if found else args.model
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DiagnoseError(f"no tokenizer for {name!r} ({str(error).splitlines()[0]}): pass --tokenizer NAME, or "
+                            "--tokenizer bytes for a byte/char-level vocabulary") from None
+
+
+def _usefulness_batches(model, token_ids: list[int], args, tokenizer) -> tuple[str, list[dict]]:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    block_size = args.block_size or (min(128, limit) if limit else 128)
+    if limit and block_size > limit:
+        raise DiagnoseError(f"--block_size {block_size} exceeds the model's {limit} positions")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if token_ids and max(token_ids) >= vocab_size:
+        raise DiagnoseError(f"the tokenizer produced id {max(token_ids)} outside the model's vocabulary ({vocab_size}): "
+                            "pass the tokenizer the model was trained with (--tokenizer)")
+    if "MaskedLM" in type(model).__name__:
+        mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_token_id is None:
+            raise DiagnoseError(f"{type(model).__name__} is a masked LM but the tokenizer has no mask token: pass "
+                                "--tokenizer with one")
+        return "masked_lm", usefulness.masked_lm_batches(token_ids, block_size, args.max_blocks, mask_token_id,
+                                                         args.batch_size, seed=args.seed)
+    return "causal_lm", usefulness.causal_lm_batches(token_ids, block_size, args.max_blocks, args.batch_size)
+
+
+def run_usefulness(args) -> str:
+    """--usefulness: measure MODEL (or each checkpoint of a run), write usefulness.json and .png, summarise."""
+    if args.plan or args.signals is not None:
+        raise DiagnoseError("--usefulness measures a model: it does not combine with --plan or --signals")
+    if args.model is None:
+        raise DiagnoseError("--usefulness needs a MODEL: a model id, a model folder, or a run folder with checkpoints")
+    if args.text is None and args.text_file is None:
+        raise DiagnoseError("--usefulness needs held-out text: --text_file FILE (or --text TEXT)")
+    if args.sequence_length is not None:
+        raise DiagnoseError("--sequence-length sets the signal-propagation input; with --usefulness use --block_size")
+    if args.batch_size < 1:
+        raise DiagnoseError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sources, skipped = usefulness_sources(args.model, args.random_init, args.trust_remote_code)
+    text = args.text if args.text is not None else read_text_file(args.text_file, "--text_file")
+    tokenizer = _usefulness_tokenizer(args)
+    if tokenizer == "bytes":
+        token_ids = list(text.encode("utf-8"))
+    else:
+        token_ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    measured, lines = [], []
+    for label, load in sources:
+        model = load()
+        objective, batches = _usefulness_batches(model, token_ids, args, tokenizer)
+        result = usefulness.measure_layer_usefulness(model, batches, progress=not args.no_progress)
+        lines.append(usefulness.summary_line(result, label))
+        measured.append({"label": label, "objective": objective, "summary": lines[-1], **result})
+        del model
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "text": args.text_file or "--text", "tokenizer": args.tokenizer or "the model's own",
+              "block_size": len(batches[0]["input_ids"][0]), "blocks": sum(len(b["input_ids"]) for b in batches),
+              "skipped_checkpoints": [{"name": name, "why": why} for name, why in skipped], "measurements": measured}
+    write_text_atomically(out / "usefulness.json", json.dumps(report, indent=1))
+    usefulness.plot_usefulness([(m["label"], m) for m in measured], out / "usefulness.png",
+                               title=f"Per-layer usefulness: {args.model}")
+    skipped_note = [f"skipped {name}: {why}" for name, why in skipped]
+    return "\n".join(lines + skipped_note + [f"wrote {out / 'usefulness.json'} and {out / 'usefulness.png'}"])
 
 
 def main(argv: list[str] | None = None) -> int:
