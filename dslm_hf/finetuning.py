@@ -50,7 +50,7 @@ from transformers.utils import logging
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .data import load_hub_dataset, read_text_file
 from .modeling_deepscalelm import IGNORE_INDEX  # padding, prompt tokens, non-first sub-words: no loss
-from .optimization import build_adamw, describe_groups
+from .optimization import build_adamw, describe_groups, rule_settings
 
 logger = logging.get_logger(__name__)
 
@@ -634,28 +634,31 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
 
 
 def depth_rule_optimizer(model, training_args: TrainingArguments):
-    """AdamW with the model's depth rule (dslm_hf.optimization), handed to Trainer through its `optimizers` hook.
+    """AdamW with the model's depth and width rules (dslm_hf.optimization), handed to Trainer through its `optimizers`
+    hook.
 
     Trainer builds its scheduler around it. Sharded Trainer runs (FSDP, DeepSpeed) create their optimizer after
     wrapping and take no prebuilt one: there the default parameterization uses Trainer's own AdamW (the same groups:
-    matrices decayed, biases and LayerNorms not), and a depth rule is refused rather than silently dropped.
+    matrices decayed, biases and LayerNorms not), and a depth or width rule is refused rather than silently dropped (the
+    width rule's readout multiplier lives in the model: without its learning rates it would be half a rule).
     """
-    parameterization = getattr(model.config, "depth_parameterization", "deepscalelm")
+    rules = ", ".join(f"{field}={value!r}" for field, value in rule_settings(model.config).items())
     if training_args.fsdp or training_args.deepspeed:
-        if parameterization != "deepscalelm":
+        if rules:
             raise FinetuneInputError(
-                f"the model's depth_parameterization={parameterization!r} needs per-layer learning rates, which "
-                "dslm-finetune cannot hand to Trainer under FSDP/DeepSpeed: fine-tune without sharding, or set "
-                "depth_parameterization='deepscalelm' in its config")
+                f"the model's optimizer rules ({rules}) need per-group learning rates, which dslm-finetune cannot hand "
+                "to Trainer under FSDP/DeepSpeed: fine-tune without sharding, or set depth_parameterization='deepscalelm' and "
+                "width_parameterization='standard' in its config")
         return None
     if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
-        if parameterization != "deepscalelm":
-            raise FinetuneInputError(f"--optim {training_args.optim} cannot carry the model's depth rule "
-                                     f"({parameterization}): use --optim adamw_torch")
+        if rules:
+            optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames enum member
+            raise FinetuneInputError(f"--optim {optim} cannot carry the model's optimizer rules "
+                                     f"({rules}): use --optim adamw_torch")
         return None
     optimizer = build_adamw(model, training_args.learning_rate, training_args.weight_decay,
                             betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
-    logger.warning(f"dslm-finetune: AdamW with the model's depth rule ({parameterization}): "
+    logger.warning(f"dslm-finetune: AdamW with the model's rules ({rules or 'none'}): "
                    f"{describe_groups(optimizer.param_groups)}")
     return optimizer
 

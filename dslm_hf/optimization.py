@@ -180,6 +180,15 @@ def default_learning_rate(config) -> tuple[float, str]:
                   + width_part.format(inside / width_mult))
 
 
+def rule_settings(config) -> dict[str, str]:
+    """The config fields that give some parameter group a multiplier other than 1: a depth rule other than
+    "deepscalelm", a width rule other than "standard". Empty when plain AdamW groups carry the config's rules (any
+    model config is accepted: one without these fields has no rule)."""
+    settings = {"depth_parameterization": getattr(config, "depth_parameterization", "deepscalelm"),
+                "width_parameterization": getattr(config, "width_parameterization", "standard")}
+    return {field: value for (field, value), plain in zip(settings.items(), ("deepscalelm", "standard")) if value != plain}
+
+
 def describe_rules(config) -> str:
     """The config's depth and width rules in words, for the training log."""
     depth_rule, base_layers, width_rule, width_base, _ = _rules(config)
@@ -207,4 +216,4 @@ def describe_groups(groups: list[dict]) -> str:
 
 
 __all__ = ["depth_parameter_groups", "build_adamw", "set_learning_rate", "find_deepscalelm_config",
-           "default_learning_rate", "describe_rules", "describe_groups"]
+           "default_learning_rate", "rule_settings", "describe_rules", "describe_groups"]

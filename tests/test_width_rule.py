@@ -352,3 +352,22 @@ def test_coordinate_check_hidden_updates_stay_put_across_width_under_mup_and_gro
     assert mup[1] == standard[1]  # width 64 is the base width: the two rules are the same model and optimizer
     assert max(mup) / min(mup) < 2.0
     assert standard[3] / standard[0] > 2.5 and standard[3] > standard[2] > standard[1]
+
+
+def test_finetune_refuses_to_drop_the_width_rule_under_sharding_or_another_optimizer(tmp_path):
+    from transformers import TrainingArguments
+
+    from dslm_hf.finetuning import FinetuneInputError, depth_rule_optimizer
+
+    model = DeepScaleLMForCausalLM(config_of(128, layers=4, depth_parameterization="deepscalelm"))
+    plain = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.0, use_cpu=True, report_to=[])
+    rates = group_of(depth_rule_optimizer(model, plain).param_groups)
+    assert rates[id(model.model.layers[0].mlp.fc1.weight)]["lr"] == pytest.approx(1e-4 * 64 / 128, rel=1e-12)
+    sharded = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[])
+    with pytest.raises(FinetuneInputError, match=re.escape("the model's optimizer rules (width_parameterization='mup') "
+                                                           "need per-group learning rates")):
+        depth_rule_optimizer(model, sharded)
+    other = TrainingArguments(output_dir=str(tmp_path), optim="adafactor", use_cpu=True, report_to=[])
+    with pytest.raises(FinetuneInputError, match=re.escape("--optim adafactor cannot carry the model's optimizer rules "
+                                                           "(width_parameterization='mup')")):
+        depth_rule_optimizer(model, other)
