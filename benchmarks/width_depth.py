@@ -53,22 +53,26 @@ RULES = dict(depth_parameterization="depth_mup", depth_base_layers=4, width_para
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora: built once in the main process, token ids handed to the workers as files
 # ----------------------------------------------------------------------------------------------------------------
-def build_corpora(args, folder: Path) -> dict:
+def save_corpus(name: str, corpus, folder: Path) -> dict:
     import torch
 
-    corpora = {"char": common.CharCorpus(args.text)}
-    if args.study_corpora and "bpe" in args.study_corpora:
-        corpora["bpe"] = TokenCorpus(args.corpus_megabytes, args.vocab_size)
-    described = {}
-    for name, corpus in corpora.items():
-        path = folder / f"{name}.pt"
-        torch.save({"train": corpus.train_ids, "validation": corpus.validation_ids, "vocab": len(corpus.tokenizer),
-                    "pad": corpus.tokenizer.pad_token_id, "eos": corpus.tokenizer.eos_token_id}, path)
-        described[name] = {"path": str(path), "train_tokens": len(corpus.train_ids),
-                           "validation_tokens": len(corpus.validation_ids), "vocab_size": len(corpus.tokenizer),
-                           "manifest": {k: v for k, v in getattr(corpus, "manifest", {}).items()
-                                        if isinstance(v, (str, int, float))}}
-    return described
+    path = folder / f"{name}.pt"
+    torch.save({"train": corpus.train_ids, "validation": corpus.validation_ids, "vocab": len(corpus.tokenizer),
+                "pad": corpus.tokenizer.pad_token_id, "eos": corpus.tokenizer.eos_token_id}, path)
+    return {"path": str(path), "train_tokens": len(corpus.train_ids), "validation_tokens": len(corpus.validation_ids),
+            "vocab_size": len(corpus.tokenizer),
+            "manifest": {k: v for k, v in getattr(corpus, "manifest", {}).items() if isinstance(v, (str, int, float))}}
+
+
+def build_corpora(args, folder: Path, corpora: dict) -> None:
+    """Characters at once; the BPE corpus (minutes of tokenizer training) in a thread while the char runs start:
+    its runs wait in the queue until `corpora["bpe"]` exists."""
+    import threading
+
+    corpora["char"] = save_corpus("char", common.CharCorpus(args.text), folder)
+    if "bpe" in args.corpora_needed:
+        threading.Thread(target=lambda: corpora.__setitem__(
+            "bpe", save_corpus("bpe", TokenCorpus(args.corpus_megabytes, args.vocab_size), folder)), daemon=True).start()
 
 
 class LoadedCorpus:
@@ -265,14 +269,26 @@ def run_plan(args, shared: dict, on_result) -> list[dict]:
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        pending = {}
-        while queue or pending:
+        pending, waiting = {}, []
+        while queue or pending or waiting:
+            for item in waiting:  # runs on a corpus that was not ready yet
+                heapq.heappush(queue, item)
+            waiting = []
             while queue and len(pending) < args.workers and time.perf_counter() - started <= args.budget_s:
-                _, _, task = heapq.heappop(queue)
-                pending[pool.submit(run_one, task, shared)] = task
+                item = heapq.heappop(queue)
+                if item[2]["corpus"] not in shared["corpora"]:
+                    waiting.append(item)
+                    continue
+                pending[pool.submit(run_one, item[2], shared)] = item[2]
+            if time.perf_counter() - started > args.budget_s:
+                queue += waiting
+                waiting = []
             if not pending:
+                if waiting:
+                    time.sleep(1)
+                    continue
                 break
-            done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            done, _ = futures.wait(pending, timeout=5, return_when=futures.FIRST_COMPLETED)
             for future in done:
                 task = pending.pop(future)
                 try:
@@ -492,7 +508,7 @@ def parse_arguments(argv=None):
         args.dvs_shapes, args.seeds, args.batch, args.context = ["2x32", "4x16"], [0, 1], 2, 16
         args.sweep_steps = args.study_steps = args.dvs_steps = 3
         args.evaluations, args.validation_blocks, args.usefulness_blocks = 2, 4, 2
-        args.corpus_megabytes, args.vocab_size, args.study_corpora, args.study_rates = 0.2, 300, ["char"], 2
+        args.corpus_megabytes, args.vocab_size, args.study_rates = 0.2, 300, 2
     args.corpora_needed = sorted({"char", *args.study_corpora})
     return args
 
@@ -507,11 +523,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         import torch
 
-        shared = {"corpora": build_corpora(args, Path(folder)), "device": args.device, "context": args.context,
+        shared = {"corpora": {}, "device": args.device, "context": args.context,
                   "validation_blocks": args.validation_blocks, "usefulness_blocks": args.usefulness_blocks,
                   "evaluations": args.evaluations, "run_deadline_s": args.run_deadline_s,
                   "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-        print(f"corpora ready in {time.perf_counter() - started:.0f}s: {shared['corpora']}", flush=True)
+        build_corpora(args, Path(folder), shared["corpora"])
+        print(f"char corpus ready in {time.perf_counter() - started:.0f}s: {shared['corpora']}", flush=True)
 
         def on_result(record):
             records.append(record)
