@@ -538,6 +538,49 @@ def baseline_and_training_rows(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def baseline_comparison(results: dict, task: str) -> str | None:
+    """One sentence: whether the model beats the count baseline its evaluation record holds, and by how much."""
+    baselines, loss = results.get("baselines", {}), results["metrics"]["loss"]
+    if task == "causal-lm" and "ngram" in baselines:
+        ngram = baselines["ngram"]
+        gap = loss - ngram["loss"]
+        return (f"On the same held-out blocks it {'does not beat' if gap > 0 else 'beats'} the {ngram['order']}-gram "
+                f"({ngram['smoothing']}) fitted on the same training text: held-out loss {loss:.4f} against "
+                f"{ngram['loss']:.4f}, {abs(gap):.4f} nats per token {'worse' if gap > 0 else 'better'}.")
+    scored = baselines.get("fill_mask" if task == "masked-lm" else "spans")
+    if scored is not None:
+        gap = scored["model"]["accuracy"] - scored["unigram"]["accuracy"]
+        return (f"At the same held-out positions its top-1 accuracy is {scored['model']['accuracy']:.1%}, "
+                f"{abs(gap):.1%} {'above' if gap > 0 else 'below or at'} always predicting the most frequent "
+                f"training token ({scored['unigram']['accuracy']:.1%}).")
+    return None
+
+
+def card_limitations(config: DeepScaleLMConfig, results: dict, task: str) -> str:
+    """The card's Limitations section, a Markdown list: what the model is, its measured standing against the count
+    baselines of its evaluation record, its tokenizer and context, what its held-out numbers can be compared with,
+    and what loading it runs."""
+    training, dataset = results["training"], results["dataset"]
+    items = [
+        f"A demonstration of depth, not a useful language model: {training['tokens']:,} training tokens in "
+        f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It {WHAT_IT_DOES[task]} "
+        f"in the style of {dataset['name']} and knows nothing else.",
+        baseline_comparison(results, task),
+        f"Its vocabulary has {config.vocab_size:,} tokens"
+        + (" (a byte-level BPE this small is close to character level)" if config.vocab_size <= 512 else "")
+        + f"; it reads at most {config.max_position_embeddings} tokens at once (`max_position_embeddings`).",
+        f"The held-out text is {dataset['held_out_fraction']:.0%} of the paragraphs of the same text, evenly spaced: "
+        "it shares scenes, speakers and phrasing with the training text, so its numbers are not comparable with "
+        "numbers on a contiguous held-out split (such as the last 10% of the text).",
+        "Loading runs this repository's Python files (`trust_remote_code=True`): read them first, or pin a "
+        "`revision` you have read.",
+    ]
+    if task == "seq2seq-lm":
+        items.append("transformers 5.x has no `text2text-generation` pipeline (the Hub's pipeline tag still names "
+                     "the task): call `generate()` as in the example above.")
+    return "\n".join(f"- {item}" for item in items if item)
+
+
 def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) -> ModelCard:
     """The README of the Hub repository: metadata (pipeline, tags, datasets, model-index) and text, with every
     reported number read from the evaluation record `results`."""
@@ -551,6 +594,12 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
                    metric_value=round(metrics[metric], 4))
         for metric in ("loss", "perplexity")
     ]
+    scored = results.get("baselines", {}).get({"masked-lm": "fill_mask", "seq2seq-lm": "spans"}.get(task, ""))
+    if scored is not None:  # scripts/build_checkpoint.py measures it at the held-out mask / span positions
+        eval_results.append(EvalResult(
+            task_type=pipeline_tag, task_name=task_name, dataset_type=dataset["id"], dataset_name=dataset["name"],
+            dataset_split=dataset["split"], metric_type="accuracy", metric_value=round(scored["model"]["accuracy"], 4),
+            metric_name=f"held-out top-1 accuracy ({'masked tokens' if task == 'masked-lm' else 'hidden span tokens'})"))
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
@@ -575,11 +624,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
     )
     training_rows = [(TRAINING_LABELS.get(name, name.replace("_", " ")), _format_training_value(name, value))
                      for name, value in training.items()]
-    limitations = (
-        f"A demonstration of depth, not a useful language model: {training['tokens']:,} training tokens in "
-        f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It {WHAT_IT_DOES[task]} "
-        f"in the style of {dataset['name']} and knows nothing else."
-    )
+    limitations = card_limitations(config, results, task)
     return ModelCard.from_template(
         card_data,
         template_path=str(CARD_TEMPLATE_PATH),
