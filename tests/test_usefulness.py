@@ -141,6 +141,52 @@ def test_masked_lm_encoder_is_measured_on_its_masked_positions_only():
     assert sum(entry["gradient_share"] for entry in result["layers"]) == pytest.approx(1.0, abs=1e-12)
 
 
+class ToyLayer(torch.nn.Module):
+    """A layer in the old transformers style: it returns a tuple (hidden states, attention maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states):
+        return hidden_states + torch.tanh(self.linear(hidden_states)), "attention maps"
+
+
+class ToyLM(torch.nn.Module):
+    _no_split_modules = ["ToyLayer"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.layers = torch.nn.ModuleList([ToyLayer() for _ in range(3)])
+        self.head = torch.nn.Linear(8, VOCAB)
+        self.extras = []
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden, extra = layer(hidden)
+            self.extras.append(extra)
+        return type("Output", (), {"logits": self.head(hidden)})()
+
+
+def test_a_skipped_layer_with_a_tuple_output_keeps_its_other_elements():
+    model = ToyLM()
+    result = measure_layer_usefulness(model, batches())
+    assert set(model.extras) == {"attention maps"} and len(model.extras) == 3 * 2 * 4  # 2 batches, 1 + 3 passes
+    without = copy.deepcopy(model)
+    del without.layers[1]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches():
+            logits = without(batch["input_ids"]).logits[:, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(),
+                                                             reduction="sum"))
+            count += logits.shape[0] * logits.shape[1]
+    assert result["layers"][1]["ablation_cost"] == pytest.approx(total / count - result["loss"], abs=1e-6)
+
+
 def test_an_encoder_decoder_is_refused_naming_its_two_stacks():
     model = deepscalelm(DeepScaleLMForSeq2SeqLM, is_encoder_decoder=True, decoder_layers=2, decoder_start_token_id=1,
                         pad_token_id=0)
