@@ -236,7 +236,7 @@ def main(argv=None):
     records, skipped = [], []
 
     def save():
-        return common.write_results(args.out, {"code": common.RUN_CODE, "settings": vars(args), "runs": records,
+        return common.write_results(args.out, {"settings": vars(args), "runs": records,
                                                **summarise(records, args.shapes), "skipped": skipped,
                                                "wall_s": time.perf_counter() - started})
 

@@ -169,7 +169,7 @@ def main(argv=None):
 
     def save():
         return common.write_results(args.out, {
-            "code": common.RUN_CODE, "settings": vars(args), "base_layers": BASE_LAYERS, "runs": records, "optimum": optimum(records),
+            "settings": vars(args), "base_layers": BASE_LAYERS, "runs": records, "optimum": optimum(records),
             "skipped": [list(t) for t in skipped], "wall_s": time.perf_counter() - started})
 
     def report(record):

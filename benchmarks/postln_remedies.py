@@ -88,7 +88,7 @@ def main(argv=None):
     records, skipped = [], []
 
     def save():
-        return common.write_results(args.out, {"code": common.RUN_CODE, "settings": vars(args), "runs": records,
+        return common.write_results(args.out, {"settings": vars(args), "runs": records,
                                                "skipped": skipped, "wall_s": time.perf_counter() - started})
 
     def report(record):

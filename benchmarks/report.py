@@ -1,22 +1,33 @@
-"""Markdown tables of the benchmark results (the JSON files the other scripts write), for benchmarks/RESULTS.md, and
-the stability and quality plots over the result files of each kind (stability_all.png, quality_all.png).
+"""Markdown tables and plots of the benchmark results for benchmarks/RESULTS.md, from the result files only.
 
-    python benchmarks/report.py --results benchmarks/results --out benchmarks/results/tables.md
+    # Section 5 (depth): tables from the named files, and depth_transfer.png beside --out
+    python benchmarks/report.py --transfer benchmarks/results/depth_transfer_part*.json \
+        --deep-vs-shallow benchmarks/results/deep_vs_shallow_char.json \
+        --postln benchmarks/results/postln_remedies.json benchmarks/results/postln_remedies_dropout.json \
+        --out benchmarks/results/depth_tables.md
+    # every stability/quality/speed/memory file of a folder, and stability_all.png and quality_all.png in it
+    python benchmarks/report.py --results benchmarks/results/legacy --out benchmarks/results/legacy/tables.md \
+        --comparable stability.json ...
 
-Each file's table says which code made it (git commit, dirty tree), the command and its wall time. A plot combines
-the runs of several files only when they come from one commit with a clean tree; otherwise report.py refuses
-(exit 2) unless told which files are comparable (`--comparable stability.json stability_192.json ...`), and then
-plots only those and says so in tables.md.
+One provenance layout: the code that made a result is `machine.git_commit`, `machine.git_dirty` and
+`machine.git_dirty_paths`, as `common.write_results` records them (changes under benchmarks/results/ do not count).
+Each folder table says which code made its file, the command and its wall time. A plot or a depth table combines
+files only when they come from one commit with a clean tree: otherwise report.py refuses (exit 2) unless told which
+files are comparable (`--comparable FILE...` for a plot, `--allow-commits COMMIT...` for a depth table; say why in
+RESULTS.md). The files in results/legacy/ record no commit at all.
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import depth_transfer  # noqa: E402
 import quality  # noqa: E402
 import stability  # noqa: E402
+from depth_transfer import SCHEMES, expand, optimum  # noqa: E402
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -95,14 +106,112 @@ def memory_tables(results: dict) -> str:
     return text
 
 
+def load(paths: list[str], allowed: set[str]) -> list[dict]:
+    """The result files of one table, refusing files made from a dirty tree or, unless every commit is in
+    `allowed`, from more than one commit."""
+    documents = [json.loads(Path(p).read_text()) for p in paths]
+    commits = {code_of(d)[0] for d in documents}
+    unrecorded = [p for p, d in zip(paths, documents) if code_of(d)[0] is None]
+    if unrecorded:
+        raise SystemExit(f"{', '.join(unrecorded)}: no machine.git_commit, not a recorded code version: rerun from a commit")
+    dirty = [p for p, d in zip(paths, documents) if code_of(d)[1]]
+    if dirty:
+        raise SystemExit(f"{', '.join(dirty)}: made from a dirty tree, not a recorded code version: rerun from a commit")
+    if len(commits) > 1 and not commits <= allowed:
+        raise SystemExit(f"{', '.join(paths)} come from {len(commits)} commits {sorted(commits)}: one table needs one "
+                         "code version (or name them all in --allow-commits and say why they are comparable)")
+    return documents
+
+
+def transfer_tables(documents: list[dict]) -> tuple[list[str], list[dict]]:
+    runs = [r for d in documents for r in d["runs"]]
+    best = optimum(runs)
+    lines = ["### Optimal base learning rate per depth (held-out loss at the optimum)", ""]
+    widths = sorted({r["hidden"] for r in runs})
+    for hidden in widths:
+        depths = sorted({r["layers"] for r in runs if r["hidden"] == hidden})
+        lines += [f"Width {hidden}:", "", "| scheme | " + " | ".join(f"{l} layers" for l in depths) + " | LR shift 4 -> deepest |",
+                  "|---|" + "---|" * (len(depths) + 1)]
+        for scheme in SCHEMES:
+            cells, lrs = [], []
+            for layers in depths:
+                entry = best.get(f"{scheme}/{hidden}/{layers}")
+                if entry is None:
+                    cells.append("not run")
+                    continue
+                lrs.append(entry["best_learning_rate"])
+                cells.append(f"{entry['best_learning_rate']:g} ({entry['validation_loss']:.3f})")
+            if not lrs:
+                continue
+            shift = lrs[-1] / lrs[0] if len(lrs) > 1 else 1.0
+            lines.append(f"| {scheme} | " + " | ".join(cells) + f" | x{shift:g} |")
+        lines.append("")
+    lines += ["### Every run (held-out loss; `div` = diverged)", "",
+              "| scheme | width | depth | " + " | ".join(f"{lr:g}" for lr in sorted({r['learning_rate'] for r in runs})) + " |",
+              "|---|---|---|" + "---|" * len({r["learning_rate"] for r in runs})]
+    rates = sorted({r["learning_rate"] for r in runs})
+    for scheme in SCHEMES:
+        for hidden in widths:
+            for layers in sorted({r["layers"] for r in runs if r["hidden"] == hidden}):
+                row = {r["learning_rate"]: r for r in expand(runs) if (r["scheme"], r["hidden"], r["layers"]) == (scheme, hidden, layers)}
+                if not row:
+                    continue
+                cells = [("div" if row[lr]["diverged"] else f"{row[lr]['validation_loss']:.3f}") if lr in row else "" for lr in rates]
+                lines.append(f"| {scheme} | {hidden} | {layers} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines, runs
+
+
+def deep_vs_shallow_table(document: dict) -> list[str]:
+    s = document["settings"]
+    lines = [f"### Deep vs shallow: {s['corpus']}, {s['steps']} steps x {s['batch']} x {s['context']} tokens, "
+             f"{s['parameterization']} rule from {s['base_layers']} layers, each shape at its best base LR of "
+             f"{', '.join(f'{lr:g}' for lr in s['learning_rates'])}", "",
+             "| shape | parameters | best base LR | seeds | held-out loss mean | min | max | stdev |",
+             "|---|---|---|---|---|---|---|---|"]
+    params = {r["shape"]: r["parameters"] for r in document["runs"]}
+    for shape, row in document["table"].items():
+        lines.append(f"| {shape} | {params[shape]:,} | {row['learning_rate']:g} | {row['seeds']} | {row['mean']:.4f} | {row['min']:.4f} | "
+                     f"{row['max']:.4f} | {row['stdev']:.4f} |")
+    lines += ["", "| comparison | crossover (tokens after which the deeper model stays ahead) | final mean gap |",
+              "|---|---|---|"]
+    for name, c in document["crossover"].items():
+        lines.append(f"| {name} | {c['tokens'] if c['tokens'] is not None else 'none within the run'} | {c['final_mean_gap']:+.4f} |")
+    return lines + [""]
+
+
+def postln_table(document: dict) -> list[str]:
+    s = document["settings"]
+    lines = [f"### Post-LN remedies: {s['steps']} steps x {s['batch']} x {s['context']} characters, width 64, "
+             f"dropout {s.get('dropout', 0.0):g}", "",
+             "| depth | remedy | held-out loss | first/last grad at init | after training | within 10x |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(document["runs"], key=lambda r: (r["layers"], r["remedy"])):
+        ratio = r["grad_first_last_end"]
+        within = math.isfinite(ratio) and 0.1 <= ratio <= 10
+        lines.append(f"| {r['layers']} | {r['remedy']} | {r['validation_loss']:.4f} | {r['grad_first_last_init']:.3g} | "
+                     f"{ratio:.3g} | {'yes' if within else 'no'} |")
+    return lines + [""]
+
+
 SECTIONS = {"stability": stability_tables, "quality": quality_table, "speed": speed_table, "memory": memory_tables}
 PLOTS = {"stability": stability.plot, "quality": quality.plot}
 
 
+def code_changes(dirty_paths: list[str]) -> list[str]:
+    """Dirty paths that could change a result: anything but other result files (benchmarks/results/)."""
+    return [p for p in dirty_paths if not p.startswith("benchmarks/results/")]
+
+
 def code_of(results: dict) -> tuple[str | None, bool | None]:
-    """(git commit, dirty tree) a result file records; (None, None) for files written before they were recorded."""
+    """(git commit, whether the tree had changes that could alter a result) as `common.write_results` records them
+    in `machine`: git_commit, git_dirty and git_dirty_paths (changes under benchmarks/results/ do not count).
+    (None, None) for a file that records no commit (the ones in results/legacy/)."""
     machine = results.get("machine", {})
-    return machine.get("git_commit"), machine.get("git_dirty")
+    commit, paths = machine.get("git_commit"), machine.get("git_dirty_paths")
+    if commit is None:
+        return None, None
+    return commit, bool(code_changes(paths)) if paths is not None else machine.get("git_dirty")
 
 
 def provenance(results: dict) -> str:
@@ -121,14 +230,25 @@ def same_code(files: dict[str, dict]) -> bool:
     return len(codes) == 1 and next(iter(codes))[0] is not None and next(iter(codes))[1] is False
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default="benchmarks/results")
-    parser.add_argument("--out", default="benchmarks/results/tables.md")
-    parser.add_argument("--comparable", nargs="+", default=[], metavar="FILE",
-                        help="result files (names in --results) whose runs may share a plot although their commits "
-                             "differ or were not recorded; only these are plotted for their kind")
-    args = parser.parse_args(argv)
+def depth_report(args) -> list[str]:
+    allowed = set(args.allow_commits)
+    lines = ["<!-- generated by benchmarks/report.py from the files named in each heading's section -->", ""]
+    if args.transfer:
+        documents = load(args.transfer, allowed)
+        lines += [f"Sources: {', '.join(args.transfer)} (commit {code_of(documents[0])[0][:10]}).", ""]
+        table, runs = transfer_tables(documents)
+        lines += table
+        depth_transfer.plot(runs, Path(args.out).with_name("depth_transfer.png"))
+    for path in args.deep_vs_shallow:
+        (document,) = load([path], allowed)
+        lines += [f"Source: {path} (commit {code_of(document)[0][:10]}).", ""] + deep_vs_shallow_table(document)
+    for path in args.postln:
+        (document,) = load([path], allowed)
+        lines += [f"Source: {path} (commit {code_of(document)[0][:10]}).", ""] + postln_table(document)
+    return lines
+
+
+def folder_report(args, parser) -> list[str]:
     parts, files = [], {}
     for name, render in SECTIONS.items():
         for path in sorted(Path(args.results).glob(f"{name}*.json")):
@@ -152,9 +272,33 @@ def main(argv=None):
         plot([run for results in chosen.values() for run in results.get("runs", [])], Path(args.results) / f"{name}_all.png")
         how = "declared comparable with --comparable" if declared else "one clean commit"
         notes.append(f"`{name}_all.png` combines {', '.join(chosen)} ({how}).")
-    Path(args.out).write_text("\n\n".join(notes + parts) + "\n")
-    print(f"wrote {args.out}")
+    return ["\n\n".join(notes + parts)]
 
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="benchmarks/results", help="folder of stability/quality/speed/memory files")
+    parser.add_argument("--out", help="the markdown file to write (default: tables.md in --results, or "
+                        "benchmarks/results/depth_tables.md for the depth tables)")
+    parser.add_argument("--comparable", nargs="+", default=[], metavar="FILE",
+                        help="result files (names in --results) whose runs may share a plot although their commits "
+                             "differ or were not recorded; only these are plotted for their kind")
+    depth = parser.add_argument_group("depth tables (any of these instead of --results)")
+    depth.add_argument("--transfer", nargs="*", default=[], metavar="FILE", help="depth_transfer.py result files")
+    depth.add_argument("--deep-vs-shallow", nargs="*", default=[], metavar="FILE", help="deep_vs_shallow.py result files")
+    depth.add_argument("--postln", nargs="*", default=[], metavar="FILE", help="postln_remedies.py result files")
+    depth.add_argument("--allow-commits", nargs="*", default=[], metavar="COMMIT",
+                       help="commits whose files may share a depth table")
+    args = parser.parse_args(argv)
+    if args.transfer or args.deep_vs_shallow or args.postln:
+        args.out = args.out or "benchmarks/results/depth_tables.md"
+        lines = depth_report(args)
+        Path(args.out).write_text("\n".join(lines))
+        print("\n".join(lines))
+    else:
+        args.out = args.out or str(Path(args.results) / "tables.md")
+        Path(args.out).write_text("\n".join(folder_report(args, parser)) + "\n")
+        print(f"wrote {args.out}")
 
 if __name__ == "__main__":
     main()

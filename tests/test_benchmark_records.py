@@ -36,7 +36,7 @@ def test_result_file_records_commit_dirty_flag_command_machine_wall_time_and_tex
 
 
 def write_stability_file(folder: Path, name: str, commit: str | None, dirty: bool | None = False) -> None:
-    runs = json.loads((BENCHMARKS / "results" / "stability_192.json").read_text())["runs"]
+    runs = json.loads((BENCHMARKS / "results" / "legacy" / "stability_192.json").read_text())["runs"]
     machine = {"command": f"benchmarks/stability.py --out {name}", "wall_time_s": 12.0}
     if commit is not None:
         machine |= {"git_commit": commit, "git_dirty": dirty}

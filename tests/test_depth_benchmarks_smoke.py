@@ -32,7 +32,7 @@ def test_depth_benchmarks_and_report_run_at_smoke_size(tmp_path):
     assert len(transfer["runs"]) == 2 + 2 * 3 + 2 * 2
     assert set(transfer["optimum"]) == {f"{s}/64/{l}" for s in ("deepscalelm", "depth_mup", "completep", "standard")
                                         for l in (4, 16)}
-    assert transfer["code"]["git_commit"] and "machine" in transfer
+    assert transfer["machine"]["git_commit"] and "code" not in transfer  # one provenance layout
 
     dvs = results["deep_vs_shallow"]
     assert set(dvs["table"]) == {"2x32", "8x16"} and all(row["seeds"] == 2 for row in dvs["table"].values())
@@ -44,9 +44,9 @@ def test_depth_benchmarks_and_report_run_at_smoke_size(tmp_path):
 
     for out in outputs.values():  # the report refuses dirty trees; a test checkout may be dirty
         document = json.loads(out.read_text())
-        document["code"]["git_dirty_paths"] = []
+        document["machine"]["git_dirty_paths"] = []
         out.write_text(json.dumps(document))
-    report = run("depth_report", "--transfer", str(outputs["depth_transfer"]), "--deep-vs-shallow",
+    report = run("report", "--transfer", str(outputs["depth_transfer"]), "--deep-vs-shallow",
                  str(outputs["deep_vs_shallow"]), "--postln", str(outputs["postln_remedies"]),
                  "--out", str(tmp_path / "tables.md"))
     assert "| depth_mup | 64 | 16 |" in report and "8x16 vs 2x32" in report and "Post-LN remedies" in report
