@@ -22,8 +22,9 @@ from transformers import AutoTokenizer
 
 from .data import derived_seed, hold_out_documents, load_corpus, make_collator, pack_into_blocks
 from .diagnostics import measure_signal_propagation
+from .folder_checks import check_checkpoint
+from .heads import OBJECTIVE_OF_TASK, architecture_class, parameter_count
 from .modeling_deepscalelm import IGNORE_INDEX
-from .publishing import OBJECTIVE_OF_TASK, architecture_class, check_checkpoint, parameter_count
 
 # A context that was never seen in training backs off entirely to the next lower order.
 _MAX_CODE = 2**62

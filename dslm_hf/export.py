@@ -61,6 +61,7 @@ from transformers import (
 
 from .cli import UserError, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .heads import HEADS, architecture_class
 from .modeling_deepscalelm import (
     DeepScaleLMForCausalLM,
     DeepScaleLMForMaskedLM,
@@ -365,7 +366,6 @@ BUILDERS = {
     "BlenderbotForConditionalGeneration": bart,
     "BartForConditionalGeneration": bart,
 }
-HEAD_CLASSES = {cls.__name__: cls for cls in (DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM)}
 
 
 def native_twin(model) -> nn.Module:
@@ -443,7 +443,7 @@ def load_deepscalelm(folder: Path):
     config = DeepScaleLMConfig.from_pretrained(folder)
     architecture = (config.architectures or [None])[0]
     native_target(config, architecture)  # refuse before loading any weights
-    model, loading = HEAD_CLASSES[architecture].from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model, loading = architecture_class(config).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     if loading["missing_keys"]:  # freshly initialised weights would be exported as if they were trained
         raise UserError(f"{folder} lacks weights {sorted(loading['missing_keys'])} that {architecture} needs (saved "
                         "by another version of the model code?): re-save the checkpoint with this version")
@@ -470,10 +470,6 @@ model = {auto}.from_pretrained("{name}"{subfolder})
 Measured equivalence (fp32, probe batch of 2 x {length} tokens): max |logit difference| = {abs_diff:.3g},
 {rel_diff:.3g} of the largest logit.
 """
-
-# the Auto class that loads the twin of each DeepScaleLM head
-AUTO_CLASS = {"DeepScaleLMForCausalLM": "AutoModelForCausalLM", "DeepScaleLMForMaskedLM": "AutoModelForMaskedLM",
-              "DeepScaleLMForSeq2SeqLM": "AutoModelForSeq2SeqLM"}
 
 
 @dataclass
@@ -517,7 +513,7 @@ def export_native(source: str | Path, output_dir: str | Path, *, revision: str |
             name=repo_id or output_dir.name, subfolder=f", subfolder={subfolder!r}" if subfolder else "", target=target, source=source, revision=f" at revision `{revision}`" if revision else "",
             architecture=config.architectures[0], layers=layers, norm=config.norm_placement.capitalize(),
             positions="learned" if config.position_embedding_type == "absolute" else "rotary",
-            auto=AUTO_CLASS[type(model).__name__], length=inputs["input_ids"].shape[1], abs_diff=abs_diff, rel_diff=rel_diff,
+            auto=HEADS[type(model).__name__][0], length=inputs["input_ids"].shape[1], abs_diff=abs_diff, rel_diff=rel_diff,
         ))
         if output_dir.exists():
             output_dir.rmdir()

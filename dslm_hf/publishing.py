@@ -15,13 +15,11 @@ come from an evaluation file of exactly these weights.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -29,17 +27,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
 from transformers import AutoTokenizer
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .checkpointing import file_sha256, find_pickle_files
+from .checkpointing import file_sha256
 from .cli import UserError, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
 from .evaluation import evaluate
 from .export import stage_native_twin
 from .files import write_text_atomically
+from .folder_checks import PublishRefusal, check_checkpoint, weights_digest
+from .heads import HEADS, OBJECTIVE_OF_TASK, architecture_class, parameter_count, task_of
 from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_total
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -47,12 +45,6 @@ EVAL_FILE_NAME = "eval_results.json"
 # The files trust_remote_code needs next to config.json; save_pretrained copies them through auto_map.
 REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
 
-# architecture -> (Auto class users load it with, Hub pipeline tag, task name in the eval file and model-index)
-HEADS = {
-    "DeepScaleLMForCausalLM": ("AutoModelForCausalLM", "text-generation", "causal-lm"),
-    "DeepScaleLMForMaskedLM": ("AutoModelForMaskedLM", "fill-mask", "masked-lm"),
-    "DeepScaleLMForSeq2SeqLM": ("AutoModelForSeq2SeqLM", "text2text-generation", "seq2seq-lm"),
-}
 TASK_DESCRIPTIONS = {
     "causal-lm": ("causal language model (decoder)", "Causal Language Modeling"),
     "masked-lm": ("masked language model (encoder)", "Masked Language Modeling"),
@@ -75,216 +67,12 @@ USAGE_EXAMPLES = {
 }
 
 
-class PublishRefusal(UserError):
-    """The folder would break users if published; the message says what is wrong and where."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checks on a checkpoint folder
-# ----------------------------------------------------------------------------------------------------------------
-def check_no_pickle_files(folder: Path) -> None:
-    pickles = find_pickle_files(folder)
-    if pickles:
-        listed = ", ".join(str(path.relative_to(folder)) for path in pickles)
-        raise PublishRefusal(
-            f"{folder} holds pickle files ({listed}): loading a pickle can execute arbitrary code, so the Hub "
-            "repository must hold safetensors only. Remove them (optimizer/trainer state does not belong in a "
-            "published model) or convert the weights with save_pretrained."
-        )
-
-
-def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} of one safetensors file, refusing a truncated or corrupt file.
-
-    The format is an 8-byte little-endian header length, a JSON header with each tensor's data offsets, then
-    the data; a complete file ends exactly where the last tensor's data ends.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise PublishRefusal(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if 8 + header_length > size:
-            raise PublishRefusal(
-                f"{path} is truncated or corrupt: its header claims {header_length} bytes but the file has {size}"
-            )
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PublishRefusal(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise PublishRefusal(f"{path} is corrupt: its safetensors header is a JSON {type(header).__name__}, not an "
-                             "object of tensors; re-save the weights with save_pretrained")
-    header.pop("__metadata__", None)
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)):
-            raise PublishRefusal(f"{path} is corrupt: header entry {name!r} is not a tensor description "
-                                 "(dtype, shape, data_offsets); re-save the weights with save_pretrained")
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + header_length + data_end != size:
-        raise PublishRefusal(
-            f"{path} is truncated or corrupt: its header describes {8 + header_length + data_end} bytes "
-            f"but the file has {size}"
-        )
-    try:
-        with safe_open(path, framework="pt") as opened:
-            names = set(opened.keys())
-    except Exception as error:  # safetensors raises its own SafetensorError for every malformed layout
-        raise PublishRefusal(f"{path} is corrupt: safetensors cannot open it ({error})") from None
-    if names != set(header):
-        raise PublishRefusal(f"{path} is corrupt: safetensors reads different tensor names than its header lists")
-    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards its index lists, or the single weights file."""
-    folder = Path(folder)
-    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise PublishRefusal(f"{index_path} is not a valid safetensors index ({error!r})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-            raise PublishRefusal(f"{index_path} is not a valid safetensors index: weight_map must map tensor names "
-                                 "to shard file names")
-        shards = sorted(set(weight_map.values()))
-        inside = folder.resolve()
-        outside = [shard for shard in shards if not (folder / shard).resolve().is_relative_to(inside)]
-        if outside:
-            raise PublishRefusal(f"{index_path} points at shards outside {folder} ({', '.join(outside)}): a shard "
-                                 "must be a file in the checkpoint folder; fix the index")
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise PublishRefusal(f"{index_path} lists shards that do not exist: {', '.join(missing)}")
-        return [folder / shard for shard in shards]
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        if not (folder / SAFE_WEIGHTS_NAME).resolve().is_relative_to(folder.resolve()):
-            raise PublishRefusal(f"{folder / SAFE_WEIGHTS_NAME} links outside {folder}: copy the weights into the folder")
-        return [folder / SAFE_WEIGHTS_NAME]
-    raise PublishRefusal(f"{folder} has no {SAFE_WEIGHTS_NAME} and no {SAFE_WEIGHTS_INDEX_NAME}: nothing to publish")
-
-
-def read_checkpoint_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} over every weight file, refusing corrupt files and index mismatches."""
-    folder = Path(folder)
-    shapes = {}
-    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
-    for path in weight_files(folder):
-        file_shapes = read_safetensors_shapes(path)
-        duplicated = sorted(set(file_shapes) & set(shapes))
-        if duplicated:
-            raise PublishRefusal(f"{path} repeats tensors stored in another shard: {', '.join(duplicated[:5])}")
-        shapes.update(file_shapes)
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        misplaced = sorted(name for name, shard in weight_map.items() if name not in shapes)
-        if misplaced:
-            raise PublishRefusal(f"{index_path} lists tensors no shard holds: {', '.join(misplaced[:5])}")
-    return shapes
-
-
-def load_checkpoint_config(folder: Path) -> DeepScaleLMConfig:
-    config_path = Path(folder) / "config.json"
-    if not config_path.is_file():
-        raise PublishRefusal(f"{folder} has no config.json: it is not a save_pretrained checkpoint folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    if model_type != DeepScaleLMConfig.model_type:
-        raise PublishRefusal(f"{config_path} has model_type={model_type!r}; dslm-publish publishes 'deepscalelm' models")
-    config = DeepScaleLMConfig.from_pretrained(folder)
-    architecture = (config.architectures or [None])[0]
-    if architecture not in HEADS:
-        raise PublishRefusal(
-            f"{config_path} names architectures={config.architectures}; expected one of {sorted(HEADS)} "
-            "(the published heads with a Hub pipeline)"
-        )
-    return config
-
-
-def architecture_class(config: DeepScaleLMConfig):
-    from . import modeling_deepscalelm  # the model code is only needed once a checkpoint is being checked
-
-    return getattr(modeling_deepscalelm, config.architectures[0])
-
-
-def expected_weight_shapes(config: DeepScaleLMConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """({tensor name: shape} the architecture saves, names tied to another tensor) from a model on the meta device."""
-    with torch.device("meta"):
-        model = architecture_class(config)(config)
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    return shapes, set(model.all_tied_weights_keys)  # already empty when the config unties the embeddings
-
-
-def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> None:
-    """Refuse weights that miss, add or reshape tensors against the architecture `config` describes.
-
-    A tied tensor (the LM head sharing the word embeddings) may be absent: save_pretrained drops it and
-    from_pretrained re-ties it.
-    """
-    stored = read_checkpoint_shapes(folder)
-    expected, tied = expected_weight_shapes(config)
-    missing = sorted(set(expected) - set(stored) - tied)
-    extra = sorted(set(stored) - set(expected))
-    reshaped = sorted(
-        f"{name} {list(stored[name][1])} (config expects {list(expected[name])})"
-        for name in set(stored) & set(expected)
-        if stored[name][1] != expected[name]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors the config's architecture needs: {', '.join(missing[:8])}")
-    if extra:
-        problems.append(f"{len(extra)} tensors the architecture does not have: {', '.join(extra[:8])}")
-    if reshaped:
-        problems.append(f"tensors whose shape disagrees with config.json: {', '.join(reshaped[:8])}")
-    if problems:
-        raise PublishRefusal(
-            f"the weights in {folder} do not match its config.json ({config.architectures[0]}, "
-            f"{config.num_hidden_layers} layers, hidden_size {config.hidden_size}): " + "; ".join(problems)
-        )
-
-
-def weights_digest(folder: Path) -> str:
-    """sha256 over every stored tensor (name, dtype, shape, bytes) in name order: the same for the same weights
-    however they are sharded or re-saved, so an evaluation file can name exactly the weights it measured."""
-    file_of_tensor = {}
-    for path in weight_files(folder):
-        with safe_open(path, framework="pt") as opened:
-            file_of_tensor.update({name: path for name in opened.keys()})
-    digest = hashlib.sha256()
-    for name in sorted(file_of_tensor):
-        with safe_open(file_of_tensor[name], framework="pt") as opened:
-            tensor = opened.get_tensor(name).contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_checkpoint(folder: Path) -> DeepScaleLMConfig:
-    """Every refusal that depends on the checkpoint folder alone; returns its config."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PublishRefusal(f"checkpoint folder {folder} does not exist")
-    check_no_pickle_files(folder)
-    config = load_checkpoint_config(folder)
-    check_weights_match_config(folder, config)
-    return config
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: the only source of the numbers a card reports
 # ----------------------------------------------------------------------------------------------------------------
-OBJECTIVE_OF_TASK = {"causal-lm": "clm", "masked-lm": "mlm", "seq2seq-lm": "seq2seq"}
 WHAT_IT_DOES = {"causal-lm": "continues text", "masked-lm": "fills masked tokens in text",
                 "seq2seq-lm": "fills masked spans of text"}
 REQUIRED_TRAINING_FIELDS = {"tokens": int, "wall_time_seconds": (int, float), "hardware": str}
-
-
-def task_of(config: DeepScaleLMConfig) -> str:
-    return HEADS[config.architectures[0]][2]
 
 
 def describe_hardware() -> str:
@@ -452,13 +240,6 @@ def load_eval_file(path: Path | None, checkpoint_dir: Path, config: DeepScaleLMC
 # ----------------------------------------------------------------------------------------------------------------
 # The model card
 # ----------------------------------------------------------------------------------------------------------------
-def parameter_count(config: DeepScaleLMConfig) -> int:
-    """Distinct parameters (a tied LM head counts once), counted on the meta device."""
-    with torch.device("meta"):
-        model = architecture_class(config)(config)
-    return sum(parameter.numel() for parameter in model.parameters())  # parameters() yields a tied tensor once
-
-
 def architecture_rows(config: DeepScaleLMConfig) -> list[tuple[str, str]]:
     rows = [
         ("architecture", config.architectures[0]),
