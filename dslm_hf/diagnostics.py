@@ -1,7 +1,7 @@
 """`dslm-diagnose`: measure signal propagation through any Hugging Face transformer and overlay the theory.
 
     dslm-diagnose MODEL --output-dir DIR                 # MODEL: a model id, a folder, or a config.json
-    dslm-diagnose MODEL --output-dir DIR --text-file ../shared/data/tinyshakespeare/input.txt --tokenizer bytes
+    dslm-diagnose MODEL --output-dir DIR --text-file tinyshakespeare.txt --tokenizer bytes
     dslm-diagnose --plan --hidden-size 256 --output-dir DIR
     dslm-diagnose MODEL_OR_RUN --usefulness --text_file FILE --output-dir DIR   # per-layer usefulness (below)
 

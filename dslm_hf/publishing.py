@@ -2,7 +2,7 @@
 
     # 1. numbers for the card: held-out loss of the weights on the paragraphs dslm-pretrain held out
     #    (its --validation_fraction, 5% by default) + the run's record
-    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
+    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file tinyshakespeare.txt \
         --held-out-fraction 0.05 --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
     # 2. stage the repository folder and list it without any network
     dslm-publish runs/deep-48/final --repo-id org/deepscalelm-48 --dry-run

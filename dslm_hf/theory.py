@@ -2,12 +2,13 @@
 
 Two levels:
 
-1. Component formulas (../shared/RECIPE.md section 3). Each takes the statistics of its input - per-element mean,
-   variance, and the correlation r between the hidden vectors of two different positions (`Moments`) - and returns
-   those of its output; each `*_backward` maps the statistics of the upstream gradient (`GradientMoments`: variance
-   and correlation between positions) to those of the gradient at its input. Linear, embedding, dropout, ReLU, GeLU,
-   LayerNorm, softmax, single-head attention (bidirectional and causal), the attention and FFN blocks, the scaled
-   residual. `tests/test_theory_components.py` checks each against the real torch op by Monte Carlo.
+1. Component formulas (the paper's section 3; the moment formulas of `recipe_deepscalelm`). Each takes the statistics
+   of its input - per-element mean, variance, and the correlation r between the hidden vectors of two different
+   positions (`Moments`) - and returns those of its output; each `*_backward` maps the statistics of the upstream
+   gradient (`GradientMoments`: variance and correlation between positions) to those of the gradient at its input.
+   Linear, embedding, dropout, ReLU, GeLU, LayerNorm, softmax, single-head attention (bidirectional and causal), the
+   attention and FFN blocks, the scaled residual. `tests/test_theory_components.py` checks each against the real
+   torch op by Monte Carlo.
 
 2. Whole-stack predictions (`predict_model`): per layer, the variance and inter-token correlation of the residual
    stream at the layer's output, the variance of the gradient reaching it, and the norm of the gradient of the layer's
@@ -20,11 +21,11 @@ scale are read from the recipe's init tables (`stack_init_plan`, `linear_init_st
 not disagree; `tests/test_theory_stack.py` also pins them against a freshly built model. Every weight is
 N(0, sigma^2), biases are zero, LayerNorms have weight 1 and bias 0.
 
-- "deepscalelm": RECIPE section 2. Each embedding table (word, absolute position, token type) sigma^2 =
-  (1-p)/n_tables (`embedding_std`); W_q, W_k 1/d (`query_key_std`); W_v and W_o of layer l each
-  sqrt((1-p)/a_l)/d (`value_output_std`), a_l = `attention_variance_ratio` at the layer's input correlation r_l from
-  `correlation_recurrence` (mask- and length-aware), at `init_sequence_length`, causal in a decoder stack
-  (cross-attention: bidirectional, at the encoder's final correlation); FFN W_1, W_2 from `ffn_stds`; residual out = lambda skip + beta Dropout(F)
+- "deepscalelm": the recipe's initialisation (`recipe_deepscalelm`, "Initialisation sigmas"). Each embedding table
+  (word, absolute position, token type) sigma^2 = (1-p)/n_tables (`embedding_std`); W_q, W_k 1/d (`query_key_std`);
+  W_v and W_o of layer l each sqrt((1-p)/a_l)/d (`value_output_std`), a_l = `attention_variance_ratio` at the layer's
+  input correlation r_l from `correlation_recurrence` (mask- and length-aware), at `init_sequence_length`, causal in
+  a decoder stack (cross-attention: bidirectional, at the encoder's final correlation); FFN W_1, W_2 from `ffn_stds`; residual out = lambda skip + beta Dropout(F)
   with beta^2 = k/N, lambda^2 = 1 - beta^2 (`deepscalelm_residual_scales`); tied logits computed from the hidden
   state times 1/sqrt(d sigma_e^2) (`tied_logit_scale`); an untied head 1/d.
 - "xavier" (the paper's vanilla baseline): xavier-normal, sigma^2 = 2/(fan_in + fan_out), on every Linear and every
@@ -99,7 +100,7 @@ def _require_zero_mean(x: Moments, component: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Components (RECIPE section 3)
+# Components (the paper's section 3)
 # ----------------------------------------------------------------------------------------------------------------
 def linear_forward(x: Moments, fan_in: int, weight_std: float) -> Moments:
     """y = W x, W ~ N(0, sw^2): var = d_in sw^2 (s^2 + mu^2), r_out = (r s^2 + mu^2) / (s^2 + mu^2)."""

@@ -2,7 +2,7 @@
 stage the checkpoint as a Hub repository folder whose card shows all of them.
 
     python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo-id dslm-hf/deepscalelm-48l-decoder \\
-        --text-file ../shared/data/tinyshakespeare/input.txt --run-dir runs/decoder --baseline-layers 4 \\
+        --text-file tinyshakespeare.txt --run-dir runs/decoder --baseline-layers 4 \\
         -- --objective clm --preset deep-48 --vocab_size 300 --block_size 128 --max_steps 2000 ...
 
 Everything after `--` goes to dslm-pretrain unchanged (its --output_dir, --dataset and --validation_fraction are set

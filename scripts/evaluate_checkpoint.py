@@ -1,7 +1,7 @@
 """Write the evaluation file a model card is rendered from: held-out loss/perplexity of a checkpoint, plus the
 record of the training run that produced it (the card reports both, and nothing else).
 
-    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file ../shared/data/tinyshakespeare/input.txt \
+    python scripts/evaluate_checkpoint.py runs/deep-48/final --text-file tinyshakespeare.txt \
         --training '{"tokens": 2457600, "wall_time_seconds": 600, "hardware": "2 CPU cores"}'
 
 The held-out split is --held-out-fraction of the text's paragraphs, evenly spaced: train with the same
