@@ -11,8 +11,9 @@ byte-level BPE trained on the training split, 64-token blocks):
 - clean: `dslm_hf.data.load_default_corpus` (generated tables, duplicate files and repeated paragraphs dropped,
   held out by a hash of the file's path; `dslm_hf.stdlib_corpus`).
 
-For each: the unigram (`UnigramLM`) and interpolated Kneser-Ney 2..5-gram (`KneserNeyLM`) losses on all held-out
-blocks, fitted on all training blocks; the share of held-out 40-character windows (every position, within a file)
+For each: the unigram (`UnigramLM`) and interpolated Kneser-Ney 2..5-gram (`KneserNeyLM`) losses, fitted on all
+training blocks, on all held-out blocks and on the first 256 (the blocks dslm-pretrain evaluates and prints its
+4-gram on); the share of held-out 40-character windows (every position, within a file)
 whose text occurs anywhere in the training text, and of held-out lines longer than 20 characters (stripped) that
 occur as a training line. A 6-gram does not fit `KneserNeyLM`'s 62-bit n-gram codes at a 4096-token vocabulary.
 One core, about a minute.
@@ -36,6 +37,7 @@ from dslm_hf.data import hold_out_documents, load_default_corpus, pack_into_bloc
 
 WINDOW_CHARS = 40
 LINE_CHARS = 20
+EVAL_BLOCKS = 256  # the held-out blocks dslm-pretrain evaluates (and scores its printed 4-gram on) by default
 
 
 def parse_arguments(argv=None):
@@ -81,12 +83,15 @@ def count_baselines(splits: DatasetDict, vocab_size: int, block_size: int, max_o
     tokenizer = train_byte_level_bpe(splits["train"]["text"], vocab_size)
     train = pack_into_blocks(splits["train"].select_columns(["text"]), tokenizer, block_size)[:]["input_ids"]
     held_out = pack_into_blocks(splits["validation"].select_columns(["text"]), tokenizer, block_size)[:]["input_ids"]
-    stream = train.flatten().numpy()
-    losses = {"unigram": UnigramLM(len(tokenizer)).fit(torch.as_tensor(stream)).metrics(held_out[:, 1:])["loss"]}
+    stream, first = train.flatten().numpy(), held_out[:EVAL_BLOCKS]
+    unigram = UnigramLM(len(tokenizer)).fit(torch.as_tensor(stream))
+    losses = {"unigram": (unigram.metrics(held_out[:, 1:])["loss"], unigram.metrics(first[:, 1:])["loss"])}
     for order in range(2, max_order + 1):
-        losses[f"kn_{order}"] = KneserNeyLM(len(tokenizer), order).fit(stream).causal_lm_metrics(np.asarray(held_out))["loss"]
+        model = KneserNeyLM(len(tokenizer), order).fit(stream)
+        losses[f"kn_{order}"] = tuple(model.causal_lm_metrics(np.asarray(blocks))["loss"] for blocks in (held_out, first))
     return {"train_blocks": len(train), "held_out_blocks": len(held_out),
-            "held_out_loss_nats": {name: round(loss, 4) for name, loss in losses.items()}}
+            "held_out_loss_nats": {name: round(loss, 4) for name, (loss, _) in losses.items()},
+            f"first_{EVAL_BLOCKS}_held_out_blocks_loss_nats": {name: round(loss, 4) for name, (_, loss) in losses.items()}}
 
 
 def measure(name: str, splits: DatasetDict, args) -> dict:
