@@ -8,11 +8,12 @@ that each command runs them before its expensive work.
 """
 
 import difflib
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 EXIT_USER_ERROR = 2  # argparse's status for a usage error: the same for every bad input
 DEBUG_FLAG = "--debug"
@@ -100,3 +101,48 @@ def check_known_keys(keys, known, source: str) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(known))}"
             raise UserError(f"{source}: unknown key {key!r}; {hint}")
+
+
+class Range(NamedTuple):
+    """The finite numbers an argument accepts, in interval notation: Range(0, 1, low_open=True) is (0, 1]."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def admits(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        return (math.isfinite(value) and (self.low < value if self.low_open else self.low <= value)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.high == math.inf:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+SHARE = Range(0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
+COUNT = Range(1, integer=True)
+NON_NEGATIVE_COUNT = Range(0, integer=True)
+
+
+def range_problems(args, ranges: dict[str, Range]):
+    """(argument, what is allowed) for each argument of the dataclass `args` outside its Range (NaN and infinity
+    never are inside); None means unset and is left to the argument's own default."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not allowed.admits(value):
+            yield name, f"expected {allowed}"
+
+
+def check_ranges(args, ranges: dict[str, Range]) -> None:
+    """Refuse the first argument outside its range, as one line: `--NAME=VALUE is invalid: expected ...`."""
+    for name, allowed in range_problems(args, ranges):
+        raise UserError(f"--{name}={getattr(args, name)!r} is invalid: {allowed}")

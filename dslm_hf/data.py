@@ -29,6 +29,7 @@ OBJECTIVES = ("clm", "mlm", "seq2seq")
 DEFAULT_CORPUS = "default"
 # Trained tokenizers get these; an existing tokenizer must provide what its objective needs.
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "mask_token": "<mask>"}
+BYTE_LEVEL_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte and the special tokens
 SENTINEL_TEMPLATE = "<extra_id_{}>"
 
 
@@ -129,8 +130,8 @@ def load_corpus(source: str = DEFAULT_CORPUS, *, dataset_config_name: str | None
 def train_byte_level_bpe(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style: every byte is a symbol, so nothing is ever unknown) trained on `texts`."""
     specials = list(SPECIAL_TOKENS.values())
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs >= {256 + len(specials)}")
+    if vocab_size < BYTE_LEVEL_MIN_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs >= {BYTE_LEVEL_MIN_VOCAB}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -61,6 +61,7 @@ from transformers import (
 
 from .cli import UserError, check_output_dir, run_command
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .model_size import check_config_matches_stored_size
 from .heads import HEADS, architecture_class
 from .modeling_deepscalelm import (
     DeepScaleLMForCausalLM,
@@ -443,6 +444,7 @@ def load_deepscalelm(folder: Path):
     config = DeepScaleLMConfig.from_pretrained(folder)
     architecture = (config.architectures or [None])[0]
     native_target(config, architecture)  # refuse before loading any weights
+    check_config_matches_stored_size(folder, config)  # before any module of a 200000-layer config is built
     model, loading = architecture_class(config).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     if loading["missing_keys"]:  # freshly initialised weights would be exported as if they were trained
         raise UserError(f"{folder} lacks weights {sorted(loading['missing_keys'])} that {architecture} needs (saved "

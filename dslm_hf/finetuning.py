@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import string
 import sys
 from collections import Counter
@@ -47,7 +48,8 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
+from .cli import (COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SHARE, Range, UserError, check_output_dir,
+                  check_ranges, range_problems, run_command, usage_errors_as_user_errors)
 from .data import load_hub_dataset, read_text_file
 from .modeling_deepscalelm import IGNORE_INDEX  # padding, prompt tokens, non-first sub-words: no loss
 from .optimization import build_adamw, describe_groups, rule_settings
@@ -120,6 +122,11 @@ class FinetuneArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (update scaled by alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start fresh in an --output_dir that holds a previous fine-tuning's outputs (model, adapter, "
+                "checkpoint-N/, *_results.json, trainer_state.json): they are deleted. Without it such a folder is "
+                "refused unless --resume_from_checkpoint is given."})
+
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -128,8 +135,36 @@ class FinetuneArguments:
             raise FinetuneInputError("give exactly one data source: --train_file (local) or --dataset_name (Hub)")
         if self.task == "seq2seq-sft" and not self.prompt_column:
             raise FinetuneInputError("seq2seq-sft needs a --prompt_column: the prompt is the encoder input")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise FinetuneInputError(f"--validation_fraction={self.validation_fraction} must be in (0, 1)")
+        for name, allowed in range_problems(self, FINETUNE_RANGES):
+            raise FinetuneInputError(f"--{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+
+# The numeric arguments' allowed values (None: unset, the documented default applies), checked before any data,
+# tokenizer or model is loaded; NaN and infinity are outside every range.
+FINETUNE_RANGES = {
+    "validation_fraction": SHARE,
+    "max_length": COUNT,
+    "doc_stride": NON_NEGATIVE_COUNT,
+    "max_answer_length": COUNT,
+    "lora_r": COUNT,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": Range(0, 1, high_open=True),
+}
+# The Trainer settings dslm-finetune hands on; TrainingArguments itself accepts NaN or a beta of 1.5 silently.
+TRAINING_RANGES = {
+    "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE,  # 0: no clipping
+    "num_train_epochs": POSITIVE,
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+}
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,6 +716,45 @@ def drop_rows_without_label_tokens(tokenized: DatasetDict, label_shift: int, max
     return DatasetDict(kept)
 
 
+# What `finetune` (Trainer.save_model, save_state, save_metrics, checkpointing) writes into --output_dir.
+FINETUNE_OUTPUTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                    "adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "all_results.json",
+                    "train_results.json", "eval_results.json")
+
+
+def previous_outputs(output_dir: str) -> list[str]:
+    """The previous fine-tuning's outputs in `output_dir`: files `finetune` writes, and Trainer checkpoint folders."""
+    folder = os.path.abspath(output_dir)
+    files = [name for name in FINETUNE_OUTPUTS if os.path.lexists(os.path.join(folder, name))]
+    return files + sorted(os.path.basename(path) for path in glob.glob(os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-*")))
+
+
+def outputs_to_replace(args: FinetuneArguments, training_args: TrainingArguments) -> list[str]:
+    """Refuse an --output_dir holding a previous fine-tuning (its model and metrics would be replaced silently)
+    unless resuming from one of its checkpoints; under --overwrite_output_dir, return those outputs, which
+    `remove_previous_outputs` deletes once the new run's data and model have loaded."""
+    previous = previous_outputs(training_args.output_dir)
+    if not previous or training_args.resume_from_checkpoint is not None:
+        return []
+    if not args.overwrite_output_dir:
+        listed = ", ".join(previous[:6]) + (", ..." if len(previous) > 6 else "")
+        raise FinetuneInputError(f"--output_dir {training_args.output_dir} holds a previous fine-tuning ({listed}): "
+                                 "choose a new folder, pass --resume_from_checkpoint to continue, or "
+                                 "--overwrite_output_dir to delete them and start over")
+    return previous
+
+
+def remove_previous_outputs(training_args: TrainingArguments, previous: list[str]) -> None:
+    """Delete the previous fine-tuning's outputs (rank 0): a stale checkpoint-N or adapter must not mix with the
+    new run's."""
+    if previous and training_args.process_index == 0:
+        for name in previous:
+            path = os.path.join(training_args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        logger.warning(f"dslm-finetune: --overwrite_output_dir: removed {', '.join(previous)} from "
+                       f"{training_args.output_dir}")
+
+
 def check_paths(args: FinetuneArguments, training_args: TrainingArguments) -> None:
     """The cheap checks, before any data is read: a writable output folder, a local checkpoint folder that exists,
     a resume checkpoint that is a folder."""
@@ -701,7 +775,9 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Train (resuming from `training_args.resume_from_checkpoint` if set), save, evaluate; returns the metrics
     and the Trainer's log history."""
     check_paths(args, training_args)
+    previous = outputs_to_replace(args, training_args)
     trainer = build_trainer(args, training_args)
+    remove_previous_outputs(training_args, previous)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
@@ -721,6 +797,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, Traini
         args=argv, return_remaining_strings=True)
     if unused:
         raise FinetuneInputError(f"unrecognized arguments: {' '.join(unused)} (see dslm-finetune --help)")
+    check_ranges(parsed[1], TRAINING_RANGES)
     return tuple(parsed)
 
 

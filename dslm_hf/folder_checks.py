@@ -7,6 +7,7 @@ names exactly the weights an evaluation measured. Used by `dslm-publish`, `scrip
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .checkpointing import find_pickle_files
 from .cli import UserError
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .heads import HEADS, architecture_class
+from .model_size import check_config_matches_stored_size
 
 
 class PublishRefusal(UserError):
@@ -161,6 +163,8 @@ def check_weights_match_config(folder: Path, config: DeepScaleLMConfig) -> None:
     from_pretrained re-ties it.
     """
     stored = read_checkpoint_shapes(folder)
+    # Arithmetic first: the meta-device model below would take minutes to build for a 200000-layer config.json.
+    check_config_matches_stored_size(folder, config, stored=sum(math.prod(shape) for _, shape in stored.values()))
     expected, tied = expected_weight_shapes(config)
     missing = sorted(set(expected) - set(stored) - tied)
     extra = sorted(set(stored) - set(expected))
@@ -207,9 +211,24 @@ def check_checkpoint(folder: Path) -> DeepScaleLMConfig:
     check_no_pickle_files(folder)
     config = load_checkpoint_config(folder)
     check_weights_match_config(folder, config)
+    check_weights_finite(folder)
     return config
 
 
-__all__ = ["PublishRefusal", "check_checkpoint", "check_no_pickle_files", "check_weights_match_config",
-           "expected_weight_shapes", "load_checkpoint_config", "read_checkpoint_shapes",
+def check_weights_finite(folder: Path) -> None:
+    """Refuse weights holding a NaN or an infinity (a diverged run): every tensor is read, one at a time."""
+    broken = []
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as opened:
+            for name in opened.keys():
+                tensor = opened.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    broken.append(f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)")
+    if broken:
+        raise PublishRefusal(f"the weights in {folder} are not finite: {len(broken)} tensors hold NaN or infinity "
+                             f"({', '.join(sorted(broken)[:4])}): publish the last checkpoint whose weights are finite")
+
+
+__all__ = ["PublishRefusal", "check_checkpoint", "check_no_pickle_files", "check_weights_finite",
+           "check_weights_match_config", "expected_weight_shapes", "load_checkpoint_config", "read_checkpoint_shapes",
            "read_safetensors_shapes", "weight_files", "weights_digest"]

@@ -50,9 +50,11 @@ from transformers import (
 from . import data, parallel
 from .baselines import KneserNeyLM
 from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .cli import UserError, check_known_keys, check_output_dir, run_command, usage_errors_as_user_errors
+from .cli import (COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SHARE, Range, UserError, check_known_keys,
+                  check_output_dir, range_problems, run_command, usage_errors_as_user_errors)
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
+from .model_size import check_training_fits
 from .files import write_json_atomically
 from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
@@ -74,7 +76,10 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "tensorboard", "corpus_manifest.json")
+# What a run writes into its folder: a fresh run refuses a folder holding any of them (without --overwrite_output_dir,
+# which deletes them), so that no finished model or metric record is replaced silently.
+RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "layer_signals.jsonl",
+               "tensorboard", "eval_results.json", "corpus_manifest.json")
 CORPUS_MANIFEST = "corpus_manifest.json"  # how the training and held-out text were made (data.load_split_corpus)
 COUNT_BASELINE_ORDER = 4  # the README's main command prints the model's held-out loss next to this n-gram's
 
@@ -139,9 +144,12 @@ class PretrainingArguments:
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps (0: none; a stop signal still writes one)."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none) or a checkpoint path."})
+        "help": "'latest' (newest complete checkpoint in output_dir, or a fresh start if there is none and no final/) "
+                "or a checkpoint path. The checkpoint's learning rate, weight decay, betas and epsilon stay: other "
+                "values of those flags are refused."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start fresh in an output_dir that holds checkpoints: its previous run outputs are deleted."})
+        "help": "Start fresh in an output_dir that holds a previous run's outputs (checkpoints/, final/, "
+                "metrics.jsonl, ...): they are deleted. Without it such a folder is refused unless resuming."})
     max_nonfinite_steps: int = field(default=10, metadata={
         "help": "Steps with a NaN/inf loss or gradient are skipped; the run stops when more than this many were skipped."})
     signal_every: int = field(default=0, metadata={
@@ -184,34 +192,15 @@ class PretrainingArguments:
             yield "preset", f"expected one of {available_presets()}"
         if self.config_name is not None and not Path(self.config_name).is_file():
             yield "config_name", "no such file"
-        for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps", "max_eval_blocks",
-                     "r0_sample_blocks", "vocab_size", "num_processes"):
-            if getattr(self, name) < 1:
-                yield name, "expected a positive integer"
+        yield from range_problems(self, PRETRAINING_RANGES)
         if self.signal_every and self.fully_shard:
             yield "signal_every", "layer signals read whole gradients: not available with --fully_shard"
-        for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens", "signal_every"):
-            if getattr(self, name) < 0:
-                yield name, "expected a non-negative integer"
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            yield "checkpoints_total_limit", "expected a positive integer or unset"
         if self.lr_scheduler_type not in SCHEDULES:
             yield "lr_scheduler_type", f"expected one of {SCHEDULES}"
         if self.mixed_precision not in MIXED_PRECISIONS:
             yield "mixed_precision", f"expected one of {MIXED_PRECISIONS}"
-        if not 0.0 < self.validation_fraction < 1.0:
-            yield "validation_fraction", "expected a share in (0, 1)"
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            yield "warmup_ratio", "expected a share in [0, 1)"
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            yield "learning_rate", "expected a positive number (or leave it unset to pick it from depth)"
         if self.depth_parameterization is not None and self.depth_parameterization not in DEPTH_PARAMETERIZATIONS:
             yield "depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}"
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            yield "weight_decay" if self.weight_decay < 0 else "max_grad_norm", "expected a non-negative number"
-        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
-            yield "max_train_minutes", "expected a positive number of minutes"
         if self.fully_shard and self.mixed_precision == "fp16":
             yield "mixed_precision", "--fully_shard computes in bf16 or fp32: use --mixed_precision bf16 or no"
         yield from self.pipeline_problems()
@@ -220,8 +209,6 @@ class PretrainingArguments:
 
 
     def pipeline_problems(self):
-        if self.pipeline_parallel_size < 1:
-            yield "pipeline_parallel_size", "expected a positive number of stages"
         if self.pipeline_schedule not in PIPELINE_SCHEDULES:
             yield "pipeline_schedule", f"expected one of {sorted(PIPELINE_SCHEDULES)}"
         if self.pipeline_parallel_size == 1:
@@ -229,6 +216,32 @@ class PretrainingArguments:
         if self.objective != "clm" or self.fully_shard or self.mixed_precision != "no" or self.signal_every:
             yield "pipeline_parallel_size", "pipelines train the causal LM in fp32 without --fully_shard or " \
                                             "--signal_every: use --objective clm --mixed_precision no"
+
+
+# The numeric arguments' allowed values, checked by `PretrainingArguments.problems` before any data is read (an unset
+# optional one, None, is left alone). NaN and infinity are outside every range.
+PRETRAINING_RANGES = {
+    **{name: COUNT for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                                "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps",
+                                "max_eval_blocks", "r0_sample_blocks", "num_processes", "checkpoints_total_limit",
+                                "pipeline_parallel_size", "pipeline_microbatches")},
+    **{name: NON_NEGATIVE_COUNT for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens",
+                                             "signal_every")},
+    "vocab_size": Range(data.BYTE_LEVEL_MIN_VOCAB, integer=True),  # every byte and the special tokens
+    "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE,  # 0: no clipping
+    "warmup_ratio": Range(0, 1, high_open=True),
+    "max_train_minutes": POSITIVE,
+    "validation_fraction": SHARE,
+    "default_corpus_megabytes": POSITIVE,
+    "mlm_probability": SHARE,
+    "noise_density": SHARE,
+    "mean_span_length": Range(1),
+}
 
 
 def parse_arguments(argv=None) -> PretrainingArguments:
@@ -295,6 +308,26 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
         raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "
                         "lower it or pass --config_overrides max_position_embeddings=N")
     return kwargs
+
+
+def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict) -> None:
+    """Refuse, in microseconds and before any data is read, a model whose weights, gradients and AdamW moments
+    alone exceed the memory of a process's device (dslm_hf.model_size): a failed 69 GB allocation after the
+    tokenizer was trained helps nobody. The vocabulary is the BPE's --vocab_size (or the config's, for
+    --tokenizer_name)."""
+    source = f"--config_name {args.config_name}" if args.config_name else f"preset {args.preset}"
+    if args.config_overrides:
+        source += f" with --config_overrides {args.config_overrides}"
+    described = {**kwargs, "is_decoder": args.objective == "clm", "is_encoder_decoder": args.objective == "seq2seq"}
+    if not args.tokenizer_name:
+        described["vocab_size"] = args.vocab_size
+    try:
+        config = DeepScaleLMConfig(**described)
+    except (TypeError, ValueError):
+        return  # a value the config refuses is reported where the run's config is built, with its own message
+    shards = accelerator.num_processes if args.fully_shard else args.pipeline_parallel_size
+    sharing = accelerator.num_processes if accelerator.device.type == "cpu" else 1  # ranks on one host share its memory
+    check_training_fits(config, source, accelerator.device, processes_on_device=sharing, shards=shards)
 
 
 def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> DeepScaleLMConfig:
@@ -502,10 +535,18 @@ def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> 
     if any_rank(accelerator, refusal is not None):
         raise refusal if refusal is not None else SystemExit(2)
     resume_dir = resolve_checkpoint(args.resume_from_checkpoint, run_dir, accelerator.print)
-    if resume_dir is None and checkpoint_folders(run_dir):
-        if not args.overwrite_output_dir:
+    previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 deletes anything
+    # `latest` without a checkpoint starts over an interrupted run, never a finished one (its final/ would be lost).
+    starting_over_allowed = args.overwrite_output_dir or (args.resume_from_checkpoint == "latest"
+                                                          and "final" not in previous)
+    if resume_dir is None and previous and not starting_over_allowed:
+        if checkpoint_folders(run_dir):
             raise UserError(f"{run_dir} already holds checkpoints: pass --resume_from_checkpoint latest to continue, "
                             "or --overwrite_output_dir to start over")
+        raise UserError(f"{run_dir} holds a previous run's {', '.join(previous)} and no checkpoint to resume from: "
+                        "choose a new --output_dir, or pass --overwrite_output_dir to delete them and start over")
+    if resume_dir is None and previous and args.overwrite_output_dir:
         # Starting over: a stale checkpoint of the old run must never be taken for `latest` of the new one.
         if accelerator.is_main_process:
             for name in RUN_OUTPUTS:
@@ -583,6 +624,31 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
                train_loader, eval_loader, eval_blocks, layout, monitor=monitor)
 
 
+# What a checkpoint's optimizer state fixes for the rest of the run: each group's peak learning rate (the schedule
+# scales it), weight decay, betas and epsilon. Loading the state restores them, so other values on a resumed
+# command line would be logged but never used; they are refused instead.
+OPTIMIZER_SETTINGS = {"learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
+                      "betas": "--adam_beta1/--adam_beta2", "eps": "--adam_epsilon"}
+
+
+def optimizer_settings(optimizer, peak_learning_rates: list[float]) -> list[dict]:
+    """Per parameter group: its peak learning rate (the scheduler's base rate) and AdamW's settings."""
+    return [{"learning_rate": rate, "weight_decay": group["weight_decay"], "betas": group["betas"], "eps": group["eps"]}
+            for group, rate in zip(optimizer.param_groups, peak_learning_rates)]
+
+
+def check_same_optimizer_settings(folder: Path, asked: list[dict], stored: list[dict]) -> None:
+    """Refuse a resume whose learning rate, weight decay, betas or epsilon differ from the checkpoint's."""
+    for group, (wanted, kept) in enumerate(zip(asked, stored)):
+        for key, flag in OPTIMIZER_SETTINGS.items():
+            if not np.allclose(np.asarray(wanted[key], float), np.asarray(kept[key], float),
+                                                 rtol=1e-9, atol=0):
+                raise UserError(f"checkpoint {folder} was trained with {key}={kept[key]} in parameter group {group}, "
+                                f"this command asks for {wanted[key]} ({flag}): a resume keeps the checkpoint's "
+                                f"optimizer settings and schedule, so the new value would not be applied; resume with "
+                                f"the original {flag}, or start a new run in another --output_dir")
+
+
 def resume(run: Run, folder: Path) -> None:
     """Load a verified checkpoint into the run: weights, optimizer, scheduler, step and counters."""
     restore = None
@@ -590,12 +656,14 @@ def resume(run: Run, folder: Path) -> None:
         restore = partial(run.model.load_training_state, run.optimizer)
     elif run.args.fully_shard:
         restore = partial(parallel.load_sharded_training_state, run.model, run.optimizer)
+    asked = optimizer_settings(run.optimizer, run.scheduler.base_lrs)
     state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer, restore)
     scheduler_keys = set(run.scheduler.state_dict())
     if not (isinstance(state.get("scheduler"), dict) and set(state["scheduler"]) == scheduler_keys
             and isinstance(state.get("nonfinite_steps"), int) and isinstance(state.get("layout"), dict)):
         raise CheckpointError(f"checkpoint {folder} is corrupt: its trainer_state.json lacks this run's layout, "
                               f"counters or scheduler state ({', '.join(sorted(scheduler_keys))})")
+    check_same_optimizer_settings(folder, asked, optimizer_settings(run.optimizer, state["scheduler"]["base_lrs"]))
     if state["layout"] != run.layout:
         raise UserError(f"checkpoint {folder} was written with {state['layout']}, this run has {run.layout}: "
                         "resuming with another batch layout would change the data order; use the original settings")
@@ -660,7 +728,28 @@ def record_signals(run: Run, signals: dict) -> None:
             handle.write(json.dumps({**signals, "step": run.step}) + "\n")
 
 
-def save(run: Run) -> Path:
+def nonfinite_parameters(run: Run) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity on any rank ([] on every rank when all are finite):
+    such weights are never checkpointed nor saved as the final model."""
+    module = run.model.module if isinstance(run.model, Pipeline) else run.model
+    local = [name for name, parameter in module.named_parameters()
+             if not bool(torch.isfinite(parameter.to_local() if hasattr(parameter, "to_local") else parameter).all())]
+    return local or (["(on another rank)"] if any_rank(run.accelerator, bool(local)) else [])
+
+
+def newest_checkpoint_note(run: Run) -> str:
+    folders = checkpoint_folders(run.run_dir)
+    return f"the newest checkpoint, {folders[0]}, is kept" if folders else "there is no earlier checkpoint"
+
+
+def save(run: Run) -> Path | None:
+    """A checkpoint of the current step, or None (said in one line) when its weights are not finite: a broken
+    checkpoint must never rotate a good one away."""
+    broken = nonfinite_parameters(run)
+    if broken:
+        run.say(f"step {run.step}: {len(broken)} parameter tensors are not finite (first: {broken[0]}); no checkpoint "
+                f"written, {newest_checkpoint_note(run)}")
+        return None
     state = None  # a sharded or pipelined run gathers the whole state onto rank 0 (a collective)
     if isinstance(run.model, Pipeline):
         state = run.model.training_state(run.optimizer)
@@ -716,7 +805,8 @@ def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
 def stop_on_signal(run: Run, signal_name: str) -> dict:
     """After a stop signal: a checkpoint of the step just finished, and how to resume."""
     folder = save(run)
-    run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; checkpoint {folder}. To continue, "
+    written = f"checkpoint {folder}" if folder is not None else f"non-finite weights, {newest_checkpoint_note(run)}"
+    run.say(f"dslm-pretrain: stopped by {signal_name} after step {run.step}; {written}. To continue, "
             "run the same command with --resume_from_checkpoint latest")
     run.accelerator.end_training()
     return {"step": run.step, "nonfinite_steps": run.nonfinite_steps, "stopped_by": signal_name}
@@ -734,6 +824,12 @@ def count_baseline(run: Run) -> dict:
 def finish(run: Run, metrics: dict) -> dict:
     """Held-out metrics (if the loop had none), replica check, final/ (model, tokenizer) and a sample."""
     args, accelerator = run.args, run.accelerator
+    broken = nonfinite_parameters(run)
+    if broken:
+        accelerator.end_training()
+        raise UserError(f"training ended at step {run.step} with non-finite weights ({len(broken)} parameter tensors, "
+                        f"first: {broken[0]}): final/ was not written and {newest_checkpoint_note(run)}; resume from "
+                        "it with a lower --learning_rate or --max_grad_norm, or start over")
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
     metrics.update(step=run.step, nonfinite_steps=run.nonfinite_steps, final_dir=str(run.run_dir / "final"))
@@ -765,11 +861,12 @@ def train(args: PretrainingArguments) -> dict:
     {"step", "nonfinite_steps", "stopped_by"} when a SIGTERM/SIGINT stopped it after writing a checkpoint."""
     run_dir = Path(args.output_dir)
     check_output_dir(run_dir)
-    preset_kwargs(args)  # unknown config keys, block_size vs positions: refused before any data is read
+    kwargs = preset_kwargs(args)  # unknown config keys, block_size vs positions: refused before any data is read
     trackers = [JsonlTracker(run_dir / "metrics.jsonl")] + (["tensorboard"] if args.report_to == "tensorboard" else [])
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
         project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
     check_checkpointing_supported(args, accelerator)
+    check_model_fits(args, accelerator, kwargs)
     lock = RunLock(run_dir)
     try:
         resume_dir = claim_output_dir(args, accelerator, lock)

@@ -452,18 +452,34 @@ def check_staged_repository(staging_dir: Path, config: DeepScaleLMConfig, result
         raise PublishRefusal("the staged weights differ from the evaluated ones: staging must not change the weights")
 
 
+def find_evaluated_text(results: dict, eval_file: Path, checkpoint_dir: Path) -> Path:
+    """The text an evaluation record measured (its dataset.file with the recorded sha256), looked for next to the
+    record, in the checkpoint folder and in the current folder; a PublishRefusal naming them when it is in none."""
+    name, digest = Path(results["dataset"]["file"]).name, results["dataset"]["file_sha256"]
+    places = list(dict.fromkeys(Path(folder) for folder in (Path(eval_file).parent, checkpoint_dir, Path.cwd())))
+    for folder in places:
+        if (folder / name).is_file() and file_sha256(folder / name) == digest:
+            return folder / name
+    raise PublishRefusal(f"the evaluation file's numbers are recomputed before publishing, but the text it measured "
+                         f"({name}, sha256 {digest[:16]}...) is not in {', '.join(map(str, places))}: give it with "
+                         "--verify-eval TEXT_FILE, or pass --no-verify-eval to publish the recorded numbers unverified")
+
+
 def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval_file: Path | None,
-                     max_shard_size: str = "5GB", verify_text_file: Path | None = None) -> Path:
+                     max_shard_size: str = "5GB", verify_text_file: Path | None = None, verify: bool = False) -> Path:
     """Write the Hub repository folder for `checkpoint_dir` into the empty or new `staging_dir`, refusing
-    (PublishRefusal) anything that would break users before a byte is written. With `verify_text_file`, the
-    evaluation file's numbers are first recomputed from the weights on that text (`verify_eval_file`)."""
+    (PublishRefusal) anything that would break users before a byte is written. With `verify` (dslm-publish's
+    default), the evaluation file's numbers are first recomputed from the weights (`verify_eval_file`) on
+    `verify_text_file`, or on the text the record names when found (`find_evaluated_text`)."""
     checkpoint_dir, staging_dir = Path(checkpoint_dir), Path(staging_dir)
     if staging_dir.exists() and (not staging_dir.is_dir() or any(staging_dir.iterdir())):
         raise PublishRefusal(f"staging folder {staging_dir} is not empty: choose a new or empty --staging-dir")
     config = check_checkpoint(checkpoint_dir)
     check_tokenizer_files(checkpoint_dir)
     results = load_eval_file(eval_file, checkpoint_dir, config)
-    if verify_text_file is not None:
+    if verify and verify_text_file is None:
+        verify_text_file = find_evaluated_text(results, eval_file, checkpoint_dir)
+    if verify or verify_text_file is not None:
         verify_eval_file(results, checkpoint_dir, verify_text_file)
     staging_dir.mkdir(parents=True, exist_ok=True)
     model = architecture_class(config).from_pretrained(checkpoint_dir)
@@ -524,8 +540,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--staging-dir", type=Path, default=None, help="empty folder to stage into (default: a new temporary folder)")
     parser.add_argument("--max-shard-size", default="5GB", help="weights are sharded past this size (e.g. 500MB)")
     parser.add_argument("--verify-eval", type=Path, default=None, metavar="TEXT_FILE",
-                        help="before staging, recompute the evaluation file's numbers from the weights on the "
-                             "held-out part of TEXT_FILE (the text it names, checked by sha256) and refuse a mismatch")
+                        help="the text the evaluation file measured (checked by sha256). Before staging, its numbers "
+                             "are recomputed from the weights on the held-out part of that text and a mismatch is "
+                             "refused. Default: the file the record names, found next to the record, in "
+                             "CHECKPOINT_DIR or in the current folder")
+    parser.add_argument("--no-verify-eval", action="store_true",
+                        help="publish the evaluation file's numbers without recomputing them (the record must still "
+                             "name exactly these weights)")
     parser.add_argument("--native", choices=("also", "only"), default=None,
                         help="also: stage the native transformers twin (dslm-export: GPT-2, BERT, Bart...) in native/, "
                              "loadable without trust_remote_code (subfolder='native'); only: publish the twin instead")
@@ -542,17 +563,21 @@ def publish(argv: list[str]) -> Path:
     if args.verify_eval is not None and not args.verify_eval.is_file():
         raise PublishRefusal(f"--verify-eval {args.verify_eval} does not exist: give the text file the evaluation "
                              "file was measured on")
+    if args.verify_eval is not None and args.no_verify_eval:
+        raise PublishRefusal("give either --verify-eval TEXT_FILE or --no-verify-eval, not both")
     staging_dir = args.staging_dir or Path(tempfile.mkdtemp(prefix="dslm-publish-"))
     try:
         if args.native != "only":
             stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size,
-                             verify_text_file=args.verify_eval)
+                             verify_text_file=args.verify_eval, verify=not args.no_verify_eval)
         if args.native is not None:
             stage_native_twin(args.checkpoint_dir, staging_dir, args.repo_id, args.native)
     except PublishRefusal as refusal:
         raise PublishRefusal(f"refusing to publish: {refusal}") from None
-    if args.verify_eval is not None:
-        print(f"--verify-eval: the evaluation file's numbers were recomputed from the weights on {args.verify_eval}")
+    if args.native != "only":
+        print("--no-verify-eval: the evaluation file's numbers were published as recorded, not recomputed"
+              if args.no_verify_eval else "verified: the evaluation file's numbers were recomputed from the weights on "
+                                          "the held-out text it names")
     files = list_files(staging_dir)
     print(f"staged {args.repo_id} in {staging_dir}:")
     for path, size in files:

@@ -290,7 +290,7 @@ def test_publish_native_stages_the_twin_next_to_or_instead_of_the_remote_code(tm
     for mode in ("also", "only"):
         staging = tmp_path / f"staged-{mode}"
         assert publish_main([str(checkpoint), "--repo-id", "org/tiny", "--dry-run", "--staging-dir", str(staging),
-                             "--native", mode]) == 0
+                             "--native", mode, "--verify-eval", str(text_file)]) == 0
         twin = staging / "native" if mode == "also" else staging
         assert json.loads((twin / "config.json").read_text())["model_type"] == "gpt2"
         assert (twin / "tokenizer.json").is_file() and (twin / "generation_config.json").is_file()

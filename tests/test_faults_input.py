@@ -253,12 +253,18 @@ def test_verify_eval_recomputes_the_recorded_loss_bit_for_bit(workspace):
     assert recomputed["dataset"]["tokens"] == results["dataset"]["tokens"] > 0
 
 
-def test_other_numbers_pass_the_static_checks_so_only_verify_eval_catches_them(workspace, tmp_path):
-    """The doctored evaluation file is self-consistent (right weights digest, perplexity = exp(loss)): without
-    --verify-eval it is published, which is why the flag exists."""
+def test_other_numbers_pass_the_static_checks_so_only_the_default_verification_catches_them(workspace, tmp_path):
+    """The doctored evaluation file is self-consistent (right weights digest, perplexity = exp(loss)): dslm-publish
+    refuses it only because it recomputes the numbers by default; --no-verify-eval, the explicit opt-out, publishes
+    it."""
     from dslm_hf.publishing import main
 
-    assert main([str(argument) for argument in eval_file_with_other_numbers(workspace, tmp_path)]) == 0
+    arguments = eval_file_with_other_numbers(workspace, tmp_path)
+    shutil.copy(workspace["text"], arguments[0] / "text.txt")  # found by default, next to the evaluation record
+    with pytest.raises(SystemExit, match="the weights give held-out loss"):
+        main([str(argument) for argument in arguments])
+    arguments[-1] = tmp_path / "stage_unverified"
+    assert main([str(argument) for argument in arguments] + ["--no-verify-eval"]) == 0
 
 
 def test_declared_class_names_allow_a_class_unseen_in_training(workspace, tmp_path):

@@ -31,6 +31,7 @@ def decoder_checkpoint(tmp_path_factory):
     text_file = write_text_sample(root / "sample.txt")
     checkpoint = build_tiny_checkpoint(root / "decoder", text_file)
     write_tiny_eval_file(checkpoint, text_file)
+    shutil.copy(text_file, checkpoint / text_file.name)  # where dslm-publish finds the text to verify the record on
     return checkpoint
 
 
