@@ -21,6 +21,7 @@ position follows from the step. A resumed run therefore replays the uninterrupte
 """
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.nn  # noqa: F401  imported before any process group exists: see release_the_process_group
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
@@ -69,7 +71,8 @@ from .optimization import (
 from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from .pipeline import Pipeline, check_pipeline_layout
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
-from .run_control import RunLock, StopSignals, launch_workers, stop_when_the_launcher_dies
+from .run_control import (RunLock, StopSignals, failures_reported_to_the_launcher, launch_workers,
+                          stop_when_the_launcher_dies)
 from .run_metrics import JsonlTracker, drop_records_after
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -881,10 +884,27 @@ def train(args: PretrainingArguments) -> dict:
         with StopSignals(announce=accelerator.is_main_process) as stop:
             metrics, stopped_by = train_loop(run, stop)
             if stopped_by is not None:
-                return stop_on_signal(run, stopped_by)
-            return finish(run, metrics)  # a signal now is noted and ignored: the run is about to end anyway
+                result = stop_on_signal(run, stopped_by)
+            else:
+                result = finish(run, metrics)  # a signal now is noted and ignored: the run is about to end anyway
+        release_the_process_group(run)
+        return result
     finally:
         lock.release()
+
+
+def release_the_process_group(run: Run) -> None:
+    """Free the prepared model, optimizer and loaders, and with them the process group, right after the run's last
+    collective, not whenever the interpreter gets to it. A gloo group's destructor joins its worker threads while
+    holding the GIL; a worker that needs the GIL then (to free a tensor of a finished collective, or at all once the
+    interpreter is finalizing) never gets it, and the rank hangs (torch 2.13; rare, seen once after a stop signal).
+    The group's last reference is DDP's reducer, or, when torch.distributed.nn is first imported after the group
+    exists (DDP imports it), that module's default arguments, which live until interpreter teardown: hence its
+    import at the top of this module."""
+    run.accelerator.free_memory()
+    run.model = run.optimizer = run.scheduler = run.train_loader = run.eval_loader = run.monitor = None
+    gc.collect()
+    run.accelerator.state.destroy_process_group()  # a no-op when finish or stop_on_signal's end_training did it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -955,7 +975,8 @@ def run_command_line(argv: list[str]) -> None:
         return
     stop_when_the_launcher_dies()
     try:
-        train(args)
+        with failures_reported_to_the_launcher():  # a rank of --num_processes: the launcher says it once
+            train(args)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing to save yet
         print("dslm-pretrain: interrupted before training started; nothing was written to resume from",
               file=sys.stderr, flush=True)

@@ -13,6 +13,9 @@ and the launcher's death.
   be pipes into the dead launcher (accelerate >= 1.16 tees a single-process worker's stderr through a pipe), where
   the next write raises BrokenPipeError; once the launcher is gone they are pointed at the null device, so the stop
   still ends in a checkpoint (what the run records goes to files in the run folder anyway).
+- `launch_workers` (`dslm-pretrain --num_processes N`): starts and supervises the ranks. A rank's user error or crash
+  goes to the launcher (`failures_reported_to_the_launcher`), which says once what went wrong: a rank's peers fail
+  too, in their next collective, and would otherwise add one message and one gloo traceback per rank.
 """
 
 import ctypes
@@ -23,16 +26,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
-from .cli import UserError
+from .cli import EXIT_USER_ERROR, UserError, debug_requested
 
 LOCK_NAME = ".dslm-pretrain.lock"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Set in a worker's environment by accelerate launch (every mode), torchrun, and dslm-pretrain --num_processes.
 LAUNCHER_ENVIRONMENT = ("ACCELERATE_DYNAMO_MODE", "TORCHELASTIC_RUN_ID", "DSLM_PRETRAIN_WORKER")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+REPORTS_ENVIRONMENT = "DSLM_PRETRAIN_REPORTS"  # the folder where launch_workers' ranks leave their failure reports
+TRUE_VALUES = ("1", "true", "yes", "y", "t", "on")  # what accelerate's flags accept as true
 
 
 def describe_holder(record: str) -> str:
@@ -147,6 +155,93 @@ def stop_when_the_launcher_dies() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def write_report(folder: str, **report) -> bool:
+    """Leave this rank's failure report for the launcher (atomically); False when no launcher will read it."""
+    if _launcher_pid is not None and os.getppid() != _launcher_pid:
+        return False
+    path = Path(folder) / f"rank{os.environ.get('RANK', '0')}.json"
+    try:
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({**report, "time": time.time()}), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def failures_reported_to_the_launcher():
+    """In a rank started by `launch_workers`: a user error or a crash becomes a report the launcher reads, and the rank
+    exits quietly (2 for a user error, else 1). Outside `launch_workers`, or with DSLM_DEBUG set, nothing changes."""
+    folder = os.environ.get(REPORTS_ENVIRONMENT)
+    if folder is None or debug_requested([]):
+        yield
+        return
+    try:
+        yield
+    except UserError as error:
+        if not write_report(folder, user_error=str(error)):
+            raise
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except Exception:
+        if not write_report(folder, traceback=traceback.format_exc()):
+            raise
+        raise SystemExit(1) from None
+
+
+def read_reports(folder: Path) -> dict[int, dict]:
+    reports = {}
+    for path in folder.glob("rank*.json"):
+        try:
+            reports[int(path.stem.removeprefix("rank"))] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return reports
+
+
+def cpu_process_group_environment(environment) -> dict:
+    """What accelerate needs to join the ranks into one process group when the machine has no accelerator that can
+    form one (none at all, or Apple's MPS): ACCELERATE_USE_CPU=true, for gloo on the CPU. Without it accelerate gives
+    every rank a one-process run of its own, and the ranks train side by side, fighting over the run folder."""
+    import torch
+
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if device is not None and device.type != "mps":
+        return {}
+    value = environment.get("ACCELERATE_USE_CPU")
+    if value is None:
+        return {"ACCELERATE_USE_CPU": "true"}
+    if value.strip().lower() not in TRUE_VALUES:
+        raise UserError(f"ACCELERATE_USE_CPU={value} keeps the ranks off the CPU, and this machine has no accelerator "
+                        "that can join processes into a group: unset ACCELERATE_USE_CPU to run --num_processes ranks "
+                        "on the CPU (gloo)")
+    return {}
+
+
+def describe_outcome(workers, reports: dict[int, dict], signalled: list[set]) -> int:
+    """Say once why the ranks failed, and return the exit status (0 when none did): a user error is raised as such
+    (every rank usually meets it; a peer of the rank that did fails in a collective, which is no news); else a rank
+    killed by a signal the launcher did not send (the out-of-memory killer, `kill`); else the first crash's traceback."""
+    errors = [reports[rank]["user_error"] for rank in sorted(reports) if "user_error" in reports[rank]]
+    if errors:
+        raise UserError(errors[0])
+    statuses = [128 - worker.returncode if worker.returncode < 0 else worker.returncode for worker in workers]
+    for rank, worker in enumerate(workers):
+        if worker.returncode < 0 and -worker.returncode not in signalled[rank]:
+            print(f"dslm-pretrain: rank {rank} was killed by {signal.Signals(-worker.returncode).name} (not by "
+                  "dslm-pretrain: the out-of-memory killer, a kill command or the scheduler); the other ranks were "
+                  "stopped. Resume from the last checkpoint with --resume_from_checkpoint latest",
+                  file=sys.stderr, flush=True)
+            return statuses[rank]
+    crashes = sorted((report["time"], rank) for rank, report in reports.items() if "traceback" in report)
+    if crashes:
+        rank = crashes[0][1]
+        print(f"dslm-pretrain: rank {rank} failed (the other ranks were stopped):\n{reports[rank]['traceback']}",
+              end="", file=sys.stderr, flush=True)
+        return statuses[rank] or 1
+    return 2 if EXIT_USER_ERROR in statuses else next((status for status in statuses if status), 0)
+
+
 SHUTDOWN_GRACE_SECONDS = 60.0
 
 
@@ -155,21 +250,30 @@ def launch_workers(module: str, argv: list[str], num_processes: int, failure_gra
 
     SIGTERM/SIGINT sent to this process are forwarded to every rank (the workers run in their own session, so a
     terminal's Ctrl-C reaches them once, through here). When a rank fails, the others get SIGTERM, then SIGKILL
-    after `failure_grace_seconds` (a rank blocked in a collective cannot act on SIGTERM). Returns the exit status:
-    2 if any rank reported a user error, else the first failure's (128 + signal for a killed rank), else 0.
+    after `failure_grace_seconds` (a rank blocked in a collective cannot act on SIGTERM). A rank's user error is
+    raised here, once (UserError); a killed rank or a crash is described once on stderr (`describe_outcome`). Returns
+    the exit status: the failure's (128 + signal for a killed rank), else 0.
     """
+    with tempfile.TemporaryDirectory(prefix="dslm-pretrain-ranks-") as reports:
+        return supervise(module, argv, num_processes, failure_grace_seconds, Path(reports))
+
+
+def supervise(module: str, argv: list[str], num_processes: int, failure_grace_seconds: float, reports: Path) -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(num_processes),
-              "LOCAL_WORLD_SIZE": str(num_processes), "DSLM_PRETRAIN_WORKER": "1"}
+    common = {**os.environ, **cpu_process_group_environment(os.environ), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes),
+              "DSLM_PRETRAIN_WORKER": "1", REPORTS_ENVIRONMENT: str(reports)}
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
                                 env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                for rank in range(num_processes)]
+    signalled = [set() for _ in workers]  # the signals this launcher sent each rank
 
     def forward(signum, frame=None):
-        for worker in workers:
+        for worker, sent in zip(workers, signalled):
             if worker.poll() is None:
+                sent.add(signum)
                 worker.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
@@ -201,5 +305,4 @@ def launch_workers(module: str, argv: list[str], num_processes: int, failure_gra
         print(f"dslm-pretrain: rank(s) {stragglers} had not exited {SHUTDOWN_GRACE_SECONDS:.0f} s after another rank "
               "ended cleanly; they were killed (their work was already saved)", file=sys.stderr, flush=True)
         return 0
-    statuses = [128 - worker.returncode if worker.returncode < 0 else worker.returncode for worker in workers]
-    return 2 if 2 in statuses else next((status for status in statuses if status), 0)
+    return describe_outcome(workers, read_reports(reports), signalled)

@@ -296,7 +296,7 @@ def test_dslm_pretrain_launches_two_ranks_and_a_user_error_exits_2_without_a_tra
                         "--resume_from_checkpoint", folder)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
-    assert "optimizer.safetensors has 9 bytes" in result.stderr
+    assert result.stderr.count("optimizer.safetensors has 9 bytes") == 1  # once, not once per rank
 
 
 @pytest.mark.slow
@@ -353,8 +353,11 @@ def test_sigterm_to_dslm_pretrain_num_processes_reaches_both_ranks_and_exits_0_w
                                 env=cpu_environment(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(logged_steps(tmp_path)) >= 2, launcher, "step 2")
     launcher.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     stdout, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    # Both ranks ended by themselves: the launcher's last resort against a rank hung in its shutdown was not needed.
+    assert "had not exited" not in stderr and time.monotonic() - signalled < 60
     assert not worker_processes(tmp_path)
     (checkpoint,) = checkpointing.checkpoint_folders(tmp_path)
     step = verify_checkpoint(checkpoint)

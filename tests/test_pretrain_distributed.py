@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from dslm_hf import pretraining
 from dslm_hf.run_metrics import read_metrics
 from pretrain_helpers import (
-    REPO, NO_DROPOUT, cpu_environment, eval_losses, pretrain_command, run_in_process, run_launched, train_losses,
+    REPO, NO_DROPOUT, TINY_RUN, cpu_environment, eval_losses, pretrain_command, run_in_process, run_launched, train_losses,
 )
 
 RUN = ["--max_steps", 4, "--eval_steps", 2, "--save_steps", 0, "--learning_rate", 5e-4, *NO_DROPOUT]  # lr: see the tolerance
@@ -165,3 +166,125 @@ def test_shipped_accelerate_configs_parse_and_shard_deepscalelm_layers():
     assert configs["fsdp2"].distributed_type == "MULTI_GPU" and "--fully_shard" in (REPO / "accelerate_configs" / "fsdp2.yaml").read_text()
     assert [configs[f"deepspeed_zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]
     assert configs["cpu_2proc"].num_processes == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dslm-pretrain --num_processes: what the launcher says when ranks fail, and how ranks end
+# ----------------------------------------------------------------------------------------------------------------
+# A rank of launch_workers that runs the code given for it on the command line (argv[RANK]) as the worker's
+# training would run: inside failures_reported_to_the_launcher.
+SCRIPTED_RANK = """
+import os, signal, sys, time
+from dslm_hf.cli import UserError
+from dslm_hf.run_control import failures_reported_to_the_launcher
+with failures_reported_to_the_launcher():
+    exec(sys.argv[1 + int(os.environ["RANK"])])
+"""
+
+
+def launch_scripted_ranks(tmp_path, monkeypatch, *code_per_rank, grace=10.0):
+    from dslm_hf import run_control
+
+    (tmp_path / "scripted_rank.py").write_text(SCRIPTED_RANK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return run_control.launch_workers("scripted_rank", list(code_per_rank), len(code_per_rank), grace)
+
+
+def test_a_user_error_met_by_one_rank_is_raised_once_and_its_peers_failure_is_not_shown(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from dslm_hf.cli import UserError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the launcher keeps the ranks' reports
+    with pytest.raises(UserError, match=r"^--tokenizer_name /x is not a tokenizer folder: give one$"):
+        launch_scripted_ranks(tmp_path, monkeypatch, "raise UserError('--tokenizer_name /x is not a tokenizer folder: give one')",
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(2); "
+                              "raise RuntimeError('Connection closed by peer')")  # a peer in a collective
+    assert capsys.readouterr().err == ""  # run_command prints the UserError, once
+    assert not list(tmp_path.glob("dslm-pretrain-ranks-*"))
+
+
+def test_a_rank_killed_from_outside_is_named_and_its_peer_is_stopped(tmp_path, monkeypatch, capsys):
+    status = launch_scripted_ranks(tmp_path, monkeypatch, "time.sleep(120)", "os.kill(os.getpid(), signal.SIGKILL)")
+    assert status == 128 + signal.SIGKILL
+    error = capsys.readouterr().err
+    assert error.count("dslm-pretrain: rank 1 was killed by SIGKILL (not by dslm-pretrain") == 1
+    assert "rank 0" not in error  # stopped by the launcher's SIGTERM: a consequence, not news
+
+
+def test_a_crash_is_shown_once_from_the_rank_that_failed_first(tmp_path, monkeypatch, capsys):
+    status = launch_scripted_ranks(tmp_path, monkeypatch,
+                                   "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(2); "
+                                   "raise RuntimeError('Connection closed by peer')",
+                                   "raise ValueError('a bug on rank 1')")
+    assert status == 1
+    error = capsys.readouterr().err
+    assert error.startswith("dslm-pretrain: rank 1 failed (the other ranks were stopped):\nTraceback")
+    assert error.count("Traceback") == 1 and "ValueError: a bug on rank 1" in error
+    assert "Connection closed by peer" not in error
+
+
+def test_ranks_on_a_machine_without_an_accelerator_are_put_on_the_cpu(monkeypatch):
+    from dslm_hf.cli import UserError
+    from dslm_hf.run_control import cpu_process_group_environment
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert cpu_process_group_environment({}) == {"ACCELERATE_USE_CPU": "true"}
+    assert cpu_process_group_environment({"ACCELERATE_USE_CPU": "1"}) == {}
+    with pytest.raises(UserError, match="^ACCELERATE_USE_CPU=false keeps the ranks off the CPU, and this machine"):
+        cpu_process_group_environment({"ACCELERATE_USE_CPU": "false"})
+
+
+@pytest.mark.slow
+def test_a_user_error_of_rank_0_while_rank_1_waits_in_a_barrier_prints_once_without_a_gloo_traceback(tmp_path):
+    empty = tmp_path / "not_a_tokenizer"
+    empty.mkdir()
+    # Rank 0 loads --tokenizer_name while rank 1 waits (main_process_first); ACCELERATE_USE_CPU is left to the launcher.
+    environment = {k: v for k, v in cpu_environment().items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run([sys.executable, "-m", "dslm_hf.pretraining", "--num_processes", "2", "--output_dir",
+                             str(tmp_path / "run"), *TINY_RUN, "--max_steps", "2", "--tokenizer_name", str(empty)],
+                            env=environment, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("dslm-pretrain: error:")]
+    assert len(error_lines) == 1 and str(empty) in error_lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "[rank" not in result.stderr
+
+
+# Records the default process group a rank's run creates, runs dslm-pretrain's command line, then reports whether
+# anything but this script still holds that group (it would then be destroyed, and its gloo threads joined, only at
+# interpreter teardown).
+PROCESS_GROUP_PROBE = """
+import json, os, sys
+import torch.distributed
+from dslm_hf import pretraining
+
+groups = []
+init_process_group = torch.distributed.init_process_group
+def recording_init_process_group(*args, **kwargs):
+    init_process_group(*args, **kwargs)
+    groups.append(torch.distributed.distributed_c10d._get_default_group())
+torch.distributed.init_process_group = recording_init_process_group
+status = pretraining.main(sys.argv[2:])
+(group,) = groups
+report = {"status": status, "world_size": group.size(), "initialized": torch.distributed.is_initialized(),
+          "other_references": sys.getrefcount(group) - 3}  # groups, group, getrefcount's argument
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as handle:
+    json.dump(report, handle)
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_rank_has_released_its_process_group_before_interpreter_teardown(tmp_path, monkeypatch):
+    import json
+
+    from dslm_hf import run_control
+
+    (tmp_path / "process_group_probe.py").write_text(PROCESS_GROUP_PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # the launcher puts the ranks on the CPU itself
+    status = run_control.launch_workers("process_group_probe", [str(tmp_path), "--output_dir", str(tmp_path / "run"),
+                                                                *TINY_RUN, "--max_steps", "2", "--save_steps", "0",
+                                                                "--per_device_train_batch_size", "4"], 2)
+    assert status == 0
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports == [{"status": 0, "world_size": 2, "initialized": False, "other_references": 0}] * 2
