@@ -213,21 +213,24 @@ def shape(text: str) -> tuple[int, int]:
 def initial_tasks(args) -> list[tuple[int, dict]]:
     """(priority, task): lower runs first."""
     tasks = [(0, {"kind": "ngram", "corpus": name, "experiment": "baseline"}) for name in args.corpora_needed]
-    for hidden, layers, rate in itertools.product(args.widths, args.depths, args.rates):
+    for hidden, layers, rate in itertools.product(args.widths, args.depths, args.rates if "sweep" in args.experiments else ()):
         tasks.append((1, dict(kind="train", experiment="sweep", scheme="mup", corpus="char", layers=layers,
                               hidden=hidden, learning_rate=rate, seed=0, steps=args.sweep_steps, batch=args.batch,
                               fields=RULES)))
     for corpus, (scheme, (fields, rates)) in itertools.product(args.study_corpora, STUDY_SCHEMES.items()):
-        for rate in rates[:args.study_rates]:
+        if "study" not in args.experiments or scheme not in args.study_schemes:
+            continue
+        for rate in args.study_rate_override.get(scheme, rates[:args.study_rates]):
             tasks.append((2, dict(kind="train", experiment="study", scheme=scheme, corpus=corpus, layers=args.study_depths[0],
                                   hidden=64, learning_rate=rate, seed=0, steps=args.study_steps, batch=args.batch,
                                   fields=fields, usefulness=True)))
-    for text, rate, seed in itertools.product(args.dvs_shapes, DVS_RATES, args.seeds):
+    for text, rate, seed in itertools.product(args.dvs_shapes, args.dvs_rates if "deep_vs_shallow" in args.experiments else (),
+                                              args.seeds):
         layers, hidden = shape(text)
         tasks.append((3, dict(kind="train", experiment="deep_vs_shallow", scheme="deepscalelm", corpus="char",
                               layers=layers, hidden=hidden, shape=text, learning_rate=rate, seed=seed,
                               steps=args.dvs_steps, batch=args.batch, fields=RULES, curve=True)))
-    for hidden, rate in itertools.product(args.widths, args.rates):
+    for hidden, rate in itertools.product(args.widths, args.rates if "sweep" in args.experiments else ()):
         tasks.append((6, dict(kind="train", experiment="sweep", scheme="no_width_rule", corpus="char", layers=16,
                               hidden=hidden, learning_rate=rate, seed=0, steps=args.sweep_steps, batch=args.batch,
                               fields={k: v for k, v in RULES.items() if not k.startswith("width")})))
@@ -479,6 +482,12 @@ def parse_arguments(argv=None):
     parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
                                          "benchmarks/results/width_depth_sweep.json")
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--experiments", nargs="+", default=["sweep", "study", "deep_vs_shallow"],
+                        choices=["sweep", "study", "deep_vs_shallow"])
+    parser.add_argument("--study-schemes", nargs="+", default=list(STUDY_SCHEMES), choices=list(STUDY_SCHEMES))
+    parser.add_argument("--study-rate", action="append", default=[], metavar="SCHEME=RATE",
+                        help="run SCHEME only at these rates (repeatable) instead of its sweep")
+    parser.add_argument("--dvs-rates", nargs="+", type=float, default=list(DVS_RATES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=330, help="no new run starts after this many seconds")
@@ -510,6 +519,10 @@ def parse_arguments(argv=None):
         args.evaluations, args.validation_blocks, args.usefulness_blocks = 2, 4, 2
         args.corpus_megabytes, args.vocab_size, args.study_rates = 0.2, 300, 2
     args.corpora_needed = sorted({"char", *args.study_corpora})
+    args.study_rate_override = {}
+    for item in args.study_rate:
+        scheme, rate = item.split("=")
+        args.study_rate_override.setdefault(scheme, []).append(float(rate))
     return args
 
 
