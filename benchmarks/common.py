@@ -3,8 +3,9 @@ training loop that reports loss, divergence and the per-layer gradient-norm spre
 versions, date, git commit and dirty-tree flag at start, command, wall time, the text used) that goes with every
 result file.
 
-The scripts import this as `common` (they put their own folder on sys.path), so each one runs from the repository
-root in one command: `python benchmarks/<name>.py --out benchmarks/results/<name>.json`.
+The scripts import this as `common`: Python puts a script's own folder first on sys.path, so each one runs from the
+repository root in one command, `python benchmarks/<name>.py --out benchmarks/results/<name>.json` (the tests add
+benchmarks/ through pytest's `pythonpath`, setup.cfg).
 """
 
 import concurrent.futures as futures

@@ -18,12 +18,10 @@ part; `--corpus-megabytes` of it, no network).
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 HEAD_SIZE = 16
 CPU_SHAPES = ("4x128", "16x64", "64x32")

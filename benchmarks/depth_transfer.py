@@ -16,12 +16,10 @@ written after every run, so a run cut by `--budget-s` keeps what finished.
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 SCHEMES = ("deepscalelm", "depth_mup", "completep", "standard")
 BASE_LAYERS = 4

@@ -11,12 +11,9 @@ its shared-across-tokens fraction on one more training batch.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 REMEDIES = {  # name: (base learning rate, warmup steps, config overrides)
     "lr 1e-3 (baseline)": (1e-3, 50, {}),

@@ -11,14 +11,12 @@ baseline at the higher learning rates keeps the tuning fair.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 BASE_LR = 1e-3
 VARIANTS = {  # name: (layers, hidden, init_scheme, learning rate, r0, config overrides)

@@ -20,14 +20,12 @@ RESULTS.md). The files in results/legacy/ record no commit at all.
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import depth_transfer  # noqa: E402
-import quality  # noqa: E402
-import stability  # noqa: E402
-from depth_transfer import SCHEMES, expand, optimum  # noqa: E402
+import depth_transfer
+import quality
+import stability
+from depth_transfer import SCHEMES, expand, optimum
 
 
 def fmt(value, digits: int = 3) -> str:

@@ -13,9 +13,7 @@ DeepScaleLM / counterpart (>1: DeepScaleLM is faster) are reported.
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -27,10 +25,9 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-import dslm_hf  # noqa: E402
+import dslm_hf
 
 
 def shape_arguments(parser):

@@ -10,14 +10,12 @@ per-layer weight-gradient norm at initialisation and at the last step. The deepe
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 SCHEMES = {  # name: (init_scheme, norm_placement)
     "deepscalelm-pre": ("deepscalelm", "pre"),
