@@ -9,7 +9,7 @@ to the `.py` files in sorted order of their relative path until the cleaned text
 2. Generated data tables are dropped: a file whose code lines (non-blank, not comments) are more than half literal
    table rows (numbers, short string literals, tuples and `key: value` pairs of them; `TABLE_ROW`), at least
    `TABLE_MIN_ROWS` of them. This drops the charmap codecs (`encodings/cp*.py`, `mac_*.py`, `iso8859_*.py`, ...),
-   `encodings/aliases.py`, `html/entities.py`, `re/_casefix.py`, `stringprep.py`.
+   `encodings/aliases.py`, `html/entities.py`, `keyword.py`, `re/_casefix.py`, `stringprep.py`.
 3. Exact duplicates (same text after trailing whitespace is stripped) of a file already kept are dropped.
 4. Near duplicates are dropped: a file whose set of 5-line shingles (non-blank lines, stripped) has Jaccard
    similarity >= `NEAR_DUPLICATE_JACCARD` with a file already kept.
