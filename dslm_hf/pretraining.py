@@ -737,7 +737,8 @@ def nonfinite_parameters(run: Run) -> list[str]:
     module = run.model.module if isinstance(run.model, Pipeline) else run.model
     local = [name for name, parameter in module.named_parameters()
              if not bool(torch.isfinite(parameter.to_local() if hasattr(parameter, "to_local") else parameter).all())]
-    return local or (["(on another rank)"] if any_rank(run.accelerator, bool(local)) else [])
+    anywhere = any_rank(run.accelerator, bool(local))  # a collective: every rank takes part, whatever it found
+    return local or (["(on another rank)"] if anywhere else [])
 
 
 def newest_checkpoint_note(run: Run) -> str:
