@@ -14,6 +14,24 @@ import dslm_hf  # noqa: F401  registers the Auto classes
 from shakespeare_data import excerpt_text
 
 
+# Variables that make the code under test behave as something other than a plain command a user typed: a rank of a
+# launcher (which reports its errors to that launcher and asks the kernel to stop it when its parent dies), accelerate
+# settings (device, precision, distributed mode), the traceback-instead-of-one-line switch. A test that needs one sets
+# it itself (e.g. pretrain_helpers.cpu_environment for the subprocesses it starts).
+CONTROLLED_ENVIRONMENT = ("DSLM_DEBUG", "DSLM_PRETRAIN_WORKER", "DSLM_PRETRAIN_REPORTS", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                          "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def environment_without_the_users_launcher_settings():
+    """The suite passes whatever the environment it is started from: launcher and accelerate settings are removed
+    for every test and for the processes tests start (they inherit os.environ)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in CONTROLLED_ENVIRONMENT + tuple(k for k in os.environ if k.startswith("ACCELERATE_")):
+            patch.delenv(name, raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     """The shipped excerpt: 299,867 characters, 62 distinct, ~70k words."""

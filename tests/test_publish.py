@@ -50,6 +50,9 @@ def checkpoint_copy(decoder_checkpoint, tmp_path):
 @pytest.fixture
 def unreachable_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE_ENDPOINT)
+    # Online, whatever the user's HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (read once, at import): the upload must be
+    # tried, and fail, against the endpoint above.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 def publish(checkpoint, tmp_path, *extra):
