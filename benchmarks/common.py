@@ -256,16 +256,18 @@ def code_version() -> dict:
 
     git_dirty_paths leaves out benchmarks/results/ (other results are not code); without git both are None.
     """
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        # A copy sent to a device machine: its .git (if any) is not the sender's, so the sender records the commit
+        # and the uncommitted paths of the tree it sent.
+        dirty = [path for path in os.environ.get("BENCH_GIT_DIRTY_PATHS", "").split(",") if path]
+        return {"git_commit": os.environ["BENCH_GIT_COMMIT"], "git_dirty": bool(dirty), "git_dirty_paths": dirty}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.CalledProcessError):
-        # A copy without .git (a device machine gets the working tree only): the sender records the version it sent.
-        if os.environ.get("BENCH_GIT_COMMIT"):
-            dirty = [path for path in os.environ.get("BENCH_GIT_DIRTY_PATHS", "").split(",") if path]
-            return {"git_commit": os.environ["BENCH_GIT_COMMIT"], "git_dirty": bool(dirty), "git_dirty_paths": dirty}
         return {"git_commit": None, "git_dirty": None, "git_dirty_paths": None}
     dirty = [line[3:] for line in status.splitlines() if not line[3:].startswith("benchmarks/results/")]
     return {"git_commit": commit, "git_dirty": bool(dirty), "git_dirty_paths": dirty}

@@ -194,7 +194,7 @@ def ngram_baselines(task: dict, shared: dict) -> dict:
     corpus = corpus_of(shared, task["corpus"])
     blocks = corpus.validation_blocks(shared["context"], shared["validation_blocks"])
     losses = {}
-    for order in range(2, 7):
+    for order in [n for n in range(2, 7) if corpus.vocab ** n < 2 ** 62]:  # codes must fit 62 bits (BPE: up to 5)
         losses[f"kn{order}"] = KneserNeyLM(corpus.vocab, order).fit(corpus.train_ids.numpy()).causal_lm_metrics(
             blocks.numpy())["loss"]
     losses["unigram"] = UnigramLM(corpus.vocab).fit(corpus.train_ids).metrics(blocks[:, 1:])["loss"]
@@ -363,24 +363,26 @@ def write_all(args, records: list[dict], shared: dict, started: float, skipped: 
 # ----------------------------------------------------------------------------------------------------------------
 # Plots and the markdown tables of RESULTS.md, from the three result files
 # ----------------------------------------------------------------------------------------------------------------
-def report(out_dir: str) -> str:
-    """Write the plots next to the result files and return the markdown tables (`--report`)."""
+def provenance(record: dict, path: Path) -> str:
+    machine = record["machine"]
+    return (f"`{path.name}`: commit {str(machine['git_commit'])[:7]} (uncommitted paths: "
+            f"{len(machine.get('git_dirty_paths') or [])}), {record['device']}, {machine['date_utc']}, "
+            f"wall {record['wall_s']:.0f} s.")
+
+
+def report(sweep_path: Path, study_paths: list[Path], dvs_path: Path) -> str:
+    """Write the plots next to the result files and return the markdown tables (`--report`). Each table comes from
+    one result file (one code version) and says which."""
     import json
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    sweep = json.loads((out / "width_depth_sweep.json").read_text())
-    study = json.loads((out / "curse_of_depth.json").read_text())
-    dvs = json.loads((out / "deep_vs_shallow_transfer.json").read_text())
-    versions = {d["machine"]["git_commit"] for d in (sweep, study, dvs)}
-    if len(versions) != 1:
-        raise SystemExit(f"the three result files come from different code versions {versions}: rerun them together")
-    lines = [f"Commit {versions.pop()[:10]} (dirty: {sweep['machine']['git_dirty']}), {sweep['device']}, "
-             f"{sweep['machine']['date_utc']}, wall {sweep['wall_s']:.0f} s for all three files.", ""]
-
+    sweep = json.loads(sweep_path.read_text())
+    dvs = json.loads(dvs_path.read_text())
+    lines = [provenance(sweep, sweep_path), ""]
+    out = sweep_path.parent
     # 1. the sweep: held-out loss against base rate, one panel per depth, one curve per width
     runs = [r for r in sweep["runs"] if r.get("kind") == "train"]
     depths = sorted({r["layers"] for r in runs if r["scheme"] == "mup"})
@@ -396,7 +398,7 @@ def report(out_dir: str) -> str:
                  title=f"{'width+depth rules' if scheme == 'mup' else 'depth rule only'}, {depth} layers")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "width_depth_sweep.png", dpi=80)
+    figure.savefig(sweep_path.with_suffix(".png"), dpi=80)
     plt.close(figure)
     lines += ["| rules | " + " | ".join(f"{w} wide" for w in sorted({r['hidden'] for r in runs})) + " |",
               "|---|" + "---|" * len({r['hidden'] for r in runs})]
@@ -409,14 +411,21 @@ def report(out_dir: str) -> str:
     lines += ["", "Optimum spread: " + "; ".join(f"{k}: {v['min']:g} to {v['max']:g} over {v['shapes']} shapes "
                                                   f"({v['factor2_steps']} factor-2 steps)" for k, v in sweep["optimum_spread"].items()), ""]
 
-    # 2. the study: loss at the best rate, and per-layer ablation cost after training
+    # 2. the study: loss at the best rate, and per-layer ablation cost after training (one block per result file)
+    for study_path in study_paths:
+        lines += study_section(json.loads(study_path.read_text()), study_path, plt)
+    return lines_after_study(lines, dvs, dvs_path, plt)
+
+
+def study_section(study: dict, study_path: Path, plt) -> list[str]:
+    lines = [provenance(study, study_path), ""]
     lines += ["| corpus | scheme | layers | best lr | held-out loss (mean, min-max, seeds) |", "|---|---|---|---|---|"]
     for key, row in study["at_best_rate"].items():
         corpus, scheme, layers, rate = key.split("/")
         lines.append(f"| {corpus} | {scheme} | {layers} | {float(rate):g} | {row['mean']:.4f} ({row['min']:.4f}-{row['max']:.4f}, {row['seeds']}) |")
     lines += ["", "n-gram baselines on the same held-out blocks: " + "; ".join(
         f"{corpus}: best {b['best_ngram']} {b['losses'][b['best_ngram']]:.4f}, unigram {b['losses']['unigram']:.4f}"
-        for corpus, b in study["ngram_baselines"].items()), ""]
+        for corpus, b in study["ngram_baselines"].items() if "best_ngram" in b), ""]
     useful = [r for r in study["runs"] if r.get("usefulness")]
     best_rates, best_means = {}, {}
     for key, row in study["at_best_rate"].items():  # at each depth, the better of the rates run there
@@ -447,10 +456,15 @@ def report(out_dir: str) -> str:
                      title=f"{corpus}, {layers} layers, after training")
             axis.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "curse_of_depth_usefulness.png", dpi=80)
+        figure.savefig(study_path.with_name(study_path.stem + "_usefulness.png"), dpi=80)
         plt.close(figure)
         lines.append("")
 
+    return lines
+
+
+def lines_after_study(lines: list[str], dvs: dict, dvs_path: Path, plt) -> str:
+    lines += [provenance(dvs, dvs_path), ""]
     # 3. deep vs shallow with one transferred rate
     baseline = dvs["ngram_baselines"].get("char")
     rates = sorted({r["learning_rate"] for r in dvs["runs"]})
@@ -469,7 +483,7 @@ def report(out_dir: str) -> str:
                  title=f"one base rate {rate:g} for every shape")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "deep_vs_shallow_transfer.png", dpi=80)
+    figure.savefig(dvs_path.with_suffix(".png"), dpi=80)
     plt.close(figure)
     lines += ["| base lr | shape | held-out loss (mean, min-max, seeds) |", "|---|---|---|"]
     for key, row in dvs["table"].items():
@@ -509,7 +523,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--validation-blocks", type=int, default=256)
     parser.add_argument("--usefulness-blocks", type=int, default=64)
     parser.add_argument("--corpus-megabytes", type=float, default=8.0)
-    parser.add_argument("--report", action="store_true", help="plots and markdown tables from the result files in --out-dir")
+    parser.add_argument("--report", nargs="+", metavar="FILE",
+                        help="plots and markdown tables from result files in --out-dir: SWEEP STUDY... DEEP_VS_SHALLOW")
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -529,7 +544,8 @@ def parse_arguments(argv=None):
 def main(argv=None):
     args = parse_arguments(argv)
     if args.report:
-        print(report(args.out_dir))
+        out = Path(args.out_dir)
+        print(report(out / args.report[0], [out / name for name in args.report[1:-1]], out / args.report[-1]))
         return
     started = time.perf_counter()
     records = []
