@@ -11,7 +11,7 @@ import torch
 from dslm_hf import baselines, data
 from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.modeling_deepscalelm import DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
-from dslm_hf.publishing import parameter_count
+from dslm_hf.heads import parameter_count
 
 # a b a b c b over the vocabulary {a, b, c, d} (d never seen)
 TINY = [0, 1, 0, 1, 2, 1]

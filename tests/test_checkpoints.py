@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelFo
 from safetensors.torch import load_file
 
 import dslm_hf
-from dslm_hf.publishing import check_checkpoint, evaluate_checkpoint, weights_digest
+from dslm_hf.folder_checks import check_checkpoint, weights_digest
+from dslm_hf.publishing import evaluate_checkpoint
 from fresh_process import run_without_dslm_hf
 from shakespeare_data import FULL_TEXT, excerpt_paragraphs_by_pretraining_split
 

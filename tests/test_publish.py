@@ -10,13 +10,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from dslm_hf.checkpointing import PICKLE_SUFFIXES
-from dslm_hf.publishing import (
-    check_checkpoint,
-    main,
-    render_model_card,
-    stage_repository,
-    weights_digest,
-)
+from dslm_hf.folder_checks import check_checkpoint, weights_digest
+from dslm_hf.publishing import main, render_model_card, stage_repository
 from publish_support import TRAINING_RECORD, build_tiny_checkpoint, write_text_sample, write_tiny_eval_file
 
 REPO_ID = "dslm-test/tiny-decoder"
