@@ -386,8 +386,8 @@ def report(sweep_path: Path, study_paths: list[Path], dvs_path: Path) -> str:
     # 1. the sweep: held-out loss against base rate, one panel per depth, one curve per width
     runs = [r for r in sweep["runs"] if r.get("kind") == "train"]
     depths = sorted({r["layers"] for r in runs if r["scheme"] == "mup"})
-    figure, axes = plt.subplots(1, len(depths) + 1, figsize=(4.2 * (len(depths) + 1), 3.6), squeeze=False)
-    panels = [("mup", d) for d in depths] + [("no_width_rule", 16)]
+    panels = [("mup", d) for d in depths] + [("no_width_rule", 16)] * any(r["scheme"] == "no_width_rule" for r in runs)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (scheme, depth) in zip(axes[0], panels):
         for hidden in sorted({r["hidden"] for r in runs}):
             points = sorted((r["learning_rate"], r["validation_loss"]) for r in runs if r["scheme"] == scheme
