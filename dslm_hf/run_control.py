@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import EXIT_USER_ERROR, UserError, debug_requested
+from .files import write_text_atomically
 
 LOCK_NAME = ".dslm-pretrain.lock"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -161,9 +162,7 @@ def write_report(folder: str, **report) -> bool:
         return False
     path = Path(folder) / f"rank{os.environ.get('RANK', '0')}.json"
     try:
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({**report, "time": time.time()}), encoding="utf-8")
-        os.replace(partial, path)
+        write_text_atomically(path, json.dumps({**report, "time": time.time()}))
     except OSError:
         return False
     return True
