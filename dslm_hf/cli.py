@@ -8,6 +8,7 @@ that each command runs them before its expensive work.
 """
 
 import difflib
+import errno
 import math
 import os
 import sys
@@ -49,7 +50,13 @@ def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] |
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
-        run(argv)
+        check_arguments_are_utf8(argv)
+        try:
+            run(argv)
+        except OSError as error:  # what the machine refused (disk full, a name too long), wherever it happened
+            if error.errno not in MACHINE_LIMITS:
+                raise
+            raise UserError(describe_machine_limit(error)) from error
     except UserError as error:
         if debug:
             raise
@@ -59,6 +66,40 @@ def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] |
         print(line, file=sys.stderr, flush=True)
         raise CommandExit(line) from None
     return 0
+
+
+# errno -> what to do, for the OSErrors that are the machine's limits, not bugs: `run_command` prints them as one line
+MACHINE_LIMITS = {
+    errno.ENOSPC: "free space (or choose a folder on another disk) and rerun",
+    errno.EDQUOT: "free space within your quota (or choose another folder) and rerun",
+    errno.EFBIG: "this file system does not take files this large: choose a folder on another file system",
+    errno.ENAMETOOLONG: "a file or folder name is longer than the file system allows (255 bytes): choose a shorter path",
+    errno.EACCES: "fix the permissions or choose another folder",
+    errno.EPERM: "fix the permissions or choose another folder",
+    errno.EROFS: "the file system is read-only: choose another folder",
+}
+
+
+def describe_machine_limit(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    kept = ("; the files written before it are kept (a checkpoint is complete or absent, never half-written)"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+    return f"{error.strerror or error}{where}{kept}: {MACHINE_LIMITS[error.errno]}"
+
+
+def check_arguments_are_utf8(argv: list[str]) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (a Latin-1 file name): Python carries them as surrogate
+    escapes, but the tokenizers and safetensors libraries cannot open such a path and json cannot write it."""
+    for index, argument in enumerate(argv):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as error:
+            flag, _, value = argument.partition("=") if argument.startswith("--") and "=" in argument else (
+                argv[index - 1] if index and argv[index - 1].startswith("-") else f"argument {index + 1}", "", argument)
+            shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+            raise UserError(f"{flag} {shown} is not UTF-8 (byte 0x{ord(argument[error.start]) - 0xDC00:02x}): the "
+                            "tokenizers and safetensors libraries cannot use such a path; rename it to UTF-8 (e.g. "
+                            "convmv -f latin1 -t utf-8)") from None
 
 
 def usage_errors_as_user_errors(parser):

@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .checkpointing import check_model_folder, check_no_foreign_code, loading
 from . import stdlib_corpus
 from .cli import UserError
 from .modeling_deepscalelm import IGNORE_INDEX
@@ -142,8 +143,13 @@ def train_byte_level_bpe(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str):
-    """An existing tokenizer by local path or Hub id."""
-    return AutoTokenizer.from_pretrained(name_or_path)
+    """An existing tokenizer by local path or Hub id; a folder with corrupt files or with code of its own (an
+    auto_map, *.py files) is a UserError naming the file, and no tokenizer's own code is ever run."""
+    if Path(name_or_path).is_dir():
+        check_model_folder(name_or_path)
+        check_no_foreign_code(name_or_path)
+    with loading("the tokenizer", name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
 
 
 def span_corruption_sentinel_count(block_size: int, noise_density: float, mean_span_length: float) -> int:
@@ -181,7 +187,8 @@ def pack_into_blocks(split: Dataset, tokenizer, block_size: int) -> Dataset:
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        # documents longer than the model's positions are meant: packing cuts them into blocks
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"ids": [doc + [eos] for doc in ids]}
 
     def concatenate_and_cut(batch):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import layer_usefulness as usefulness
 from . import layers as layer_finding
 from . import monitoring
+from .checkpointing import check_model_folder, loading, read_json_object
 from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import read_text_file
@@ -73,15 +74,20 @@ def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = F
     path = Path(spec)
     if path.is_file() and path.suffix != ".json":
         raise DiagnoseError(f"{spec} is a file but not a config.json: pass a model folder, a config.json or a model id")
-    try:
-        config = AutoConfig.from_pretrained(str(path) if path.is_file() else spec, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "a local folder, a config.json, or a model id in the local Hugging Face cache" + (
-            " (HF_HUB_OFFLINE is set, so the Hub is not asked)" if offline else ""
-        )
-        first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
-        raise DiagnoseError(f"cannot load a model config from {spec!r}: {first_line}. MODEL must be {where}") from None
+    if path.is_dir():
+        check_model_folder(path)
+    elif path.is_file():
+        read_json_object(path)
+    with loading("the model config", spec):  # errors other than these are about the files' content
+        try:
+            config = AutoConfig.from_pretrained(str(path) if path.is_file() else spec, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as error:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            where = "a local folder, a config.json, or a model id in the local Hugging Face cache" + (
+                " (HF_HUB_OFFLINE is set, so the Hub is not asked)" if offline else ""
+            )
+            first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+            raise DiagnoseError(f"cannot load a model config from {spec!r}: {first_line}. MODEL must be {where}") from None
     if path.is_file():
         config_only = True
     elif path.is_dir():
@@ -89,14 +95,15 @@ def load_model(spec: str, random_init: bool = False, trust_remote_code: bool = F
     else:  # a model id: its weights come from the local cache
         config_only = random_init
     head = _head_class(config)
-    try:
-        if config_only:
-            return head.from_config(config, attn_implementation="eager", trust_remote_code=trust_remote_code)
-        return head.from_pretrained(spec, attn_implementation="eager", trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0].rstrip(".")
-        hint = "" if config_only else " (pass --random-init to build it from its config alone)"
-        raise DiagnoseError(f"cannot build a model from {spec!r}: {first_line}{hint}") from None
+    with loading("the weights", spec):
+        try:
+            if config_only:
+                return head.from_config(config, attn_implementation="eager", trust_remote_code=trust_remote_code)
+            return head.from_pretrained(spec, attn_implementation="eager", trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0].rstrip(".")
+            hint = "" if config_only else " (pass --random-init to build it from its config alone)"
+            raise DiagnoseError(f"cannot build a model from {spec!r}: {first_line}{hint}") from None
 
 
 def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -581,13 +588,14 @@ def _run(args) -> str:
         if tokenizer != "bytes":
             from transformers import AutoTokenizer
 
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-            except (OSError, ValueError) as error:
-                raise DiagnoseError(
-                    f"no tokenizer for {tokenizer or args.model!r} ({str(error).splitlines()[0]}): pass --tokenizer "
-                    "NAME, or --tokenizer bytes for a byte/char-level vocabulary"
-                ) from None
+            with loading("a tokenizer", tokenizer or args.model):
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+                except (OSError, ValueError) as error:
+                    raise DiagnoseError(
+                        f"no tokenizer for {tokenizer or args.model!r} ({str(error).splitlines()[0]}): pass --tokenizer "
+                        "NAME, or --tokenizer bytes for a byte/char-level vocabulary"
+                    ) from None
         input_ids = text_token_ids(text, tokenizer, vocab_size, args.batch_size, length)
     else:
         input_ids = zipf_token_ids(vocab_size, args.batch_size, length, seed=args.seed)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import ModelCardData, metadata_load, snapshot_download
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -59,10 +59,12 @@ from transformers import (
     MegatronBertForMaskedLM,
 )
 
-from .cli import UserError, check_output_dir, run_command
+from .checkpointing import (check_model_folder, check_no_foreign_code, give_normal_permissions, loading,
+                            read_json_object, save_tokenizer)
+from .cli import UserError, check_output_dir, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
-from .model_size import check_config_matches_stored_size
 from .heads import HEADS, architecture_class
+from .model_size import check_config_matches_stored_size
 from .modeling_deepscalelm import (
     DeepScaleLMForCausalLM,
     DeepScaleLMForMaskedLM,
@@ -439,24 +441,26 @@ def load_deepscalelm(folder: Path):
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{folder} has no config.json: pass a DeepScaleLM checkpoint folder (save_pretrained output)")
-    if json.loads(config_file.read_text()).get("model_type") != DeepScaleLMConfig.model_type:
+    check_model_folder(folder)
+    check_no_foreign_code(folder)
+    if read_json_object(config_file).get("model_type") != DeepScaleLMConfig.model_type:
         raise UserError(f"{config_file} is not a DeepScaleLM config (model_type is not 'deepscalelm')")
-    config = DeepScaleLMConfig.from_pretrained(folder)
+    with loading("the model config", config_file):
+        config = DeepScaleLMConfig.from_pretrained(folder)
     architecture = (config.architectures or [None])[0]
     native_target(config, architecture)  # refuse before loading any weights
-    check_config_matches_stored_size(folder, config)  # before any module of a 200000-layer config is built
-    model, loading = architecture_class(config).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    if loading["missing_keys"]:  # freshly initialised weights would be exported as if they were trained
-        raise UserError(f"{folder} lacks weights {sorted(loading['missing_keys'])} that {architecture} needs (saved "
+    with loading("the weights' headers", folder):
+        check_config_matches_stored_size(folder, config)  # before any module of a 200000-layer config is built
+    with loading("the weights", folder):
+        model, info = architecture_class(config).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:  # freshly initialised weights would be exported as if they were trained
+        raise UserError(f"{folder} lacks weights {sorted(info['missing_keys'])} that {architecture} needs (saved "
                         "by another version of the model code?): re-save the checkpoint with this version")
     return model.eval()
 
 
 CARD = """---
-library_name: transformers
-tags:
-- deepscalelm
-- exported
+{metadata}
 ---
 # {name}: native `{target}` export of a DeepScaleLM checkpoint
 
@@ -474,6 +478,16 @@ Measured equivalence (fp32, probe batch of 2 x {length} tokens): max |logit diff
 """
 
 
+def card_metadata(source: str, folder: Path, license: str | None) -> str:
+    """The exported card's YAML metadata: the source's license (its own card's, else `license`) and, for a Hub
+    source, the repository it was exported from as base_model."""
+    card = folder / "README.md"
+    source_license = metadata_load(card).get("license") if card.is_file() else None
+    base_model = source if not Path(source).is_dir() else None
+    return ModelCardData(library_name="transformers", license=source_license or license, base_model=base_model,
+                         tags=["deepscalelm", "exported"]).to_yaml()
+
+
 @dataclass
 class ExportReport:
     output_dir: Path
@@ -483,10 +497,11 @@ class ExportReport:
 
 
 def export_native(source: str | Path, output_dir: str | Path, *, revision: str | None = None,
-                  repo_id: str | None = None, subfolder: str | None = None) -> ExportReport:
+                  repo_id: str | None = None, subfolder: str | None = None, license: str | None = None) -> ExportReport:
     """Write the native twin of the DeepScaleLM checkpoint `source` (folder or Hub id) into `output_dir` (new or
     empty): safetensors weights, config, generation config, tokenizer, and a card with the measured equivalence
-    (its loading example names `repo_id` and `subfolder` when the folder is staged for the Hub)."""
+    (its loading example names `repo_id` and `subfolder` when the folder is staged for the Hub; its license is the
+    source card's, else `license`), all readable by others as the umask allows."""
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"--output-dir {output_dir} exists and is not an empty folder: choose a new or empty folder")
@@ -507,16 +522,19 @@ def export_native(source: str | Path, output_dir: str | Path, *, revision: str |
     try:
         native.save_pretrained(staging)
         if (folder / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(folder).save_pretrained(staging)
+            with loading("the tokenizer", folder):
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            save_tokenizer(tokenizer, staging, model.config)
         config = model.config
         layers = (f"{config.num_hidden_layers}+{config.decoder_layers} layers" if config.is_encoder_decoder
                   else f"{config.num_hidden_layers} layers")
         (staging / "README.md").write_text(CARD.format(
-            name=repo_id or output_dir.name, subfolder=f", subfolder={subfolder!r}" if subfolder else "", target=target, source=source, revision=f" at revision `{revision}`" if revision else "",
+            metadata=card_metadata(str(source), folder, license).strip(), name=repo_id or output_dir.name, subfolder=f", subfolder={subfolder!r}" if subfolder else "", target=target, source=source, revision=f" at revision `{revision}`" if revision else "",
             architecture=config.architectures[0], layers=layers, norm=config.norm_placement.capitalize(),
             positions="learned" if config.position_embedding_type == "absolute" else "rotary",
             auto=HEADS[type(model).__name__][0], length=inputs["input_ids"].shape[1], abs_diff=abs_diff, rel_diff=rel_diff,
         ))
+        give_normal_permissions(staging)
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(staging, output_dir)
@@ -528,12 +546,14 @@ def export_native(source: str | Path, output_dir: str | Path, *, revision: str |
 NATIVE_SUBFOLDER = "native"
 
 
-def stage_native_twin(checkpoint_dir: Path, staging_dir: Path, repo_id: str, mode: str) -> ExportReport:
+def stage_native_twin(checkpoint_dir: Path, staging_dir: Path, repo_id: str, mode: str,
+                      license: str | None = None) -> ExportReport:
     """dslm-publish --native: the twin in `staging_dir`/native next to the remote-code files ("also") or as the
     whole repository ("only", `staging_dir` empty)."""
     if mode == "only":
-        return export_native(checkpoint_dir, staging_dir, repo_id=repo_id)
-    return export_native(checkpoint_dir, Path(staging_dir) / NATIVE_SUBFOLDER, repo_id=repo_id, subfolder=NATIVE_SUBFOLDER)
+        return export_native(checkpoint_dir, staging_dir, repo_id=repo_id, license=license)
+    return export_native(checkpoint_dir, Path(staging_dir) / NATIVE_SUBFOLDER, repo_id=repo_id, subfolder=NATIVE_SUBFOLDER,
+                         license=license)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -545,7 +565,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("source", metavar="SRC", help="a DeepScaleLM checkpoint folder or a Hub repository id")
     parser.add_argument("--output-dir", required=True, type=Path, help="new or empty folder to write the export into")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repository id")
-    return parser.parse_args(argv)
+    return usage_errors_as_user_errors(parser).parse_args(argv)
 
 
 def run(argv: list[str]) -> ExportReport:

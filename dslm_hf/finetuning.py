@@ -50,6 +50,7 @@ from transformers.utils import logging
 
 from .cli import (COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SHARE, Range, UserError, check_output_dir,
                   check_ranges, range_problems, run_command, usage_errors_as_user_errors)
+from .checkpointing import check_model_folder, loading
 from .data import load_hub_dataset, read_text_file
 from .modeling_deepscalelm import IGNORE_INDEX  # padding, prompt tokens, non-first sub-words: no loss
 from .optimization import build_adamw, describe_groups, rule_settings
@@ -127,7 +128,6 @@ class FinetuneArguments:
                 "checkpoint-N/, *_results.json, trainer_state.json): they are deleted. Without it such a folder is "
                 "refused unless --resume_from_checkpoint is given."})
 
-
     def __post_init__(self):
         if self.task not in TASKS:
             raise FinetuneInputError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
@@ -165,17 +165,17 @@ TRAINING_RANGES = {
 }
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 _LOADERS_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
-def check_data_file(path: str, split: str) -> None:
+def check_data_file(path: str, split: str, texts: list[str] = ()) -> set[str]:
     """Refuse a missing, empty, binary or non-UTF-8 data file, a CSV with only a header or a line whose field count
-    differs from the header's, and a JSON Lines line that is not a JSON object, naming the file and the line."""
+    differs from the header's, a JSON Lines line that is not a JSON object, and a JSON value in one of the `texts`
+    columns that is not a string (a number the JSON loader would silently turn into text), naming the file and the
+    line. Returns the file's column names."""
     role = f"--{split}_file"
     text = read_text_file(path, role)
     suffix = os.path.splitext(path)[1].lower()
@@ -191,30 +191,79 @@ def check_data_file(path: str, split: str) -> None:
             rows += 1
         if rows == 0:
             raise FinetuneInputError(f"{role} {path} has a header but no rows: give at least one example")
-    elif suffix in (".json", ".jsonl"):
-        if suffix == ".json":
-            try:
-                document = json.loads(text)
-            except json.JSONDecodeError:
-                document = None  # the JSON loader also reads .json files holding one object per line
-            if document is not None:
-                rows_ok = isinstance(document, list) and all(isinstance(row, dict) for row in document)
-                columns_ok = isinstance(document, dict) and all(isinstance(c, list) for c in document.values())
-                if not (rows_ok or columns_ok):
-                    raise FinetuneInputError(f"{role} {path} holds a JSON {type(document).__name__} that is neither a "
-                                             "list of row objects nor an object of column lists")
-                return
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FinetuneInputError(f"{role} {path}: line {number} is not valid JSON ({error.msg} at column "
-                                         f"{error.colno}); fix that line") from None
-            if not isinstance(row, dict):
-                raise FinetuneInputError(f"{role} {path}: line {number} is a JSON {type(row).__name__}, not an "
-                                         "object of columns; write one {\"column\": value, ...} object per line")
+        return set(header)
+    if suffix not in (".json", ".jsonl"):
+        return set()
+    if suffix == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None  # the JSON loader also reads .json files holding one object per line
+        if document is not None:
+            rows_ok = isinstance(document, list) and all(isinstance(row, dict) for row in document)
+            columns_ok = isinstance(document, dict) and all(isinstance(c, list) for c in document.values())
+            if not (rows_ok or columns_ok):
+                raise FinetuneInputError(f"{role} {path} holds a JSON {type(document).__name__} that is neither a "
+                                         "list of row objects nor an object of column lists")
+            rows = document if rows_ok else [dict(zip(document, values)) for values in zip(*document.values())]
+            for number, row in enumerate(rows, start=1):
+                check_json_texts(row, texts, f"{role} {path}: row {number}")
+            return set(document) if columns_ok else {column for row in document for column in row}
+    columns = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FinetuneInputError(f"{role} {path}: line {number} is not valid JSON ({error.msg} at column "
+                                     f"{error.colno}); fix that line") from None
+        if not isinstance(row, dict):
+            raise FinetuneInputError(f"{role} {path}: line {number} is a JSON {type(row).__name__}, not an "
+                                     "object of columns; write one {\"column\": value, ...} object per line")
+        check_json_texts(row, texts, f"{role} {path}: line {number}")
+        columns.update(row)
+    return columns
+
+
+def check_json_texts(row: dict, texts: list[str], where: str) -> None:
+    """A text column's JSON value must be a string (or null, refused with the other rows' checks after loading)."""
+    for column in texts:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise FinetuneInputError(f"{where}, column {column!r}: {json.dumps(value)[:60]} is a JSON "
+                                     f"{type(value).__name__}, not text; quote it if it is text, or fix the row")
+
+
+def check_same_columns(columns: dict[str, set[str]], data_files: dict[str, str]) -> None:
+    """The JSON and CSV loaders build one table from both files and fail on a column that one of them lacks."""
+    if len(columns) == 2 and columns["train"] != columns["validation"]:
+        raise FinetuneInputError(
+            f"--validation_file {data_files['validation']} has columns {sorted(columns['validation'])} but "
+            f"--train_file {data_files['train']} has {sorted(columns['train'])}: give both files the same columns")
+
+
+def text_columns(args: FinetuneArguments) -> list[str]:
+    """The columns the tokenizer reads as strings (token classification reads lists of words, checked elsewhere)."""
+    if args.task == "token-classification":
+        return []
+    if args.task == "question-answering":
+        return [args.question_column, args.context_column]
+    columns = required_columns(args)
+    return columns[:-1] if args.task == "sequence-classification" else columns
+
+
+def check_text_values(column: list, name: str, split: str) -> None:
+    """Every row of a text column holds non-blank text: a null or a number fails inside the tokenizer, and an empty
+    text trains on special tokens alone."""
+    for row, value in enumerate(column, start=1):
+        where = f"{split} row {row}, column {name!r}"
+        if value is None:
+            raise FinetuneInputError(f"{where}: the text is null (or the row lacks the column); fix or drop the row")
+        if not isinstance(value, str):
+            raise FinetuneInputError(f"{where}: {value!r} is a {type(value).__name__}, not text; fix the column")
+        if not value.strip():
+            raise FinetuneInputError(f"{where}: the text is empty; fix or drop the row")
 
 
 def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
@@ -231,8 +280,8 @@ def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
         if unknown or len({_LOADERS_BY_SUFFIX[s] for s in suffixes}) != 1:
             raise FinetuneInputError(
                 f"data files must share one format of {sorted(_LOADERS_BY_SUFFIX)}; got {data_files}")
-        for split, path in data_files.items():
-            check_data_file(path, split)
+        columns = {split: check_data_file(path, split, text_columns(args)) for split, path in data_files.items()}
+        check_same_columns(columns, data_files)
         raw = load_dataset(_LOADERS_BY_SUFFIX[suffixes.pop()], data_files=data_files)
     if "train" not in raw:
         raise FinetuneInputError(f"the data has no 'train' split (splits: {list(raw)})")
@@ -240,6 +289,9 @@ def load_raw_datasets(args: FinetuneArguments, seed: int) -> DatasetDict:
         if len(dataset) == 0:
             raise FinetuneInputError(f"the {split} data has no rows: give at least one example")
     check_columns(raw, args)
+    for split, dataset in raw.items():
+        for column in text_columns(args):
+            check_text_values(dataset[column], column, split)
     if args.task in CLASSIFICATION_TASKS:
         for split, dataset in raw.items():
             check_label_values(dataset[args.label_column], split, args)
@@ -551,22 +603,24 @@ def load_model(args: FinetuneArguments, tokenizer, label_names: list[str] | None
     if label_names is not None:
         config_overrides = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                             "label2id": {name: i for i, name in enumerate(label_names)}}
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
-    except OSError as error:
-        raise FinetuneInputError(f"cannot load a config from {args.model_name_or_path}: "
-                                 f"{str(error).splitlines()[0]}") from None
+    with loading("the model config", args.model_name_or_path):
+        try:
+            config = AutoConfig.from_pretrained(args.model_name_or_path, **hub, **config_overrides)
+        except OSError as error:
+            raise FinetuneInputError(f"cannot load a config from {args.model_name_or_path}: "
+                                     f"{str(error).splitlines()[0]}") from None
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id  # sequence pooling and padding need to know the pad id
     if args.task == "seq2seq-sft" and getattr(config, "decoder_start_token_id", None) is None:
         raise FinetuneInputError(f"{args.model_name_or_path}: seq2seq-sft needs config.decoder_start_token_id "
                                  "(the token the decoder starts from); set it in the checkpoint's config.json")
-    try:
-        model = spec.auto_model_class.from_pretrained(args.model_name_or_path, config=config, **hub)
-    except ValueError as error:
-        raise FinetuneInputError(
-            f"{args.model_name_or_path} cannot be fine-tuned for {args.task}: {error}. The task needs {spec.needs}; "
-            f"pick another task for this checkpoint or another checkpoint for this task") from error
+    with loading("the weights", args.model_name_or_path):
+        try:
+            model = spec.auto_model_class.from_pretrained(args.model_name_or_path, config=config, **hub)
+        except ValueError as error:
+            raise FinetuneInputError(
+                f"{args.model_name_or_path} cannot be fine-tuned for {args.task}: {error}. The task needs "
+                f"{spec.needs}; pick another task for this checkpoint or another checkpoint for this task") from error
     if args.lora:
         model = attach_lora(model, args)
     return model
@@ -581,9 +635,7 @@ def fresh_head_modules(model) -> list[str]:
 def attach_lora(model, args: FinetuneArguments):
     """LoRA on the default DeepScaleLM targets (dslm_hf.peft_support); fresh heads are trained in full and saved
     with the adapter. The causal and seq2seq heads are tied to the embeddings and stay frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    from . import peft_support  # noqa: F401  registers LoRA's default target modules for "deepscalelm"
+    from peft import LoraConfig, get_peft_model  # the modeling file registers the default targets as PEFT loads
 
     spec = TASKS[args.task]
     heads = fresh_head_modules(model) if spec.peft_task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") else None
@@ -610,11 +662,12 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments) -> 
     raw = load_raw_datasets(args, training_args.seed)
     tokenizer_source = {"pretrained_model_name_or_path": args.tokenizer_name} if args.tokenizer_name else {
         "pretrained_model_name_or_path": args.model_name_or_path, "revision": args.revision}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=args.trust_remote_code)
-    except OSError as error:  # not a folder with a tokenizer, not a reachable (or cached) Hub repo
-        raise FinetuneInputError(f"cannot load a tokenizer from {tokenizer_source['pretrained_model_name_or_path']}: "
-                                 f"{str(error).splitlines()[0]}") from None
+    with loading("a tokenizer", tokenizer_source["pretrained_model_name_or_path"]):  # other errors: the files
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=args.trust_remote_code)
+        except OSError as error:  # not a folder with a tokenizer, not a reachable (or cached) Hub repo
+            raise FinetuneInputError(f"cannot load a tokenizer from {tokenizer_source['pretrained_model_name_or_path']}: "
+                                     f"{str(error).splitlines()[0]}") from None
     check_tokenizer(tokenizer, args)
     classification = args.task in CLASSIFICATION_TASKS
     label_names = label_names_of(raw, args) if classification else None
@@ -764,6 +817,10 @@ def check_paths(args: FinetuneArguments, training_args: TrainingArguments) -> No
     if looks_local and not os.path.isdir(model):
         raise FinetuneInputError(f"--model_name_or_path {model} is not a folder: give a save_pretrained checkpoint "
                                  "folder or a Hub repo id (owner/name)")
+    if os.path.isdir(model):
+        check_model_folder(model)
+    if args.tokenizer_name is not None and os.path.isdir(args.tokenizer_name):
+        check_model_folder(args.tokenizer_name)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and not os.path.isdir(checkpoint):
         found = sorted(glob.glob(os.path.join(training_args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-*")))

@@ -1,6 +1,6 @@
 """Checks on a saved DeepScaleLM checkpoint folder (save_pretrained output) before anything publishes it or
-reports numbers of it: `check_checkpoint` refuses pickle files, corrupt or truncated safetensors and weights that
-do not match the architecture the config describes; `weights_digest`
+reports numbers of it: `check_checkpoint` refuses pickle files, corrupt or truncated safetensors, foreign code,
+weights that do not match the architecture the config describes, and weights that are not finite; `weights_digest`
 names exactly the weights an evaluation measured. Used by `dslm-publish`, `scripts/evaluate_checkpoint.py`,
 `scripts/build_checkpoint.py` and the baselines.
 """
@@ -8,14 +8,14 @@ names exactly the weights an evaluation measured. Used by `dslm-publish`, `scrip
 import hashlib
 import json
 import math
-import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .checkpointing import find_pickle_files
+from .checkpointing import (check_model_folder, check_no_foreign_code, find_pickle_files, loading, read_json_object,
+                            read_safetensors_shapes)
 from .cli import UserError
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .heads import HEADS, architecture_class
@@ -35,52 +35,6 @@ def check_no_pickle_files(folder: Path) -> None:
             "repository must hold safetensors only. Remove them (optimizer/trainer state does not belong in a "
             "published model) or convert the weights with save_pretrained."
         )
-
-
-def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} of one safetensors file, refusing a truncated or corrupt file.
-
-    The format is an 8-byte little-endian header length, a JSON header with each tensor's data offsets, then
-    the data; a complete file ends exactly where the last tensor's data ends.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise PublishRefusal(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if 8 + header_length > size:
-            raise PublishRefusal(
-                f"{path} is truncated or corrupt: its header claims {header_length} bytes but the file has {size}"
-            )
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PublishRefusal(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise PublishRefusal(f"{path} is corrupt: its safetensors header is a JSON {type(header).__name__}, not an "
-                             "object of tensors; re-save the weights with save_pretrained")
-    header.pop("__metadata__", None)
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)):
-            raise PublishRefusal(f"{path} is corrupt: header entry {name!r} is not a tensor description "
-                                 "(dtype, shape, data_offsets); re-save the weights with save_pretrained")
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + header_length + data_end != size:
-        raise PublishRefusal(
-            f"{path} is truncated or corrupt: its header describes {8 + header_length + data_end} bytes "
-            f"but the file has {size}"
-        )
-    try:
-        with safe_open(path, framework="pt") as opened:
-            names = set(opened.keys())
-    except Exception as error:  # safetensors raises its own SafetensorError for every malformed layout
-        raise PublishRefusal(f"{path} is corrupt: safetensors cannot open it ({error})") from None
-    if names != set(header):
-        raise PublishRefusal(f"{path} is corrupt: safetensors reads different tensor names than its header lists")
-    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -135,10 +89,11 @@ def load_checkpoint_config(folder: Path) -> DeepScaleLMConfig:
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise PublishRefusal(f"{folder} has no config.json: it is not a save_pretrained checkpoint folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = read_json_object(config_path).get("model_type")
     if model_type != DeepScaleLMConfig.model_type:
         raise PublishRefusal(f"{config_path} has model_type={model_type!r}; dslm-publish publishes 'deepscalelm' models")
-    config = DeepScaleLMConfig.from_pretrained(folder)
+    with loading("the model config", config_path):
+        config = DeepScaleLMConfig.from_pretrained(folder)
     architecture = (config.architectures or [None])[0]
     if architecture not in HEADS:
         raise PublishRefusal(
@@ -209,6 +164,8 @@ def check_checkpoint(folder: Path) -> DeepScaleLMConfig:
     if not folder.is_dir():
         raise PublishRefusal(f"checkpoint folder {folder} does not exist")
     check_no_pickle_files(folder)
+    check_model_folder(folder)
+    check_no_foreign_code(folder)
     config = load_checkpoint_config(folder)
     check_weights_match_config(folder, config)
     check_weights_finite(folder)
@@ -231,4 +188,4 @@ def check_weights_finite(folder: Path) -> None:
 
 __all__ = ["PublishRefusal", "check_checkpoint", "check_no_pickle_files", "check_weights_finite",
            "check_weights_match_config", "expected_weight_shapes", "load_checkpoint_config", "read_checkpoint_shapes",
-           "read_safetensors_shapes", "weight_files", "weights_digest"]
+           "weight_files", "weights_digest"]

@@ -396,8 +396,24 @@ def _check_range(name: str, tensor: torch.Tensor | None, high: int, domain: str,
         raise ValueError(f"{name} holds {low if low < 0 else top}, outside {allowed}: {advice}")
 
 
+def _check_mask_4d(mask: torch.Tensor, batch: int, heads: int, queries: int, keys: int, fixed_size_cache: bool):
+    """A prepared 4-D mask must broadcast against the scores (B, H, T, past + T); a fixed-size (static) cache holds
+    more key slots than tokens, so its masks may be longer. Otherwise torch fails later with a bare broadcast error."""
+    size = tuple(mask.shape)
+    fits = (size[0] in (1, batch) and size[1] in (1, heads) and size[2] in (1, queries)
+            and (size[3] >= keys if fixed_size_cache else size[3] == keys))
+    if not fits:
+        broadcast = [f"{name}={n}" + (" or 1" if n != 1 else "") for name, n in
+                     (("batch", batch), ("heads", heads), ("new tokens", queries))]
+        raise ValueError(
+            f"a 4-D attention_mask must have shape ({', '.join(broadcast)}, cached + new tokens={keys}"
+            f"{' or more' if fixed_size_cache else ''}), got {size}: pass the 2-D (batch, sequence) mask and the "
+            "model builds the 4-D one"
+        )
+
+
 def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids,
-                  past_length: int):
+                  past_length: int, fixed_size_cache: bool = False):
     """Bad input fails here with a message that says what to do, not deep inside an embedding or kernel.
 
     Shapes and dtypes are always checked (free). Value ranges (token ids, token types, positions) need the tensors'
@@ -441,6 +457,9 @@ def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention
         raise ValueError(
             f"attention_mask must be 2-D (batch, sequence) or a prepared 4-D mask, got shape {tuple(attention_mask.shape)}"
         )
+    elif attention_mask is not None:  # 4-D: it is added to (or masks) scores of shape (B, H, T, past + T)
+        _check_mask_4d(attention_mask, batch, config.num_attention_heads, seq_length, past_length + seq_length,
+                       fixed_size_cache)
 
     if token_type_ids is not None:
         if not _is_token_tensor(token_type_ids) or tuple(token_type_ids.shape) != shape:
@@ -577,7 +596,8 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length)
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length,
+                      fixed_size_cache=self_cache is not None and not isinstance(self_cache, DynamicCache))
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seq_length = tokens.shape[:2]
         if position_ids is None:

@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ import torch
 import torch.distributed.nn  # noqa: F401  imported before any process group exists: see release_the_process_group
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -51,13 +53,15 @@ from transformers import (
 
 from . import data, parallel
 from .baselines import KneserNeyLM
-from .checkpointing import CheckpointError, checkpoint_folders, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import (CheckpointError, ForeignCodeError, check_no_foreign_code, checkpoint_folders, describe_error,
+                            describe_os_error, fit_tokenizer_to_model, load_checkpoint, refuse_links, resolve_checkpoint,
+                            save_checkpoint, save_tokenizer)
 from .cli import (COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SHARE, Range, UserError, check_known_keys,
                   check_output_dir, range_problems, run_command, usage_errors_as_user_errors)
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
-from .model_size import check_training_fits
 from .files import write_json_atomically
+from .model_size import check_training_fits
 from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
 from .optimization import (
@@ -207,6 +211,11 @@ class PretrainingArguments:
         if self.fully_shard and self.mixed_precision == "fp16":
             yield "mixed_precision", "--fully_shard computes in bf16 or fp32: use --mixed_precision bf16 or no"
         yield from self.pipeline_problems()
+        if self.tokenizer_name is not None and Path(self.tokenizer_name).is_dir():
+            try:
+                check_no_foreign_code(Path(self.tokenizer_name))
+            except ForeignCodeError as error:
+                yield "tokenizer_name", str(error)
         if self.report_to not in ("tensorboard", "none"):
             yield "report_to", "expected 'tensorboard' or 'none'"
 
@@ -310,7 +319,25 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
     if isinstance(positions, int) and positions < args.block_size:
         raise UserError(f"--block_size={args.block_size} exceeds the model's max_position_embeddings={positions}: "
                         "lower it or pass --config_overrides max_position_embeddings=N")
+    check_config_values(args, kwargs, overrides)
     return kwargs
+
+
+def check_config_values(args: PretrainingArguments, kwargs: dict, overrides: dict) -> None:
+    """Build the config once with stand-ins for what the tokenizer decides later (vocabulary, special ids), so that
+    a value the config refuses (hidden_size=abc, nan, 3 heads for width 64) stops the run before the tokenizer is
+    trained, naming the option it came from."""
+    trial = dict(kwargs, vocab_size=args.vocab_size, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                 decoder_start_token_id=None, is_decoder=args.objective == "clm",
+                 is_encoder_decoder=args.objective == "seq2seq", init_sequence_length=args.block_size)
+    try:
+        DeepScaleLMConfig(**trial)
+    except (StrictDataclassError, ValueError, TypeError, AttributeError, KeyError) as error:
+        field = re.search(r"field '(\w+)'|DeepScaleLMConfig\.(\w+)=", str(error))
+        field = field and (field.group(1) or field.group(2))
+        source = ("--config_overrides" if field in overrides or not field and overrides else
+                  f"--config_name {args.config_name}" if args.config_name else f"preset {args.preset}")
+        raise UserError(f"{source} gives an invalid model configuration ({describe_error(error)}): fix the value") from None
 
 
 def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict) -> None:
@@ -425,6 +452,10 @@ def prepare_data(args: PretrainingArguments, accelerator, run_dir: Path, resumin
                 args.block_size, args.noise_density, args.mean_span_length))
         data.check_tokenizer_for_objective(tokenizer, args.objective)
         if accelerator.is_main_process and not reuse_saved:
+            model_kwargs = preset_kwargs(args)  # the model's positions and segments, known before its config
+            fit_tokenizer_to_model(
+                tokenizer, model_kwargs.get("max_position_embeddings", DeepScaleLMConfig.max_position_embeddings),
+                model_kwargs.get("type_vocab_size", DeepScaleLMConfig.type_vocab_size))
             tokenizer.save_pretrained(tokenizer_dir)
         train_blocks = data.pack_into_blocks(splits["train"], tokenizer, args.block_size)
         eval_blocks = data.pack_into_blocks(splits["validation"], tokenizer, args.block_size)
@@ -552,6 +583,7 @@ def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> 
     if resume_dir is None and previous and args.overwrite_output_dir:
         # Starting over: a stale checkpoint of the old run must never be taken for `latest` of the new one.
         if accelerator.is_main_process:
+            refuse_links([run_dir / name for name in RUN_OUTPUTS], "--overwrite_output_dir")
             for name in RUN_OUTPUTS:
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -850,7 +882,13 @@ def finish(run: Run, metrics: dict) -> dict:
                 f"interpolated Kneser-Ney {COUNT_BASELINE_ORDER}-gram fitted on the training blocks scores "
                 f"{metrics['baseline_eval_loss']:.4f} (perplexity {metrics['baseline_eval_perplexity']:.2f}) on the "
                 "same held-out blocks")
-    save_final_model(run, run.run_dir / "final")
+    try:
+        save_final_model(run, run.run_dir / "final")
+    except OSError as error:  # disk full, file too large, permissions changed during the run
+        shutil.rmtree(run.run_dir / "final", ignore_errors=True)  # a half-written model must not pass for the result
+        raise UserError(f"could not write the final model to {run.run_dir / 'final'} ({describe_os_error(error)}): "
+                        f"it was removed, and {newest_checkpoint_note(run)}; free space or fix the folder's "
+                        "permissions, then rerun the same command with --resume_from_checkpoint latest") from None
     if accelerator.is_main_process and args.sample_max_new_tokens:
         prompt = run.eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
         sample = generate_sample(run.run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, run.collator)
@@ -914,7 +952,7 @@ def release_the_process_group(run: Run) -> None:
 def generate_sample(folder: Path, objective: str, prompt_ids: list[int], max_new_tokens: int, collator=None) -> str:
     """Reload the saved folder (proving it loads) and produce text: a continuation (clm), the filled spans
     (seq2seq) or the predictions at masked positions (mlm)."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = AUTO_MODEL_CLASSES[objective].from_pretrained(folder).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -960,7 +998,7 @@ def save_final_model(run: Run, folder: Path) -> None:
         unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
                                   save_function=accelerator.save)
     if accelerator.is_main_process:
-        run.tokenizer.save_pretrained(folder)
+        save_tokenizer(run.tokenizer, folder, config)
 
 
 # ----------------------------------------------------------------------------------------------------------------

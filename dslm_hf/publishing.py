@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoTokenizer
 
-from .checkpointing import file_sha256
+from .checkpointing import REMOTE_CODE_FILES, CorruptFileError, file_sha256, give_normal_permissions, loading, save_tokenizer
 from .cli import UserError, run_command, usage_errors_as_user_errors
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .data import hold_out_documents, load_corpus, make_collator, pack_into_blocks, stack_blocks
@@ -42,8 +42,7 @@ from .recipe_deepscalelm import deepscalelm_residual_scales, residual_branch_tot
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 EVAL_FILE_NAME = "eval_results.json"
-# The files trust_remote_code needs next to config.json; save_pretrained copies them through auto_map.
-REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
+LICENSE = "apache-2.0"  # the published model's, native twin included
 
 TASK_DESCRIPTIONS = {
     "causal-lm": ("causal language model (decoder)", "Causal Language Modeling"),
@@ -61,6 +60,7 @@ USAGE_EXAMPLES = {
         'print(fill(f"ROMEO: I will {tokenizer.mask_token} thee."))'
     ),
     "seq2seq-lm": (
+        "# transformers 5.24 removed the text2text-generation pipeline: generate() fills the masked spans\n"
         'inputs = tokenizer("ROMEO: I will <extra_id_0> thee.", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"
     ),
@@ -117,8 +117,10 @@ def evaluate_checkpoint(checkpoint_dir: Path, text_file: Path, training: dict, *
     check_training_record(training, source="training")
     task = task_of(config)
     block_size = block_size or config.init_sequence_length
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    model = architecture_class(config).from_pretrained(checkpoint_dir)
+    with loading("the tokenizer", checkpoint_dir):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=False)
+    with loading("the weights", checkpoint_dir):
+        model = architecture_class(config).from_pretrained(checkpoint_dir)
     measured, blocks = held_out_metrics(
         model, tokenizer, text_file, task, held_out_fraction=held_out_fraction, block_size=block_size,
         batch_size=batch_size, seed=seed,
@@ -384,7 +386,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        license="apache-2.0",
+        license=LICENSE,
         language="en",
         tags=["deepscalelm", "deep-transformer", "transformers-get-stable", "custom_code", task],
         datasets=[dataset["id"]],
@@ -482,12 +484,16 @@ def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval
     if verify or verify_text_file is not None:
         verify_eval_file(results, checkpoint_dir, verify_text_file)
     staging_dir.mkdir(parents=True, exist_ok=True)
-    model = architecture_class(config).from_pretrained(checkpoint_dir)
+    with loading("the weights", checkpoint_dir):
+        model = architecture_class(config).from_pretrained(checkpoint_dir)
+    with loading("the tokenizer", checkpoint_dir):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=False)
     model.save_pretrained(staging_dir, max_shard_size=max_shard_size)  # safetensors, auto_map, remote code
-    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging_dir)
+    save_tokenizer(tokenizer, staging_dir, config)
     render_model_card(config, results, repo_id).save(staging_dir / "README.md")
     shutil.copyfile(eval_file, staging_dir / EVAL_FILE_NAME)
     check_staged_repository(staging_dir, config, results)
+    give_normal_permissions(staging_dir)
     return staging_dir
 
 
@@ -571,8 +577,8 @@ def publish(argv: list[str]) -> Path:
             stage_repository(args.checkpoint_dir, staging_dir, args.repo_id, eval_file, args.max_shard_size,
                              verify_text_file=args.verify_eval, verify=not args.no_verify_eval)
         if args.native is not None:
-            stage_native_twin(args.checkpoint_dir, staging_dir, args.repo_id, args.native)
-    except PublishRefusal as refusal:
+            stage_native_twin(args.checkpoint_dir, staging_dir, args.repo_id, args.native, license=LICENSE)
+    except (PublishRefusal, CorruptFileError) as refusal:
         raise PublishRefusal(f"refusing to publish: {refusal}") from None
     if args.native != "only":
         print("--no-verify-eval: the evaluation file's numbers were published as recorded, not recomputed"

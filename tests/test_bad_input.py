@@ -1,5 +1,7 @@
 """Bad input to the models: a ValueError that says what is wrong and what to do."""
 
+import re
+
 import pytest
 import torch
 
@@ -40,6 +42,23 @@ def test_attention_mask_of_the_wrong_shape(model, shape):
     ids = torch.ones(1, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 6), (1, 1, 6, 7), (2, 1, 6, 6), (1, 3, 6, 6)])
+def test_a_4d_attention_mask_of_the_wrong_shape_names_the_expected_shape(model, shape):
+    """Before: torch's bare 'The size of tensor a (6) must match the size of tensor b (5)' from inside attention."""
+    ids = torch.ones(1, 6, dtype=torch.long)
+    expected = f"a 4-D attention_mask must have shape (batch=1, heads=4 or 1, new tokens=6 or 1, cached + new tokens=6), got {shape}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        model(ids, attention_mask=torch.zeros(shape))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 6, 6), (1, 4, 6, 6), (1, 1, 1, 6)])
+def test_a_4d_attention_mask_that_broadcasts_is_used(model, shape):
+    ids = torch.ones(1, 6, dtype=torch.long)
+    blocked = torch.zeros(shape)
+    blocked[..., 0] = torch.finfo(torch.float32).min  # no query may attend to the first token
+    assert not torch.equal(model(ids, attention_mask=blocked).logits, model(ids, attention_mask=torch.zeros(shape)).logits)
 
 
 def test_wrong_head_for_the_config():
