@@ -3,8 +3,9 @@
 `import dslm_hf` registers the model with the Auto classes, so `AutoModelForCausalLM.from_pretrained(path)` and
 friends work without `trust_remote_code`; saved checkpoints also carry the code for `trust_remote_code=True`
 (`modeling_deepscalelm.AUTO_MAP`, from the same `AUTO_CLASSES` table). Importing the package loads what transformers
-loads, not PEFT or datasets: those come with the modules that use them (`dslm_hf.peft_support` registers LoRA's
-default target modules).
+loads, not PEFT or datasets; PEFT's default LoRA targets for "deepscalelm" are registered when PEFT is imported
+(`modeling_deepscalelm.DEFAULT_LORA_TARGET_MODULES`), so `get_peft_model(model, LoraConfig(task_type=...))` needs
+no target_modules.
 """
 
 import transformers

@@ -252,7 +252,7 @@ def held_out_baselines(model_dir, same_parameter_dir, same_parameter_record: dic
     """
     config = check_checkpoint(model_dir)
     same_config = check_checkpoint(same_parameter_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     splits = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)
     train_stream = pack_into_blocks(splits["train"], tokenizer, block_size)[:]["input_ids"].flatten()
     held_out = pack_into_blocks(splits["validation"], tokenizer, block_size)[:]["input_ids"]

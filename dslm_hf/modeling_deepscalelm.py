@@ -15,6 +15,9 @@ output embedding reads the final hidden state times `logit_scale` = 1/sqrt(d sig
 logits variance 1.
 """
 
+import importlib.abc
+import importlib.machinery
+import sys
 from collections.abc import Callable
 
 import torch
@@ -478,15 +481,21 @@ def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention
                 f"{position_ids.dtype}"
             )
         longest = config.max_position_embeddings if config.position_embedding_type == "absolute" else 2**62
-        _check_range("position_ids", position_ids, longest, "the positions", "positions count from 0 and must fit "
-                     f"the learned position table (max_position_embeddings={config.max_position_embeddings}): "
-                     "truncate the inputs", past_length)
+        _check_range("position_ids", position_ids, longest, "the positions", _position_table_advice(config, past_length),
+                     past_length)
     elif config.position_embedding_type == "absolute" and past_length + seq_length > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence reaches position {past_length + seq_length} but the learned position table has "
-            f"max_position_embeddings={config.max_position_embeddings} rows: truncate inputs (tokenizer "
-            f"truncation=True, max_length={config.max_position_embeddings}) or generate fewer tokens"
-        )
+        raise ValueError(f"the sequence reaches position {past_length + seq_length}, but "
+                         f"{_position_table_advice(config, past_length)}")
+
+
+def _position_table_advice(config: DeepScaleLMConfig, past_length: int) -> str:
+    """Why a position is out of range and what to do: a cache means generation ran past the learned table."""
+    table = f"the position table holds max_position_embeddings={config.max_position_embeddings} positions"
+    if past_length:
+        return (f"{table}; generation has reached its end ({past_length} cached tokens): ask for fewer new tokens "
+                "(prompt length + max_new_tokens must not exceed it) or shorten the prompt")
+    return (f"{table} (counted from 0): truncate the inputs (tokenizer truncation=True, "
+            f"max_length={config.max_position_embeddings})")
 
 
 def _check_token_labels(labels: torch.Tensor, expected_shape: tuple, classes: int, what: str):
@@ -981,10 +990,14 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
 
-def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Causal models summarise a sequence in its last real token, bidirectional ones in the first."""
+def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool,
+          input_ids: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """Causal models summarise a sequence in its last real token, bidirectional ones in the first. Without an
+    attention mask the real tokens are those that are not `pad_token_id`, as in transformers' native heads."""
     if not causal:
         return hidden_states[:, 0]
+    if attention_mask is None and input_ids is not None and pad_token_id is not None:
+        attention_mask = input_ids != pad_token_id  # (B, T)
     if attention_mask is None:
         return hidden_states[:, -1]
     last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
@@ -1042,7 +1055,8 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
         )
-        pooled = _pool(outputs.last_hidden_state, attention_mask, self.model.stack == "decoder")
+        pooled = _pool(outputs.last_hidden_state, attention_mask, self.model.stack == "decoder", input_ids,
+                       self.config.pad_token_id)
         logits = self.score(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -1153,6 +1167,44 @@ AUTO_MAP = {"AutoConfig": "configuration_deepscalelm.DeepScaleLMConfig"} | {
 DeepScaleLMConfig.register_for_auto_class()
 for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class)
+
+# PEFT's default LoRA targets for model_type "deepscalelm" (PEFT has none for a model type it does not know): every
+# linear layer of every residual branch. Heads are not targets: PEFT's task types train fresh heads in full.
+DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+_PEFT_TABLE_MODULE = "peft.utils.constants"
+
+
+def _register_lora_targets(constants) -> None:
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(
+        DeepScaleLMConfig.model_type, list(DEFAULT_LORA_TARGET_MODULES))
+
+
+class _RegisterLoraTargetsOnPeftImport(importlib.abc.MetaPathFinder):
+    """Registers the targets in PEFT's table when PEFT loads it, so that `get_peft_model(model, LoraConfig(...))`
+    works after `import dslm_hf` or with remote code alike, without importing PEFT (a training library) here."""
+
+    registers_deepscalelm_lora_targets = True
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _PEFT_TABLE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        execute = spec.loader.exec_module
+
+        def execute_and_register(module):
+            execute(module)
+            _register_lora_targets(module)
+
+        spec.loader.exec_module = execute_and_register
+        return spec
+
+
+if _PEFT_TABLE_MODULE in sys.modules:
+    _register_lora_targets(sys.modules[_PEFT_TABLE_MODULE])
+elif not any(getattr(finder, "registers_deepscalelm_lora_targets", False) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterLoraTargetsOnPeftImport())
 
 __all__ = [
     "DeepScaleLMPreTrainedModel",

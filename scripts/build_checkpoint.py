@@ -127,7 +127,7 @@ def baseline_argv(pretrain_argv: list[str], settings, overrides: str, run_dir: P
 def gradient_spreads(final_dir: Path, settings, text_file: Path, held_out_fraction: float) -> dict:
     """Per-layer weight-gradient spread of the model at its initialisation (rebuilt from the run's seed) and
     trained, on the first held-out blocks."""
-    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=False)
     held_out = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)["validation"]
     input_ids = pack_into_blocks(held_out, tokenizer, settings.block_size)[:GRADIENT_SPREAD_BLOCKS]["input_ids"]
     config = DeepScaleLMConfig.from_pretrained(final_dir)

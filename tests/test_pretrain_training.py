@@ -46,6 +46,10 @@ def test_final_folder_loads_with_auto_class_and_prints_a_sample(tmp_path, capsys
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert len(AutoTokenizer.from_pretrained(final)) == config["vocab_size"] == 512
     assert "=== generated sample" in capsys.readouterr().out
+    for folder in (tmp_path / "tokenizer", final):  # truncation=True stops at the position table, not at 1e30
+        saved = json.loads((folder / "tokenizer_config.json").read_text())
+        assert saved["model_max_length"] == config["max_position_embeddings"] == 128
+        assert not {"is_local", "local_files_only"} & set(saved)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
