@@ -18,12 +18,14 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import string
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -826,6 +828,33 @@ def check_paths(args: FinetuneArguments, training_args: TrainingArguments) -> No
         found = sorted(glob.glob(os.path.join(training_args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-*")))
         raise FinetuneInputError(f"--resume_from_checkpoint {checkpoint} is not a folder; Trainer checkpoints in "
                                  f"{training_args.output_dir}: {found or 'none'}")
+    if checkpoint is not None:
+        check_model_folder(checkpoint)
+        check_trainer_state_files(checkpoint)
+
+
+# The pickles Trainer reads back on resume, each with torch's weights-only loader (tensors and plain containers only)
+TRAINER_STATE_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def check_trainer_state_files(checkpoint: str) -> None:
+    """Load each pickle Trainer will read on resume the way it will (weights only, memory-mapped), so that a file the
+    loader refuses (a foreign or tampered pickle) or cannot read (truncated) is named in one line, before training,
+    instead of an UnpicklingError traceback from inside Trainer. Nothing is ever unpickled beyond tensors."""
+    for path in sorted(p for pattern in TRAINER_STATE_PICKLES for p in Path(checkpoint).glob(pattern)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as error:
+            reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line),
+                          str(error).splitlines()[0]).split(". Please")[0]
+            raise FinetuneInputError(
+                f"--resume_from_checkpoint {checkpoint}: {path.name} cannot be loaded safely ({reason[:200]}): loading "
+                "it could run code, so dslm-finetune does not; resume from a checkpoint this tool wrote, or start "
+                "over without --resume_from_checkpoint") from None
+        except (RuntimeError, EOFError, ValueError) as error:
+            raise FinetuneInputError(f"--resume_from_checkpoint {checkpoint}: {path.name} cannot be read "
+                                     f"({' '.join(str(error).split())[:200]}): the checkpoint is truncated or "
+                                     "corrupt; resume from another checkpoint") from None
 
 
 def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict:

@@ -213,3 +213,154 @@ def test_train_and_validation_files_with_other_columns_are_one_line(workspace, c
     status, stderr = run_main("finetuning", arguments, capfd)
     assert_one_line(status, stderr, "finetuning", f"--validation_file {arguments[7]} has columns ['label', 'sentence'] "
                     f"but --train_file {arguments[5]} has ['label', 'text']: give both files the same columns")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: disk full during a save, symbolic links met by deletion
+# ----------------------------------------------------------------------------------------------------------------
+class OneProcess:
+    """What save_checkpoint asks of an Accelerator, for one process."""
+    is_main_process = True
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+    @staticmethod
+    def wait_for_everyone():
+        pass
+
+
+def tiny_training_state():
+    import torch
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from dslm_hf import checkpointing
+    from dslm_hf.cli import UserError
+
+    model, optimizer = tiny_training_state()
+    first = checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 1}, limit=None)
+
+    def disk_full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpointing, "save_file", disk_full)
+    with pytest.raises(UserError) as refusal:
+        checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 2}, limit=None)
+    second = tmp_path / "checkpoints" / "step_00000002"
+    assert str(refusal.value) == (
+        f"could not write checkpoint {second} (No space left on device: {tmp_path}/checkpoints/.tmp-step_00000002/"
+        f"optimizer.safetensors): the previous checkpoints are kept (newest: {first}); free space or fix the "
+        "folder's permissions, then run the same command with --resume_from_checkpoint latest")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]  # no half checkpoint
+    assert checkpointing.verify_checkpoint(first) == 1
+
+
+def test_checkpoint_rotation_refuses_to_delete_through_a_symbolic_link(tmp_path):
+    from dslm_hf import checkpointing
+    from dslm_hf.cli import UserError
+
+    model, optimizer = tiny_training_state()
+    first = checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 1}, limit=None)
+    elsewhere = tmp_path / "kept-elsewhere"
+    first.rename(elsewhere)
+    first.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError) as refusal:
+        checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 2}, limit=1)
+    assert str(refusal.value).startswith(
+        f"checkpoint rotation (keeping the newest 1) would delete {first}, a symbolic link to {elsewhere}: nothing is "
+        f"deleted through a link; the new checkpoint {tmp_path / 'checkpoints' / 'step_00000002'} is written")
+    assert checkpointing.verify_checkpoint(elsewhere) == 1 and first.is_symlink()
+
+
+def test_overwrite_output_dir_refuses_to_delete_a_linked_final_folder(workspace, capfd):
+    run_dir = workspace["root"] / "linked-final"
+    kept = workspace["root"] / "a-model-kept-elsewhere"
+    kept.mkdir()
+    (kept / "config.json").write_text("{}")
+    run_dir.mkdir()
+    (run_dir / "final").symlink_to(kept, target_is_directory=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    status, stderr = run_main("pretraining", ["--output_dir", run_dir, "--dataset", workspace["text"], "--max_steps", 1,
+                                              "--block_size", 32, "--report_to", "none", "--overwrite_output_dir"], capfd)
+    assert_one_line(status, stderr, "pretraining", f"--overwrite_output_dir would delete {run_dir / 'final'}, a symbolic "
+                    f"link to {kept}: nothing is deleted through a link")
+    assert (kept / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()  # before: rmtree's OSError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paths the file system or the libraries cannot take
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_path_component_over_255_bytes_is_one_line(workspace, capfd):
+    too_long = workspace["root"] / ("x" * 300)
+    status, stderr = run_main("export", [workspace["checkpoint"], "--output-dir", too_long], capfd)
+    assert_one_line(status, stderr, "export", f"File name too long: {too_long}: a file or folder name is longer than "
+                    "the file system allows (255 bytes): choose a shorter path")
+
+
+def test_a_path_that_is_not_utf8_is_one_line_naming_the_flag(workspace, capfd):
+    """Before: tokenizers' UnicodeEncodeError (surrogates not allowed) while saving, or safetensors' 'not valid UTF-8'."""
+    latin1 = str(workspace["root"]) + "/caf\udce9"  # the byte 0xe9, as Python carries a non-UTF-8 file name
+    status, stderr = run_main("export", [workspace["checkpoint"], "--output-dir", latin1], capfd)
+    assert_one_line(status, stderr, "export", f"--output-dir {workspace['root']}/caf\\xe9 is not UTF-8 (byte 0xe9): the "
+                    "tokenizers and safetensors libraries cannot use such a path")
+    status, stderr = run_main("pretraining", [f"--output_dir={latin1}", "--dataset", workspace["text"]], capfd)
+    assert_one_line(status, stderr, "pretraining", f"--output_dir {workspace['root']}/caf\\xe9 is not UTF-8")
+
+
+def test_a_disk_full_while_writing_final_removes_it_and_names_the_checkpoint_kept(workspace, monkeypatch, capfd):
+    import errno
+
+    from dslm_hf import pretraining
+
+    run_dir = workspace["root"] / "final-disk-full"
+
+    def disk_full(run, folder):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{")  # what a save cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(pretraining, "save_final_model", disk_full)
+    status, stderr = run_main("pretraining", ["--output_dir", run_dir, "--dataset", workspace["text"], "--max_steps", 2,
+                                              "--save_steps", 2, "--vocab_size", 300, "--block_size", 32,
+                                              "--per_device_train_batch_size", 2, "--report_to", "none",
+                                              "--per_device_eval_batch_size", 2, "--sample_max_new_tokens", 0], capfd)
+    assert_one_line(status, stderr, "pretraining", f"could not write the final model to {run_dir / 'final'} (No space "
+                    f"left on device: {run_dir / 'final' / 'model.safetensors'}): it was removed, and the newest "
+                    f"checkpoint, {run_dir / 'checkpoints' / 'step_00000002'}, is kept")
+    assert not (run_dir / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dslm-finetune --resume_from_checkpoint: Trainer's pickles, loaded only as torch's weights-only loader allows
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, content, expected", [
+    ("rng_state.pth", "namespace", "rng_state.pth cannot be loaded safely (WeightsUnpickler error: Unsupported global: "
+                                   "GLOBAL argparse.Namespace was not an allowed global by default): loading it could "
+                                   "run code, so dslm-finetune does not"),
+    ("optimizer.pt", "truncated", "optimizer.pt cannot be read (PytorchStreamReader failed reading zip archive"),
+])
+def test_a_trainer_checkpoint_pickle_the_safe_loader_refuses_is_one_line(workspace, name, content, expected, capfd):
+    """Before: torch's UnpicklingError (or RuntimeError) traceback from inside Trainer, after the data was prepared."""
+    import argparse
+
+    import torch
+
+    checkpoint = Path(shutil.copytree(workspace["checkpoint"], workspace["root"] / f"trainer-checkpoint-{content}"))
+    torch.save({"state": {}, "param_groups": []}, checkpoint / "optimizer.pt")
+    torch.save(argparse.Namespace(a=1) if content == "namespace" else {"python": 1}, checkpoint / "rng_state.pth")
+    if content == "truncated":
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+    arguments = command_line("finetuning", workspace, workspace["checkpoint"], checkpoint.parent / f"{checkpoint.name}-out")
+    status, stderr = run_main("finetuning", arguments + ["--resume_from_checkpoint", checkpoint], capfd)
+    assert_one_line(status, stderr, "finetuning", f"--resume_from_checkpoint {checkpoint}: {expected}")
