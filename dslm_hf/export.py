@@ -503,6 +503,9 @@ def export_native(source: str | Path, output_dir: str | Path, *, revision: str |
     (its loading example names `repo_id` and `subfolder` when the folder is staged for the Hub; its license is the
     source card's, else `license`), all readable by others as the umask allows."""
     output_dir = Path(output_dir)
+    if output_dir.is_symlink():  # the finished export replaces the folder by a rename, never through a link
+        raise UserError(f"--output-dir {output_dir} is a symbolic link (to {os.readlink(output_dir)}): give the folder "
+                        "itself, or a new path")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"--output-dir {output_dir} exists and is not an empty folder: choose a new or empty folder")
     check_output_dir(output_dir, flag="--output-dir")

@@ -364,3 +364,15 @@ def test_a_trainer_checkpoint_pickle_the_safe_loader_refuses_is_one_line(workspa
     arguments = command_line("finetuning", workspace, workspace["checkpoint"], checkpoint.parent / f"{checkpoint.name}-out")
     status, stderr = run_main("finetuning", arguments + ["--resume_from_checkpoint", checkpoint], capfd)
     assert_one_line(status, stderr, "finetuning", f"--resume_from_checkpoint {checkpoint}: {expected}")
+
+
+def test_export_refuses_an_output_dir_that_is_a_symbolic_link(workspace, capfd):
+    """Before: NotADirectoryError from rmdir on the link, after the whole export had been computed."""
+    target = workspace["root"] / "empty-export-target"
+    target.mkdir()
+    link = workspace["root"] / "export-link"
+    link.symlink_to(target, target_is_directory=True)
+    status, stderr = run_main("export", [workspace["checkpoint"], "--output-dir", link], capfd)
+    assert_one_line(status, stderr, "export", f"--output-dir {link} is a symbolic link (to {target}): give the folder "
+                    "itself, or a new path")
+    assert link.is_symlink() and not any(target.iterdir())
