@@ -133,15 +133,35 @@ def outlive_the_launchers_pipes() -> None:
     that writing a message cannot raise BrokenPipeError (or block) in the middle of the final checkpoint."""
     if _launcher_pid is None or os.getppid() == _launcher_pid:
         return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
     null = os.open(os.devnull, os.O_WRONLY)
     for descriptor in (1, 2):
         os.dup2(null, descriptor)
     os.close(null)
+
+
+class _StreamThatOutlivesItsReader:
+    """sys.stdout/sys.stderr of a launched worker: a write or flush that meets a pipe whose reader (the launcher) has
+    died points both descriptors at the null device and carries on, so a progress bar or log line written between the
+    launcher's death and the SIGTERM it triggers cannot end the run without its checkpoint."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            outlive_the_launchers_pipes()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            outlive_the_launchers_pipes()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def stop_when_the_launcher_dies() -> None:
@@ -151,6 +171,8 @@ def stop_when_the_launcher_dies() -> None:
     if not sys.platform.startswith("linux") or not any(name in os.environ for name in LAUNCHER_ENVIRONMENT):
         return
     launcher = _launcher_pid = os.getppid()
+    if not isinstance(sys.stdout, _StreamThatOutlivesItsReader):
+        sys.stdout, sys.stderr = _StreamThatOutlivesItsReader(sys.stdout), _StreamThatOutlivesItsReader(sys.stderr)
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != launcher:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
