@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 INIT_SCHEMES = ("deepscalelm", "xavier", "standard", "deepnet")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "mix")  # mix: Mix-LN (Li et al. 2024), Post-LN first layers, Pre-LN after
 BRANCH_COUNTINGS = ("branches", "layers")
 ACTIVATIONS = ("relu", "gelu")
 DEPTH_PARAMETERIZATIONS = ("deepscalelm", "depth_mup", "completep")
+WIDTH_PARAMETERIZATIONS = ("standard", "mup")
 RECURRENCES = ("refined", "reference")
 
 
@@ -158,6 +159,40 @@ def depth_optimizer_multipliers(parameterization: str, depth_multiplier: float) 
     alpha = depth_exponent(parameterization)
     m = depth_multiplier
     return m ** (alpha - 1.0), m ** -alpha, m ** (1.0 - alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Width parameterizations: how the optimizer and the readout scale with width (muP for Adam)
+# ----------------------------------------------------------------------------------------------------------------
+def width_optimizer_multipliers(parameterization: str, width_multiplier: float) -> tuple[float, float, float]:
+    """(learning rate, Adam epsilon, weight decay) multipliers of the hidden matrices (both dimensions grow with width).
+
+    m_w = hidden size / base width. "standard": none. "mup" (Yang et al., "Tensor Programs V", 2022, Table 3 for Adam;
+    the `mup` package's MuAdam): learning rate * 1/m_w, so that an Adam step (entries ~ lr whatever the gradient's
+    scale) moves a fan-in-d matrix's output by O(1) instead of O(d); epsilon * 1/m_w, so that it keeps its size
+    relative to the gradients, which shrink as 1/d in these matrices; decoupled weight decay * m_w keeps the per-step
+    shrinkage lr * wd independent of width (as the depth rule does across depth; Wang and Aitchison, "How to set
+    AdamW's weight decay as you scale model and dataset size", 2024). Vector-like parameters (embeddings, biases,
+    LayerNorm gains, the tied or untied readout) keep multiplier 1: one of their dimensions does not grow.
+    """
+    if parameterization not in WIDTH_PARAMETERIZATIONS:
+        raise ValueError(f"width_parameterization must be one of {WIDTH_PARAMETERIZATIONS}, got {parameterization!r}")
+    if parameterization == "standard":
+        return 1.0, 1.0, 1.0
+    m = width_multiplier
+    return 1.0 / m, 1.0 / m, m
+
+
+def width_output_multiplier(parameterization: str, width_multiplier: float) -> float:
+    """muP's readout multiplier 1/m_w (the `mup` package's MuReadout / MuSharedReadout), applied to the readout
+    multiplier the model has at the base width; 1 under "standard".
+
+    With it the readout (whose Adam learning rate does not shrink) moves the logits by O(1) per step at any width:
+    an Adam step changes each of its entries by ~lr, aligned with the hidden state, so (W + dW) h changes by ~lr d.
+    """
+    if parameterization not in WIDTH_PARAMETERIZATIONS:
+        raise ValueError(f"width_parameterization must be one of {WIDTH_PARAMETERIZATIONS}, got {parameterization!r}")
+    return 1.0 if parameterization == "standard" else 1.0 / width_multiplier
 
 
 def deepnet_constants(num_layers: int, decoder_layers: int | None = None, stack: str = "single") -> tuple[float, float]:
@@ -462,10 +497,20 @@ def _stack_init_plan(key: tuple, stack: str) -> StackInitPlan:
 
 
 def output_logit_scale(config) -> float:
-    """Tied output embedding under DeepScaleLM: scale the hidden state so that initial logits have variance 1."""
+    """The factor the LM head's input is multiplied by.
+
+    "standard" width rule: with a tied output embedding under DeepScaleLM, 1/sqrt(d sigma_e^2) (initial logits of
+    variance 1), else 1. "mup": that factor at the base width times muP's 1/m_w (`width_output_multiplier`). Not
+    1/m_w times the factor at width d: DeepScaleLM's factor already falls as d^-1/2, and muP needs the whole readout
+    multiplier to fall as 1/d (the readout's Adam step moves the logits by ~ lr d times it), so d^-3/2 would freeze the
+    readout as the model widens. At the base width both rules give the same factor.
+    """
+    parameterization = config.width_parameterization
+    width = config.hidden_size if parameterization == "standard" else config.width_base
+    scale = 1.0
     if config.init_scheme == "deepscalelm" and config.tie_word_embeddings:
-        return tied_logit_scale(config.hidden_size, embedding_std(config.hidden_dropout_prob, config.num_embedding_tables))
-    return 1.0
+        scale = tied_logit_scale(width, embedding_std(config.hidden_dropout_prob, config.num_embedding_tables))
+    return scale * width_output_multiplier(parameterization, config.hidden_size / config.width_base)
 
 
 def embedding_table_std(config, shape: tuple[int, int]) -> float:

@@ -13,6 +13,7 @@ from .recipe_deepscalelm import (
     INIT_SCHEMES,
     NORM_PLACEMENTS,
     RECURRENCES,
+    WIDTH_PARAMETERIZATIONS,
     depth_exponent,
     embedding_correlation_estimate,
     residual_branch_total,
@@ -47,7 +48,15 @@ class DeepScaleLMConfig(PreTrainedConfig):
         rope_theta (`float`, defaults to 10000.0): rotary base, used only with `"rotary"`.
         type_vocab_size (`int`, defaults to 0): token-type (segment) table rows; 0 disables the table.
         layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
-        norm_placement (`str`, defaults to `"pre"`): `"pre"` (LN inside each branch, final LN) or `"post"` (BERT order).
+        norm_placement (`str`, defaults to `"pre"`): `"pre"` (LN inside each branch, final LN), `"post"` (BERT order)
+            or `"mix"` (Mix-LN, Li et al. 2024: the first `mix_ln_post_fraction` of each stack's layers Post-LN, the
+            rest Pre-LN, a final LN and no embedding LN; `init_scheme` `"standard"` or `"xavier"` only).
+        mix_ln_post_fraction (`float`, defaults to 0.25): with `norm_placement="mix"`, the fraction of layers that are
+            Post-LN: the first floor(fraction * layers), at least one. Leave it at 0.25 otherwise.
+        layernorm_scaling (`bool`, defaults to `False`): LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in
+            LLMs"): every LayerNorm inside layer l (l = 1, 2, ...) has its output multiplied by 1/sqrt(l), so the
+            branches of deep layers read a smaller input and Pre-LN's stream variance grows more slowly. Pre-LN with
+            `init_scheme` `"standard"` or `"xavier"` only; the final LayerNorm is not scaled.
         init_scheme (`str`, defaults to `"deepscalelm"`): `"deepscalelm"` (the recipe and its residual scaling),
             `"xavier"` (the paper's vanilla baseline), `"standard"` (N(0, initializer_range), GPT-2 scaled output
             projections) or `"deepnet"` (DeepNorm, Post-LN only).
@@ -65,6 +74,15 @@ class DeepScaleLMConfig(PreTrainedConfig):
             `init_scheme="deepscalelm"` only; the initialisation is DeepScaleLM's in every case.
         depth_base_layers (`int`, defaults to 4): the depth at which the learning rate was tuned; every
             parameterization equals `"deepscalelm"` at this depth.
+        width_parameterization (`str`, defaults to `"standard"`): how the optimizer and the readout scale with width,
+            relative to `width_base` (m_w = hidden_size / width_base). `"standard"`: no rule. `"mup"`: muP for AdamW
+            (Yang et al., Tensor Programs V): the hidden matrices (attention, FFN, cross-attention, MLM transform)
+            get learning rate and epsilon * 1/m_w and weight decay * m_w (composed with the depth rule), vector-like
+            parameters (embeddings, biases, LayerNorms, the readout) keep the base values, and the LM head reads the
+            hidden state times the base width's `logit_scale` times 1/m_w. The initialisation is DeepScaleLM's in
+            both cases.
+        width_base (`int`, defaults to 64): the width at which the learning rate was tuned; `"mup"` equals
+            `"standard"` at this width.
         embedding_correlation (`float`, *optional*): r0, the correlation of two positions' summed embeddings. It
             depends on the data: estimate it with `DeepScaleLMConfig.estimate_embedding_correlation(token_ids)` for
             your tokenizer and corpus. `None` takes `DEFAULT_EMBEDDING_CORRELATIONS` for the architecture (decoder
@@ -116,12 +134,16 @@ class DeepScaleLMConfig(PreTrainedConfig):
     type_vocab_size: int = 0
     layer_norm_eps: float = 1e-5
     norm_placement: str = "pre"
+    mix_ln_post_fraction: float = 0.25
+    layernorm_scaling: bool = False
     init_scheme: str = "deepscalelm"
     residual_k: float | int = 2.0
     residual_branch_count: str = "branches"
     residual_beta2: float | None = None
     depth_parameterization: str = "deepscalelm"
     depth_base_layers: int = 4
+    width_parameterization: str = "standard"
+    width_base: int = 64
     embedding_correlation: float | None = None
     recurrence: str = "refined"
     init_sequence_length: int | None = None
@@ -195,6 +217,7 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("init_scheme", f"expected one of {INIT_SCHEMES}")
         if self.init_scheme == "deepnet" and self.norm_placement != "post":
             fail("init_scheme", "'deepnet' (DeepNorm) is a Post-LN method: set norm_placement='post'")
+        self._check_curse_of_depth_baselines(fail)
         if self.residual_k <= 0:
             fail("residual_k", "expected a positive number (beta^2 = k / N)")
         if self.residual_branch_count not in BRANCH_COUNTINGS:
@@ -205,6 +228,14 @@ class DeepScaleLMConfig(PreTrainedConfig):
             fail("depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}")
         if isinstance(self.depth_base_layers, bool) or not isinstance(self.depth_base_layers, int) or self.depth_base_layers < 1:
             fail("depth_base_layers", "expected a positive integer (the depth the learning rate was tuned at)")
+        if self.width_parameterization not in WIDTH_PARAMETERIZATIONS:
+            fail("width_parameterization", f"expected one of {WIDTH_PARAMETERIZATIONS}")
+        if isinstance(self.width_base, bool) or not isinstance(self.width_base, int) or self.width_base < 1:
+            fail("width_base", "expected a positive integer (the width the learning rate was tuned at)")
+        if self.width_parameterization == "mup" and self.init_scheme == "standard":
+            fail("width_parameterization", "muP scales the optimizer around matrices drawn with variance ~ 1/fan_in; "
+                 "init_scheme='standard' draws every matrix with the fixed std initializer_range: use another "
+                 "init_scheme, or width_parameterization='standard'")
         if self.depth_parameterization != "deepscalelm" and self.init_scheme != "deepscalelm":
             fail("depth_parameterization", "the depth rules scale DeepScaleLM's lambda/beta and its optimizer: "
                  "use init_scheme='deepscalelm', or depth_parameterization='deepscalelm'")
@@ -235,7 +266,42 @@ class DeepScaleLMConfig(PreTrainedConfig):
                 if beta2 >= 1.0:
                     fail("residual_k", f"beta^2 = {beta2:.3g} >= 1 for the {stack} ({layers} layers): lower k")
 
+    def _check_curse_of_depth_baselines(self, fail):
+        """Mix-LN and LayerNorm Scaling are remedies for plain (x + F(x)) residuals. DeepScaleLM's recipe already
+        keeps the stream at unit variance with its lambda/beta (and derives each sigma for unit-variance branch
+        inputs, which LayerNorm Scaling breaks); DeepNorm's constants assume every layer Post-LN. So both options
+        take init_scheme 'standard' or 'xavier' only."""
+        baselines = ("standard", "xavier")
+        if self.layernorm_scaling:
+            if self.norm_placement != "pre":
+                fail("layernorm_scaling", f"LayerNorm Scaling scales the Pre-LN branch inputs; norm_placement="
+                     f"{self.norm_placement!r} has none to scale: set norm_placement='pre'")
+            if self.init_scheme not in baselines:
+                fail("layernorm_scaling", f"LayerNorm Scaling is a baseline for plain residuals; init_scheme="
+                     f"{self.init_scheme!r} sets its own residual scales (and DeepScaleLM derives its sigmas for "
+                     f"unit-variance branch inputs): use init_scheme in {baselines}")
+        if self.norm_placement == "mix":
+            if self.init_scheme not in baselines:
+                fail("norm_placement", f"Mix-LN is a baseline for plain residuals; init_scheme={self.init_scheme!r} "
+                     f"sets its own residual scales: use init_scheme in {baselines}, or norm_placement 'pre'/'post'")
+            if not 0.0 < self.mix_ln_post_fraction < 1.0:
+                fail("mix_ln_post_fraction", "expected a fraction in (0, 1) of the layers to be Post-LN")
+            for stack, layers, _ in self.residual_stacks():
+                post = self.post_norm_layers(layers)
+                if post == 0:  # a fraction below 1 always leaves a Pre-LN layer
+                    fail("mix_ln_post_fraction", f"floor({self.mix_ln_post_fraction} x {layers} layers) = 0 Post-LN "
+                         f"layers in the {stack}, which is plain Pre-LN: raise the fraction, or use norm_placement='pre'")
+        elif self.mix_ln_post_fraction != 0.25:
+            fail("mix_ln_post_fraction", f"applies only to norm_placement='mix' (this config has "
+                 f"{self.norm_placement!r}): leave it at 0.25, or set norm_placement='mix'")
+
     # -- helpers the model and the theory share ----------------------------------------------------------------
+    def post_norm_layers(self, num_layers: int) -> int:
+        """How many of a stack's first layers are Post-LN: all (post), none (pre), floor(fraction x layers) (mix)."""
+        if self.norm_placement == "mix":
+            return math.floor(self.mix_ln_post_fraction * num_layers + 1e-9)  # 0.29 x 100 = 28.999...: still 29
+        return num_layers if self.norm_placement == "post" else 0
+
     @property
     def num_embedding_tables(self) -> int:
         """Word table, plus the learned position table, plus the token-type table when present."""

@@ -15,6 +15,9 @@ output embedding reads the final hidden state times `logit_scale` = 1/sqrt(d sig
 logits variance 1.
 """
 
+import importlib.abc
+import importlib.machinery
+import sys
 from collections.abc import Callable
 
 import torch
@@ -209,13 +212,17 @@ class DeepScaleLMMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMLayer(GradientCheckpointingLayer):
     """Self-attention, cross-attention (decoder of an encoder-decoder only) and FFN branches, each joined to the
-    stream by lambda * skip + beta * Dropout(branch) (Pre-LN: the branch reads LN(stream); Post-LN: LN of the sum)."""
+    stream by lambda * skip + beta * Dropout(branch) (Pre-LN: the branch reads LN(stream); Post-LN: LN of the sum).
+
+    Mix-LN makes the first layers of a stack Post-LN and the rest Pre-LN (`config.post_norm_layers`); LayerNorm
+    Scaling multiplies the branch input LN(stream) of layer l = layer_idx + 1 by 1/sqrt(l)."""
 
     def __init__(self, config: DeepScaleLMConfig, layer_idx: int, stack: str, has_cross_attention: bool = False):
         super().__init__()
         plan = stack_init_plan(config, stack)
         self.residual_skip, self.residual_branch = plan.residual_skip, plan.residual_branch
-        self.pre_norm = config.norm_placement == "pre"
+        self.pre_norm = layer_idx >= config.post_norm_layers(plan.num_layers)
+        self.norm_output_scale = (layer_idx + 1) ** -0.5 if config.layernorm_scaling else 1.0
         self.self_attn = DeepScaleLMAttention(config, layer_idx, stack)
         self.self_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cross_attn = DeepScaleLMAttention(config, layer_idx, stack, is_cross_attention=True) if has_cross_attention else None
@@ -233,6 +240,13 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
             out = torch.add(skip * self.residual_skip, branch, alpha=self.residual_branch)
         return out if self.pre_norm else norm(out)
 
+    def branch_input(self, hidden_states: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """What a branch reads: LN(stream) (times 1/sqrt(l) under LayerNorm Scaling) in Pre-LN, the stream in Post-LN."""
+        if not self.pre_norm:
+            return hidden_states
+        normed = norm(hidden_states)
+        return normed * self.norm_output_scale if self.norm_output_scale != 1.0 else normed
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -244,21 +258,21 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        branch_in = self.self_attn_norm(hidden_states) if self.pre_norm else hidden_states
+        branch_in = self.branch_input(hidden_states, self.self_attn_norm)
         attn_out, _ = self.self_attn(
             branch_in, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
         )
         hidden_states = self.residual(hidden_states, attn_out, self.self_attn_norm)
 
         if self.cross_attn is not None:
-            branch_in = self.cross_attn_norm(hidden_states) if self.pre_norm else hidden_states
+            branch_in = self.branch_input(hidden_states, self.cross_attn_norm)
             attn_out, _ = self.cross_attn(
                 branch_in, attention_mask=encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache,
                 **kwargs,
             )
             hidden_states = self.residual(hidden_states, attn_out, self.cross_attn_norm)
 
-        branch_in = self.mlp_norm(hidden_states) if self.pre_norm else hidden_states
+        branch_in = self.branch_input(hidden_states, self.mlp_norm)
         return self.residual(hidden_states, self.mlp(branch_in), self.mlp_norm)
 
 
@@ -385,8 +399,24 @@ def _check_range(name: str, tensor: torch.Tensor | None, high: int, domain: str,
         raise ValueError(f"{name} holds {low if low < 0 else top}, outside {allowed}: {advice}")
 
 
+def _check_mask_4d(mask: torch.Tensor, batch: int, heads: int, queries: int, keys: int, fixed_size_cache: bool):
+    """A prepared 4-D mask must broadcast against the scores (B, H, T, past + T); a fixed-size (static) cache holds
+    more key slots than tokens, so its masks may be longer. Otherwise torch fails later with a bare broadcast error."""
+    size = tuple(mask.shape)
+    fits = (size[0] in (1, batch) and size[1] in (1, heads) and size[2] in (1, queries)
+            and (size[3] >= keys if fixed_size_cache else size[3] == keys))
+    if not fits:
+        broadcast = [f"{name}={n}" + (" or 1" if n != 1 else "") for name, n in
+                     (("batch", batch), ("heads", heads), ("new tokens", queries))]
+        raise ValueError(
+            f"a 4-D attention_mask must have shape ({', '.join(broadcast)}, cached + new tokens={keys}"
+            f"{' or more' if fixed_size_cache else ''}), got {size}: pass the 2-D (batch, sequence) mask and the "
+            "model builds the 4-D one"
+        )
+
+
 def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids,
-                  past_length: int):
+                  past_length: int, fixed_size_cache: bool = False):
     """Bad input fails here with a message that says what to do, not deep inside an embedding or kernel.
 
     Shapes and dtypes are always checked (free). Value ranges (token ids, token types, positions) need the tensors'
@@ -430,6 +460,9 @@ def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention
         raise ValueError(
             f"attention_mask must be 2-D (batch, sequence) or a prepared 4-D mask, got shape {tuple(attention_mask.shape)}"
         )
+    elif attention_mask is not None:  # 4-D: it is added to (or masks) scores of shape (B, H, T, past + T)
+        _check_mask_4d(attention_mask, batch, config.num_attention_heads, seq_length, past_length + seq_length,
+                       fixed_size_cache)
 
     if token_type_ids is not None:
         if not _is_token_tensor(token_type_ids) or tuple(token_type_ids.shape) != shape:
@@ -448,15 +481,21 @@ def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention
                 f"{position_ids.dtype}"
             )
         longest = config.max_position_embeddings if config.position_embedding_type == "absolute" else 2**62
-        _check_range("position_ids", position_ids, longest, "the positions", "positions count from 0 and must fit "
-                     f"the learned position table (max_position_embeddings={config.max_position_embeddings}): "
-                     "truncate the inputs", past_length)
+        _check_range("position_ids", position_ids, longest, "the positions", _position_table_advice(config, past_length),
+                     past_length)
     elif config.position_embedding_type == "absolute" and past_length + seq_length > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence reaches position {past_length + seq_length} but the learned position table has "
-            f"max_position_embeddings={config.max_position_embeddings} rows: truncate inputs (tokenizer "
-            f"truncation=True, max_length={config.max_position_embeddings}) or generate fewer tokens"
-        )
+        raise ValueError(f"the sequence reaches position {past_length + seq_length}, but "
+                         f"{_position_table_advice(config, past_length)}")
+
+
+def _position_table_advice(config: DeepScaleLMConfig, past_length: int) -> str:
+    """Why a position is out of range and what to do: a cache means generation ran past the learned table."""
+    table = f"the position table holds max_position_embeddings={config.max_position_embeddings} positions"
+    if past_length:
+        return (f"{table}; generation has reached its end ({past_length} cached tokens): ask for fewer new tokens "
+                "(prompt length + max_new_tokens must not exceed it) or shorten the prompt")
+    return (f"{table} (counted from 0): truncate the inputs (tokenizer truncation=True, "
+            f"max_length={config.max_position_embeddings})")
 
 
 def _check_token_labels(labels: torch.Tensor, expected_shape: tuple, classes: int, what: str):
@@ -509,7 +548,8 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         self.layers = nn.ModuleList(
             [DeepScaleLMLayer(config, i, self.stack, has_cross_attention=has_cross) for i in range(num_layers)]
         )
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
+        # Mix-LN ends in Pre-LN layers, so it keeps the final LayerNorm (and, like Pre-LN, has no embedding one).
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.norm_placement != "post" else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -565,7 +605,8 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length)
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length,
+                      fixed_size_cache=self_cache is not None and not isinstance(self_cache, DynamicCache))
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seq_length = tokens.shape[:2]
         if position_ids is None:
@@ -741,8 +782,9 @@ def _require(config: DeepScaleLMConfig, head: str, *, is_decoder: bool | None = 
 
 _LOGIT_SCALE_DOC = """
     `logit_scale` (float attribute): the logits are `lm_head(hidden_states * logit_scale)`. Under the recipe with a
-    tied output embedding it is 1/sqrt(d sigma_e^2) (initial logits of variance 1); otherwise 1. Code that computes
-    `hidden_states @ embed_tokens.weight.T` itself must multiply by it.
+    tied output embedding it is 1/sqrt(d sigma_e^2) (initial logits of variance 1); otherwise 1. With
+    `width_parameterization="mup"` it is that value at `width_base` times width_base / hidden_size (muP's readout
+    multiplier). Code that computes `hidden_states @ embed_tokens.weight.T` itself must multiply by it.
 """
 
 
@@ -948,10 +990,14 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
 
-def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Causal models summarise a sequence in its last real token, bidirectional ones in the first."""
+def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool,
+          input_ids: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """Causal models summarise a sequence in its last real token, bidirectional ones in the first. Without an
+    attention mask the real tokens are those that are not `pad_token_id`, as in transformers' native heads."""
     if not causal:
         return hidden_states[:, 0]
+    if attention_mask is None and input_ids is not None and pad_token_id is not None:
+        attention_mask = input_ids != pad_token_id  # (B, T)
     if attention_mask is None:
         return hidden_states[:, -1]
     last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
@@ -1009,7 +1055,8 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
         )
-        pooled = _pool(outputs.last_hidden_state, attention_mask, self.model.stack == "decoder")
+        pooled = _pool(outputs.last_hidden_state, attention_mask, self.model.stack == "decoder", input_ids,
+                       self.config.pad_token_id)
         logits = self.score(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -1120,6 +1167,44 @@ AUTO_MAP = {"AutoConfig": "configuration_deepscalelm.DeepScaleLMConfig"} | {
 DeepScaleLMConfig.register_for_auto_class()
 for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class)
+
+# PEFT's default LoRA targets for model_type "deepscalelm" (PEFT has none for a model type it does not know): every
+# linear layer of every residual branch. Heads are not targets: PEFT's task types train fresh heads in full.
+DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+_PEFT_TABLE_MODULE = "peft.utils.constants"
+
+
+def _register_lora_targets(constants) -> None:
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(
+        DeepScaleLMConfig.model_type, list(DEFAULT_LORA_TARGET_MODULES))
+
+
+class _RegisterLoraTargetsOnPeftImport(importlib.abc.MetaPathFinder):
+    """Registers the targets in PEFT's table when PEFT loads it, so that `get_peft_model(model, LoraConfig(...))`
+    works after `import dslm_hf` or with remote code alike, without importing PEFT (a training library) here."""
+
+    registers_deepscalelm_lora_targets = True
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _PEFT_TABLE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        execute = spec.loader.exec_module
+
+        def execute_and_register(module):
+            execute(module)
+            _register_lora_targets(module)
+
+        spec.loader.exec_module = execute_and_register
+        return spec
+
+
+if _PEFT_TABLE_MODULE in sys.modules:
+    _register_lora_targets(sys.modules[_PEFT_TABLE_MODULE])
+elif not any(getattr(finder, "registers_deepscalelm_lora_targets", False) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterLoraTargetsOnPeftImport())
 
 __all__ = [
     "DeepScaleLMPreTrainedModel",
