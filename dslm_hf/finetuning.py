@@ -47,6 +47,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -843,7 +844,8 @@ def check_trainer_state_files(checkpoint: str) -> None:
     instead of an UnpicklingError traceback from inside Trainer. Nothing is ever unpickled beyond tensors."""
     for path in sorted(p for pattern in TRAINER_STATE_PICKLES for p in Path(checkpoint).glob(pattern)):
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with safe_globals():  # the numpy arrays of Trainer's RNG state, allow-listed as Trainer does
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as error:
             reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line),
                           str(error).splitlines()[0]).split(". Please")[0]
