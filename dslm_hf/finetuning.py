@@ -155,7 +155,7 @@ FINETUNE_RANGES = {
 }
 # The Trainer settings dslm-finetune hands on; TrainingArguments itself accepts NaN or a beta of 1.5 silently.
 TRAINING_RANGES = {
-    "learning_rate": POSITIVE,
+    "learning_rate": NON_NEGATIVE,  # 0: the weights stay as loaded (evaluation through training's data path)
     "weight_decay": NON_NEGATIVE,
     "adam_beta1": Range(0, 1, high_open=True),
     "adam_beta2": Range(0, 1, high_open=True),
