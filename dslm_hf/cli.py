@@ -1,4 +1,5 @@
-"""What every console command (dslm-pretrain, dslm-finetune, dslm-publish, dslm-diagnose) does with bad input.
+"""What every console command (dslm-pretrain, dslm-finetune, dslm-publish, dslm-export, dslm-diagnose) does with bad
+input, and the `dslm COMMAND ...` front end (`main`) that runs each of them (`dslm pretrain` is `dslm-pretrain`).
 
 A user error is a `UserError` whose message names the input and says what to do. `run_command` prints it as one
 line on stderr, `PROG: error: MESSAGE`, and exits with status 2, without a traceback; `--debug` on the command
@@ -9,6 +10,7 @@ that each command runs them before its expensive work.
 
 import difflib
 import errno
+import importlib
 import math
 import os
 import sys
@@ -187,3 +189,45 @@ def check_ranges(args, ranges: dict[str, Range]) -> None:
     """Refuse the first argument outside its range, as one line: `--NAME=VALUE is invalid: expected ...`."""
     for name, allowed in range_problems(args, ranges):
         raise UserError(f"--{name}={getattr(args, name)!r} is invalid: {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `dslm COMMAND ARGS`: one front end; the `dslm-COMMAND` console scripts stay, as aliases of the same `main`s
+# ----------------------------------------------------------------------------------------------------------------
+COMMANDS = {  # command -> (module whose `main(argv)` runs it, what it does); imported only when chosen
+    "pretrain": ("dslm_hf.pretraining", "train a DeepScaleLM model from scratch (dslm-pretrain)"),
+    "finetune": ("dslm_hf.finetuning", "fine-tune a checkpoint with Trainer, optionally LoRA (dslm-finetune)"),
+    "publish": ("dslm_hf.publishing", "stage and push a checkpoint as a Hub repository (dslm-publish)"),
+    "export": ("dslm_hf.export", "export a checkpoint to a native transformers architecture (dslm-export)"),
+    "diagnose": ("dslm_hf.diagnostics", "measure per-layer signal propagation of any model (dslm-diagnose)"),
+}
+
+
+def front_end_help() -> str:
+    lines = ["usage: dslm COMMAND [ARGS ...]   (dslm COMMAND --help for a command's flags)", "", "commands:"]
+    lines += [f"  {name:<10}{summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines + ["", "Flags are snake_case (--output_dir); the kebab-case spellings of dslm-publish, "
+                               "dslm-export and dslm-diagnose still work."])
+
+
+def unknown_command(argv: list[str]) -> None:
+    if not argv:
+        raise UserError(f"give a command: {', '.join(COMMANDS)} (see dslm --help)")
+    close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(COMMANDS)}"
+    raise UserError(f"unknown command {argv[0]!r}; {hint} (see dslm --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (`dslm`): `dslm COMMAND ARGS` is `dslm-COMMAND ARGS`, the same function and exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(front_end_help())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        return run_command("dslm", lambda _: unknown_command(argv), [])
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -502,33 +502,35 @@ def plot_plan(plan: dict, path: str | os.PathLike):
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """Flags are snake_case (as dslm-pretrain's); each kebab-case spelling still works as an alias."""
     parser = argparse.ArgumentParser(
         prog="dslm-diagnose",
         description="Measure per-layer signal propagation (variance, gradients, rank collapse, attention) of any "
         "Hugging Face transformer, with the DeepScaleLM theory overlaid where it applies.",
     )
     parser.add_argument("model", nargs="?", help="model id (local cache), model folder, or config.json")
-    parser.add_argument("--output-dir", required=True, help="where report.json and the PNG plots go")
-    parser.add_argument("--random-init", action="store_true", help="ignore weights: a fresh model from the config")
-    parser.add_argument("--text", help="text to feed (default: Zipf-distributed random tokens)")
-    parser.add_argument("--text-file", "--text_file", help="file whose text to feed")
+    parser.add_argument("--output_dir", "--output-dir", required=True, help="where report.json and the PNG plots go")
+    parser.add_argument("--random_init", "--random-init", action="store_true", help="ignore weights: a fresh model from the config")
+    parser.add_argument("--text", help="the text itself to feed, not a path (for a file: --text_file); default: "
+                        "Zipf-distributed random tokens")
+    parser.add_argument("--text_file", "--text-file", help="file whose text to feed")
     parser.add_argument("--tokenizer", help="tokenizer id/folder for --text, or 'bytes' (UTF-8 bytes as ids); "
                         "default: the model's own")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=4)
-    parser.add_argument("--sequence-length", type=int, help="default: min(128, the model's maximum positions)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=4)
+    parser.add_argument("--sequence_length", "--sequence-length", type=int, help="default: min(128, the model's maximum positions)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--signals", metavar="RUN", help="plot a training run's layer signals instead of measuring "
                         "a model: a dslm-pretrain run folder (--signal_every) or a Trainer output folder "
                         "(LayerSignalCallback), or their layer_signals.jsonl")
     _add_usefulness_arguments(parser)
     plan = parser.add_argument_group("depth planning (--plan: theory only, no MODEL)")
     plan.add_argument("--plan", action="store_true", help="plot predicted profiles at several depths, vanilla vs DeepScaleLM")
-    plan.add_argument("--hidden-size", type=int, default=256)
+    plan.add_argument("--hidden_size", "--hidden-size", type=int, default=256)
     plan.add_argument("--depths", default="12,48,192,1000", help="comma-separated depths")
-    plan.add_argument("--norm-placement", choices=("pre", "post"), default="pre")
-    plan.add_argument("--embedding-correlation", type=float, default=0.05, help="r0 of the data (see the config)")
+    plan.add_argument("--norm_placement", "--norm-placement", choices=("pre", "post"), default="pre")
+    plan.add_argument("--embedding_correlation", "--embedding-correlation", type=float, default=0.05, help="r0 of the data (see the config)")
     return parser
 
 

@@ -559,16 +559,21 @@ def stage_native_twin(checkpoint_dir: Path, staging_dir: Path, repo_id: str, mod
                          license=license)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Flags are snake_case (as dslm-pretrain's); each kebab-case spelling still works as an alias."""
     parser = argparse.ArgumentParser(
         prog="dslm-export",
         description="Export a DeepScaleLM checkpoint to a native transformers architecture (GPT-2, GPT-NeoX, BERT, "
                     "Megatron-BERT, Bart, Blenderbot) with the same logits: loads without trust_remote_code.",
     )
     parser.add_argument("source", metavar="SRC", help="a DeepScaleLM checkpoint folder or a Hub repository id")
-    parser.add_argument("--output-dir", required=True, type=Path, help="new or empty folder to write the export into")
+    parser.add_argument("--output_dir", "--output-dir", required=True, type=Path, help="new or empty folder to write the export into")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repository id")
-    return usage_errors_as_user_errors(parser).parse_args(argv)
+    return usage_errors_as_user_errors(parser)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(argv: list[str]) -> ExportReport:

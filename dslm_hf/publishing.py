@@ -529,34 +529,40 @@ def check_repo_id(repo_id: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Flags are snake_case (as dslm-pretrain's); each kebab-case spelling still works as an alias."""
     parser = argparse.ArgumentParser(
         prog="dslm-publish",
         description="Stage a trained DeepScaleLM checkpoint as a Hugging Face Hub repository (safetensors, remote "
                     "code, tokenizer, model card from an evaluation file) and push it.",
     )
     parser.add_argument("checkpoint_dir", type=Path, help="a save_pretrained folder (config.json, safetensors, tokenizer)")
-    parser.add_argument("--repo-id", required=True, help="Hub repository, owner/name")
-    parser.add_argument("--eval-file", type=Path, default=None,
+    parser.add_argument("--repo_id", "--repo-id", required=True, help="Hub repository, owner/name")
+    parser.add_argument("--eval_file", "--eval-file", type=Path, default=None,
                         help=f"evaluation record of these weights (default: CHECKPOINT_DIR/{EVAL_FILE_NAME} if present)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
     parser.add_argument("--revision", "--branch", dest="revision", default=None, help="branch to push to (created if needed)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--dry-run", action="store_true", help="stage and list what would be uploaded; no network")
-    parser.add_argument("--staging-dir", type=Path, default=None, help="empty folder to stage into (default: a new temporary folder)")
-    parser.add_argument("--max-shard-size", default="5GB", help="weights are sharded past this size (e.g. 500MB)")
-    parser.add_argument("--verify-eval", type=Path, default=None, metavar="TEXT_FILE",
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="stage and list what would be uploaded; no network")
+    parser.add_argument("--output_dir", "--staging_dir", "--staging-dir", dest="staging_dir", type=Path, default=None,
+                        help="empty folder to stage the repository into (default: a new temporary folder)")
+    parser.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="weights are sharded past this size (e.g. 500MB)")
+    parser.add_argument("--verify_eval", "--verify-eval", type=Path, default=None, metavar="TEXT_FILE",
                         help="the text the evaluation file measured (checked by sha256). Before staging, its numbers "
                              "are recomputed from the weights on the held-out part of that text and a mismatch is "
                              "refused. Default: the file the record names, found next to the record, in "
                              "CHECKPOINT_DIR or in the current folder")
-    parser.add_argument("--no-verify-eval", action="store_true",
+    parser.add_argument("--no_verify_eval", "--no-verify-eval", action="store_true",
                         help="publish the evaluation file's numbers without recomputing them (the record must still "
                              "name exactly these weights)")
     parser.add_argument("--native", choices=("also", "only"), default=None,
                         help="also: stage the native transformers twin (dslm-export: GPT-2, BERT, Bart...) in native/, "
                              "loadable without trust_remote_code (subfolder='native'); only: publish the twin instead")
-    return usage_errors_as_user_errors(parser).parse_args(argv)
+    return usage_errors_as_user_errors(parser)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def publish(argv: list[str]) -> Path:

@@ -1,12 +1,12 @@
 """Train a checkpoint and its same-parameter shallow baseline, evaluate both and count baselines on held-out text,
 stage the checkpoint as a Hub repository folder whose card shows all of them.
 
-    python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo-id dslm-hf/deepscalelm-48l-decoder \\
-        --text-file tinyshakespeare.txt --run-dir runs/decoder --baseline-layers 4 \\
+    python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo_id dslm-hf/deepscalelm-48l-decoder \\
+        --text_file tinyshakespeare.txt --run_dir runs/decoder --baseline_layers 4 \\
         -- --objective clm --preset deep-48 --vocab_size 300 --block_size 128 --max_steps 2000 ...
 
 Everything after `--` goes to dslm-pretrain unchanged (its --output_dir, --dataset and --validation_fraction are set
-here from --run-dir, --text-file and --held-out-fraction, so training never sees the held-out text the card reports
+here from --run_dir, --text_file and --validation_fraction, so training never sees the held-out text the card reports
 on). The baseline is the same command with --baseline-layers layers (encoder-decoder: in each stack) at the width
 whose parameter count is closest to the model's, the model's tokenizer, the same seed and data, and exactly the
 model's number of optimizer steps and learning-rate schedule (so the same training tokens), at
@@ -37,26 +37,41 @@ from dslm_hf.run_metrics import read_metrics
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 
 
-def parse_args(argv: list[str]):
+def build_parser() -> argparse.ArgumentParser:
+    """Flags are snake_case (as dslm-pretrain's); each kebab-case spelling still works as an alias."""
     parser = usage_errors_as_user_errors(
         argparse.ArgumentParser(prog="build_checkpoint.py", description=__doc__.split("\n")[0]))
-    parser.add_argument("output", type=Path, help="staged repository folder to create (e.g. checkpoints/NAME)")
-    parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--text-file", type=Path, required=True, help="training text; evenly spaced paragraphs are held out")
-    parser.add_argument("--held-out-fraction", type=float, default=0.1)
-    parser.add_argument("--dataset-id", default="karpathy/tiny_shakespeare", help="Hub id of the text, for the card")
-    parser.add_argument("--dataset-name", default="Tiny Shakespeare")
-    parser.add_argument("--run-dir", type=Path, required=True, help="the two dslm-pretrain runs go in model/ and same-parameters/")
-    parser.add_argument("--baseline-layers", type=int, default=4, help="depth of the same-parameter baseline")
-    parser.add_argument("--baseline-learning-rate", type=float, default=None,
+    parser.add_argument("output", type=Path, nargs="?", default=None,
+                        help="staged repository folder to create (e.g. checkpoints/NAME); the same as --output_dir")
+    parser.add_argument("--output_dir", type=Path, default=None, help="staged repository folder to create")
+    parser.add_argument("--repo_id", "--repo-id", required=True)
+    parser.add_argument("--text_file", "--text-file", type=Path, required=True, help="training text; evenly spaced paragraphs are held out")
+    parser.add_argument("--validation_fraction", "--held_out_fraction", "--held-out-fraction", dest="held_out_fraction",
+                        type=float, default=0.1, help="share of the paragraphs held out, evenly spaced (passed to "
+                        "dslm-pretrain as its --validation_fraction and recorded in the evaluation file)")
+    parser.add_argument("--dataset_id", "--dataset-id", default="karpathy/tiny_shakespeare", help="Hub id of the text, for the card")
+    parser.add_argument("--dataset_name", "--dataset-name", default="Tiny Shakespeare")
+    parser.add_argument("--run_dir", "--run-dir", type=Path, required=True, help="the two dslm-pretrain runs go in model/ and same-parameters/")
+    parser.add_argument("--baseline_layers", "--baseline-layers", type=int, default=4, help="depth of the same-parameter baseline")
+    parser.add_argument("--baseline_learning_rate", "--baseline-learning-rate", type=float, default=None,
                         help="peak learning rate of the baseline (default: the model's)")
-    parser.add_argument("--ngram-order", type=int, default=4, help="order of the Kneser-Ney baseline (causal LM)")
+    parser.add_argument("--ngram_order", "--ngram-order", type=int, default=4, help="order of the Kneser-Ney baseline (causal LM)")
+    return parser
+
+
+def parse_args(argv: list[str]):
+    parser = build_parser()
     if "--" not in argv:
         parser.parse_args(argv)  # --help, or argparse's usage error for this script's own arguments
         raise UserError("give the dslm-pretrain arguments after --")
     split = argv.index("--")
     args = parser.parse_args(argv[:split])
     args.pretrain_args = argv[split + 1:]
+    if args.output is not None and args.output_dir is not None and args.output != args.output_dir:
+        raise UserError(f"OUTPUT {args.output} and --output_dir {args.output_dir} differ: give the staged folder once")
+    args.output = args.output or args.output_dir
+    if args.output is None:
+        raise UserError("give the staged repository folder to create: --output_dir DIR (or as the first argument)")
     if args.baseline_layers < 1 or args.ngram_order < 1:
         raise UserError("--baseline-layers and --ngram-order must be >= 1")
     return args

@@ -30,6 +30,7 @@ import torch
 from accelerate.utils import compile_regions
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
+from dslm_hf.cli import run_command, usage_errors_as_user_errors
 from dslm_hf.run_metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,11 +190,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="device_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="Tiny sizes on CPU (no GPU needed).")
-    parser.add_argument("--output_dir", default="device_check", help="Where device_check.md/.json and runs go.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output_dir", "--output-dir", default="device_check", help="Where device_check.md/.json and runs go.")
+    return usage_errors_as_user_errors(parser)
+
+
+def main(argv=None) -> int:
+    """0: every check passed, 1: one failed, 2: a usage error (one line, as every dslm command) or no CUDA device."""
+    status = []
+    run_command("device_check", lambda arguments: status.append(run(arguments)), argv)
+    return status[0]
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("device_check: no CUDA device visible; run with --cpu for the CPU check", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Thin wrapper of `dslm-diagnose` (dslm_hf.diagnostics) for a checkout without the console script installed.
 
-    python scripts/diagnose.py MODEL --output-dir DIR
-    python scripts/diagnose.py --plan --hidden-size 256 --output-dir DIR
+    python scripts/diagnose.py MODEL --output_dir DIR
+    python scripts/diagnose.py --plan --hidden_size 256 --output_dir DIR
 """
 
 import sys
