@@ -202,7 +202,7 @@ CLEAR_ERRORS = {
                                     "is not UTF-8 text"),
     "value_of_the_wrong_type": ("diagnostics", lambda w, c: [w["checkpoint"], "--output-dir", c / "out",
                                                              "--batch-size", "four"],
-                                "argument --batch-size: invalid int value: 'four' (see dslm-diagnose --help)"),
+                                "argument --batch_size/--batch-size: invalid int value: 'four' (see dslm-diagnose --help)"),
 }
 
 
