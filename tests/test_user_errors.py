@@ -159,8 +159,8 @@ def test_an_invalid_config_name_value_names_the_file(workspace, capfd):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arguments, expected", [
     (["SRC", "--output-dir", "OUT", "--bogus"], "unrecognized arguments: --bogus (see dslm-export --help)"),
-    ([], "the following arguments are required: SRC, --output-dir (see dslm-export --help)"),
-    (["SRC", "--output-dir"], "argument --output-dir: expected one argument (see dslm-export --help)"),
+    ([], "the following arguments are required: SRC, --output_dir/--output-dir (see dslm-export --help)"),
+    (["SRC", "--output-dir"], "argument --output_dir/--output-dir: expected one argument (see dslm-export --help)"),
 ])
 def test_export_usage_errors_are_one_line(arguments, expected, capfd):
     status, stderr = run_main("export", arguments, capfd)
