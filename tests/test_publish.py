@@ -64,8 +64,8 @@ def test_dry_run_stages_the_hub_repository_files(staged, capsys):
     names = sorted(path.name for path in staged.iterdir())
     assert names == [
         "README.md", "config.json", "configuration_deepscalelm.py", "eval_results.json", "generation_config.json",
-        "model.safetensors", "modeling_deepscalelm.py", "recipe_deepscalelm.py", "tokenizer.json",
-        "tokenizer_config.json",
+        "input_checks_deepscalelm.py", "model.safetensors", "modeling_deepscalelm.py", "recipe_deepscalelm.py",
+        "tokenizer.json", "tokenizer_config.json",
     ]
     assert not [path for path in staged.rglob("*") if path.suffix in PICKLE_SUFFIXES]
 
