@@ -63,13 +63,24 @@ logger = logging.get_logger(__name__)
 # Positions: learned absolute (the paper) or rotary
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMRotaryEmbedding(nn.Module):
-    """Rotary position angles (cos, sin) per position, used only with `position_embedding_type="rotary"`."""
+    """Rotary position angles (cos, sin) per position, used only with `position_embedding_type="rotary"`: the default
+    (unscaled) RoPE, whose frequencies transformers' own initialisation recomputes through
+    `compute_default_rope_parameters` (the buffers are not saved)."""
 
     def __init__(self, config: DeepScaleLMConfig):
         super().__init__()
-        head_dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.config = config
+        self.rope_type = "default"
+        inv_freq, _ = self.compute_default_rope_parameters(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DeepScaleLMConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies theta^(-2i/hd), attention scaling 1.0: default RoPE scales nothing)."""
+        head_dim = config.hidden_size // config.num_attention_heads
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim  # (hd/2,)
+        return 1.0 / (config.rope_theta**exponents), 1.0
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, hd/2)
@@ -296,6 +307,19 @@ class DeepScaleLMPredictionHeadTransform(nn.Module):
         return self.norm(self.act(self.dense(hidden_states)))
 
 
+def _linear_roles(owner: nn.Module) -> dict[str, str]:
+    """The Linears a module owns that the recipe initialises: attribute name -> role in `linear_init_std`."""
+    if isinstance(owner, DeepScaleLMAttention):
+        return {name: name for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if isinstance(owner, DeepScaleLMMLP):
+        return {"fc1": "fc1", "fc2": "fc2"}
+    if isinstance(owner, DeepScaleLMPredictionHeadTransform):
+        return {"dense": "head_dense"}
+    if isinstance(owner, DeepScaleLMPreTrainedModel):  # a task head's own output layer
+        return {"lm_head": "lm_head", "score": "score", "qa_outputs": "score"}
+    return {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained base: initialisation through transformers.initialization (never touches loaded tensors)
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,45 +346,41 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(DeepScaleLMAttention, index=1, layer_name="self_attn"),
     }
 
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False):
-        # transformers skips, in custom code, every module whose own parameters are all loaded - which includes the
-        # attention and FFN modules (they own none, their Linears do) even when their Linears were not loaded. Our
-        # _init_weights writes only through transformers.initialization, which leaves loaded tensors alone, so the
-        # shortcut is not needed.
-        super()._initialize_weights(module, is_custom_code=False)
-
-    def _init_linear(self, linear: nn.Linear, role: str, stack: str | None = None, layer_idx: int | None = None,
-                     cross: bool = False):
-        fan_out, fan_in = linear.weight.shape
-        std = linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out)
-        init.normal_(linear.weight, mean=0.0, std=std)
-        if linear.bias is not None:
-            init.zeros_(linear.bias)
-
     def _init_weights(self, module: nn.Module):
-        """The recipe's std for each weight, chosen from the module's type and its role in the parent module."""
-        config = self.config
-        if isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
+        """The recipe's std for each embedding table and each Linear (chosen by the Linear's role in the module that
+        owns it); transformers' own initialisation for the rest (LayerNorms, rotary frequencies). Each draw goes
+        through `transformers.initialization`, which leaves tensors loaded from a checkpoint alone."""
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=embedding_table_std(self.config, tuple(module.weight.shape)))
+            return
+        owner = self._recipe_linear_owner(module) if isinstance(module, nn.Linear) else None
+        if owner is None:
+            super()._init_weights(module)
+            return
+        owner_module, role = owner
+        stack, layer_idx = getattr(owner_module, "stack", None), getattr(owner_module, "layer_idx", None)
+        cross = getattr(owner_module, "is_cross_attention", False)
+        fan_out, fan_in = module.weight.shape
+        init.normal_(module.weight, mean=0.0, std=linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out))
+        if module.bias is not None:
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=embedding_table_std(config, tuple(module.weight.shape)))
-        elif isinstance(module, DeepScaleLMAttention):
-            for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                self._init_linear(getattr(module, role), role, module.stack, module.layer_idx, module.is_cross_attention)
-        elif isinstance(module, DeepScaleLMMLP):
-            for role in ("fc1", "fc2"):
-                self._init_linear(getattr(module, role), role, module.stack)
-        elif isinstance(module, DeepScaleLMPredictionHeadTransform):
-            self._init_linear(module.dense, "head_dense")
-        elif isinstance(module, DeepScaleLMRotaryEmbedding):
-            head_dim = config.hidden_size // config.num_attention_heads
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            init.copy_(module.inv_freq, inv_freq)
-        elif isinstance(module, DeepScaleLMPreTrainedModel):  # a task head's own output layer
-            for name, role in (("lm_head", "lm_head"), ("score", "score"), ("qa_outputs", "score")):
-                if isinstance(getattr(module, name, None), nn.Linear):
-                    self._init_linear(getattr(module, name), role)
+
+    def _recipe_linear_owner(self, linear: nn.Linear) -> tuple[nn.Module, str] | None:
+        """(owning module, recipe role) of a Linear of this model, None for a Linear the recipe does not cover.
+
+        transformers initialises remote code Linear by Linear: a module that owns no parameter itself (an attention
+        or FFN module) counts as loaded and is skipped, so the role is looked up from the Linear. The table is built
+        once per model and again when a Linear is new to it (a replaced module)."""
+        table = self.__dict__.get("_recipe_linear_owners")
+        if table is None or linear not in table:
+            table = {
+                getattr(owner, name): (owner, role)
+                for owner in self.modules()
+                for name, role in _linear_roles(owner).items()
+                if isinstance(getattr(owner, name, None), nn.Linear)
+            }
+            self.__dict__["_recipe_linear_owners"] = table
+        return table.get(linear)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Map every Auto class to its head so any head of this checkpoint loads with trust_remote_code.
