@@ -307,6 +307,9 @@ class DeepScaleLMPredictionHeadTransform(nn.Module):
         return self.norm(self.act(self.dense(hidden_states)))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained base: initialisation through transformers.initialization (never touches loaded tensors)
+# ----------------------------------------------------------------------------------------------------------------
 def _linear_roles(owner: nn.Module) -> dict[str, str]:
     """The Linears a module owns that the recipe initialises: attribute name -> role in `linear_init_std`."""
     if isinstance(owner, DeepScaleLMAttention):
@@ -320,9 +323,6 @@ def _linear_roles(owner: nn.Module) -> dict[str, str]:
     return {}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Pretrained base: initialisation through transformers.initialization (never touches loaded tensors)
-# ----------------------------------------------------------------------------------------------------------------
 @auto_docstring(
     custom_intro="""
     Base class of every DeepScaleLM model: the recipe's initialisation (each Linear's std chosen from the module that
@@ -361,7 +361,8 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
         stack, layer_idx = getattr(owner_module, "stack", None), getattr(owner_module, "layer_idx", None)
         cross = getattr(owner_module, "is_cross_attention", False)
         fan_out, fan_in = module.weight.shape
-        init.normal_(module.weight, mean=0.0, std=linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out))
+        std = linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out)
+        init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:
             init.zeros_(module.bias)
 
