@@ -76,7 +76,7 @@ def test_dry_run_lists_paths_and_sizes_without_uploading(decoder_checkpoint, tmp
     printed = capsys.readouterr().out
     size = (staging / "model.safetensors").stat().st_size
     assert f"{size:,}  model.safetensors" in printed
-    assert "dry run: nothing uploaded" in printed and "10 files" in printed
+    assert "dry run: nothing uploaded" in printed and "11 files" in printed
 
 
 def test_staged_config_maps_auto_classes_to_the_shipped_code(staged):
