@@ -375,7 +375,9 @@ def loading(what: str, source):
 # Code and tokenizers in model folders
 # ----------------------------------------------------------------------------------------------------------------
 # The package's own remote code, which save_pretrained copies beside the weights and config.json's auto_map names.
-REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
+REMOTE_CODE_FILES = (
+    "configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py"
+)
 # Keys transformers copies into a saved tokenizer_config.json from the call that loaded the tokenizer.
 LOADING_KEYS = ("is_local", "local_files_only")
 

@@ -32,7 +32,9 @@ from shakespeare_data import FULL_TEXT, excerpt_paragraphs_by_pretraining_split
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 PACKAGE = Path(dslm_hf.__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py")
+REMOTE_CODE_FILES = (
+    "configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py"
+)
 DECODER = CHECKPOINTS / "deepscalelm-48l-decoder"
 ENCODER = CHECKPOINTS / "deepscalelm-48l-encoder"
 ENCODER_DECODER = CHECKPOINTS / "deepscalelm-48x48l-encoder-decoder"

@@ -109,3 +109,21 @@ def test_per_layer_value_output_stds_follow_the_correlation_recurrence():
     assert all(a >= b for a, b in zip(plan.value_output_stds, plan.value_output_stds[1:]))
     first = value_output_std(0.1, attention_variance_ratio(0.03 * 0.9, 64, True, 64, 0.1), 64)
     assert plan.value_output_stds[0] == pytest.approx(first)
+
+
+def test_rotary_frequencies_are_rebuilt_when_a_checkpoint_loads(tmp_path):
+    """The rotary buffers are not saved: transformers' initialisation recomputes them on load, through the module's
+    compute_default_rope_parameters, as theta^(-2i/head_dim)."""
+    config = DeepScaleLMConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                               max_position_embeddings=16, position_embedding_type="rotary", rope_theta=500.0)
+    torch.manual_seed(0)
+    model = DeepScaleLMForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = DeepScaleLMForCausalLM.from_pretrained(tmp_path).eval()
+    head_dim = 32 // 4
+    expected = torch.tensor([500.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)])
+    rotary = loaded.model.rotary_emb
+    assert torch.allclose(rotary.inv_freq, expected, rtol=1e-6) and torch.equal(rotary.original_inv_freq, rotary.inv_freq)
+    ids = torch.arange(1, 13).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -125,8 +125,9 @@ def test_an_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_the_ignored_label_is_written_once():
-    """The number -100 appears in the package's code only where IGNORE_INDEX is defined: the remote-code modeling
-    file, which a Hub user loads without the package; every other module imports the constant from it."""
+    """The number -100 appears in the package's code only where IGNORE_INDEX is defined: the remote-code input
+    checks, which a Hub user loads without the package; every other module imports the constant (through the
+    modeling file)."""
     found = []
     for path in sorted(PACKAGE.glob("*.py")):
         tokens = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
@@ -134,4 +135,4 @@ def test_the_ignored_label_is_written_once():
         for minus, number in zip(tokens, tokens[1:]):
             if minus.string == "-" and number.type == tokenize.NUMBER and number.string == "100":
                 found.append(f"{path.name}:{minus.start[0]}")
-    assert len(found) == 1 and found[0].startswith("modeling_deepscalelm.py:")
+    assert len(found) == 1 and found[0].startswith("input_checks_deepscalelm.py:")

@@ -64,8 +64,8 @@ def test_dry_run_stages_the_hub_repository_files(staged, capsys):
     names = sorted(path.name for path in staged.iterdir())
     assert names == [
         "README.md", "config.json", "configuration_deepscalelm.py", "eval_results.json", "generation_config.json",
-        "model.safetensors", "modeling_deepscalelm.py", "recipe_deepscalelm.py", "tokenizer.json",
-        "tokenizer_config.json",
+        "input_checks_deepscalelm.py", "model.safetensors", "modeling_deepscalelm.py", "recipe_deepscalelm.py",
+        "tokenizer.json", "tokenizer_config.json",
     ]
     assert not [path for path in staged.rglob("*") if path.suffix in PICKLE_SUFFIXES]
 
@@ -76,7 +76,7 @@ def test_dry_run_lists_paths_and_sizes_without_uploading(decoder_checkpoint, tmp
     printed = capsys.readouterr().out
     size = (staging / "model.safetensors").stat().st_size
     assert f"{size:,}  model.safetensors" in printed
-    assert "dry run: nothing uploaded" in printed and "10 files" in printed
+    assert "dry run: nothing uploaded" in printed and "11 files" in printed
 
 
 def test_staged_config_maps_auto_classes_to_the_shipped_code(staged):

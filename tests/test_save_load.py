@@ -73,7 +73,8 @@ def test_config_json_carries_auto_map_for_every_head_and_code_files(tmp_path):
     assert auto_map["AutoConfig"] == "configuration_deepscalelm.DeepScaleLMConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_deepscalelm.DeepScaleLMForCausalLM"
     assert auto_map["AutoModelForSequenceClassification"].endswith("DeepScaleLMForSequenceClassification")
-    for code in ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py"):
+    for code in ("configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py",
+                 "recipe_deepscalelm.py"):
         assert (tmp_path / code).exists(), code
     assert isinstance(AutoConfig.from_pretrained(tmp_path), DeepScaleLMConfig)
 

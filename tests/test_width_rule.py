@@ -155,7 +155,8 @@ def test_the_shipped_decoder_checkpoint_gives_the_logits_of_its_own_code(tmp_pat
     folder = ROOT / "checkpoints" / "deepscalelm-48l-decoder"
     code = tmp_path / "checkpoint_code"
     code.mkdir()
-    for name in ("configuration_deepscalelm.py", "modeling_deepscalelm.py", "recipe_deepscalelm.py"):
+    for name in ("configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py",
+                 "recipe_deepscalelm.py"):
         shutil.copy(folder / name, code / name)
     (code / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))

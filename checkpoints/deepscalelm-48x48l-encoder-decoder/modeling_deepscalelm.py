@@ -40,29 +40,47 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.utils import auto_docstring, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepscalelm import DeepScaleLMConfig
+from .input_checks_deepscalelm import (
+    IGNORE_INDEX,
+    check_inputs,
+    check_sequence_labels,
+    check_span_positions,
+    check_token_labels,
+)
 from .recipe_deepscalelm import embedding_table_std, linear_init_std, output_logit_scale, stack_init_plan
 
 logger = logging.get_logger(__name__)
-
-IGNORE_INDEX = -100  # label positions that carry no loss (padding, unmasked tokens), as everywhere in transformers
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Positions: learned absolute (the paper) or rotary
 # ----------------------------------------------------------------------------------------------------------------
 class DeepScaleLMRotaryEmbedding(nn.Module):
-    """Rotary position angles (cos, sin) per position, used only with `position_embedding_type="rotary"`."""
+    """Rotary position angles (cos, sin) per position, used only with `position_embedding_type="rotary"`: the default
+    (unscaled) RoPE, whose frequencies transformers' own initialisation recomputes through
+    `compute_default_rope_parameters` (the buffers are not saved)."""
 
     def __init__(self, config: DeepScaleLMConfig):
         super().__init__()
-        head_dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.config = config
+        self.rope_type = "default"
+        inv_freq, _ = self.compute_default_rope_parameters(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DeepScaleLMConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies theta^(-2i/hd), attention scaling 1.0: default RoPE scales nothing)."""
+        head_dim = config.hidden_size // config.num_attention_heads
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim  # (hd/2,)
+        return 1.0 / (config.rope_theta**exponents), 1.0
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, hd/2)
@@ -91,7 +109,7 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # an sdpa mask: True attends
@@ -140,7 +158,7 @@ class DeepScaleLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_value_states: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -256,7 +274,7 @@ class DeepScaleLMLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         branch_in = self.branch_input(hidden_states, self.self_attn_norm)
         attn_out, _ = self.self_attn(
@@ -292,6 +310,19 @@ class DeepScaleLMPredictionHeadTransform(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained base: initialisation through transformers.initialization (never touches loaded tensors)
 # ----------------------------------------------------------------------------------------------------------------
+def _linear_roles(owner: nn.Module) -> dict[str, str]:
+    """The Linears a module owns that the recipe initialises: attribute name -> role in `linear_init_std`."""
+    if isinstance(owner, DeepScaleLMAttention):
+        return {name: name for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if isinstance(owner, DeepScaleLMMLP):
+        return {"fc1": "fc1", "fc2": "fc2"}
+    if isinstance(owner, DeepScaleLMPredictionHeadTransform):
+        return {"dense": "head_dense"}
+    if isinstance(owner, DeepScaleLMPreTrainedModel):  # a task head's own output layer
+        return {"lm_head": "lm_head", "score": "score", "qa_outputs": "score"}
+    return {}
+
+
 @auto_docstring(
     custom_intro="""
     Base class of every DeepScaleLM model: the recipe's initialisation (each Linear's std chosen from the module that
@@ -315,45 +346,42 @@ class DeepScaleLMPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(DeepScaleLMAttention, index=1, layer_name="self_attn"),
     }
 
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False):
-        # transformers skips, in custom code, every module whose own parameters are all loaded - which includes the
-        # attention and FFN modules (they own none, their Linears do) even when their Linears were not loaded. Our
-        # _init_weights writes only through transformers.initialization, which leaves loaded tensors alone, so the
-        # shortcut is not needed.
-        super()._initialize_weights(module, is_custom_code=False)
-
-    def _init_linear(self, linear: nn.Linear, role: str, stack: str | None = None, layer_idx: int | None = None,
-                     cross: bool = False):
-        fan_out, fan_in = linear.weight.shape
-        std = linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out)
-        init.normal_(linear.weight, mean=0.0, std=std)
-        if linear.bias is not None:
-            init.zeros_(linear.bias)
-
     def _init_weights(self, module: nn.Module):
-        """The recipe's std for each weight, chosen from the module's type and its role in the parent module."""
-        config = self.config
-        if isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
+        """The recipe's std for each embedding table and each Linear (chosen by the Linear's role in the module that
+        owns it); transformers' own initialisation for the rest (LayerNorms, rotary frequencies). Each draw goes
+        through `transformers.initialization`, which leaves tensors loaded from a checkpoint alone."""
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=embedding_table_std(self.config, tuple(module.weight.shape)))
+            return
+        owner = self._recipe_linear_owner(module) if isinstance(module, nn.Linear) else None
+        if owner is None:
+            super()._init_weights(module)
+            return
+        owner_module, role = owner
+        stack, layer_idx = getattr(owner_module, "stack", None), getattr(owner_module, "layer_idx", None)
+        cross = getattr(owner_module, "is_cross_attention", False)
+        fan_out, fan_in = module.weight.shape
+        std = linear_init_std(self.config, role, stack, layer_idx, cross, fan_in, fan_out)
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=embedding_table_std(config, tuple(module.weight.shape)))
-        elif isinstance(module, DeepScaleLMAttention):
-            for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                self._init_linear(getattr(module, role), role, module.stack, module.layer_idx, module.is_cross_attention)
-        elif isinstance(module, DeepScaleLMMLP):
-            for role in ("fc1", "fc2"):
-                self._init_linear(getattr(module, role), role, module.stack)
-        elif isinstance(module, DeepScaleLMPredictionHeadTransform):
-            self._init_linear(module.dense, "head_dense")
-        elif isinstance(module, DeepScaleLMRotaryEmbedding):
-            head_dim = config.hidden_size // config.num_attention_heads
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            init.copy_(module.inv_freq, inv_freq)
-        elif isinstance(module, DeepScaleLMPreTrainedModel):  # a task head's own output layer
-            for name, role in (("lm_head", "lm_head"), ("score", "score"), ("qa_outputs", "score")):
-                if isinstance(getattr(module, name, None), nn.Linear):
-                    self._init_linear(getattr(module, name), role)
+
+    def _recipe_linear_owner(self, linear: nn.Linear) -> tuple[nn.Module, str] | None:
+        """(owning module, recipe role) of a Linear of this model, None for a Linear the recipe does not cover.
+
+        transformers initialises remote code Linear by Linear: a module that owns no parameter itself (an attention
+        or FFN module) counts as loaded and is skipped, so the role is looked up from the Linear. The table is built
+        once per model and again when a Linear is new to it (a replaced module)."""
+        table = self.__dict__.get("_recipe_linear_owners")
+        if table is None or linear not in table:
+            table = {
+                getattr(owner, name): (owner, role)
+                for owner in self.modules()
+                for name, role in _linear_roles(owner).items()
+                if isinstance(getattr(owner, name, None), nn.Linear)
+            }
+            self.__dict__["_recipe_linear_owners"] = table
+        return table.get(linear)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Map every Auto class to its head so any head of this checkpoint loads with trust_remote_code.
@@ -374,141 +402,6 @@ def _with_label_count(labels: torch.Tensor, kwargs: dict, shift: bool) -> dict:
     counted = labels[..., 1:] if shift else labels
     return {**kwargs, "num_items_in_batch": (counted != IGNORE_INDEX).sum().clamp(min=1)}
 
-
-def _is_token_tensor(tensor: torch.Tensor) -> bool:
-    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
-
-
-def _values_checkable(tensor: torch.Tensor, past_length: int) -> bool:
-    """Reading a tensor's min/max forces a host sync on an accelerator: do it on CPU always, elsewhere only outside
-    cached decoding (training, a prompt's prefill), so generation on a GPU adds no sync per token."""
-    return tensor.device.type == "cpu" or past_length == 0
-
-
-def _check_range(name: str, tensor: torch.Tensor | None, high: int, domain: str, advice: str, past_length: int,
-                 ignore: int | None = None):
-    """ValueError unless every value of `tensor` (other than `ignore`) lies in [0, high)."""
-    if tensor is None or tensor.numel() == 0 or not _values_checkable(tensor, past_length):
-        return
-    values = tensor[tensor != ignore] if ignore is not None else tensor
-    if values.numel() == 0:
-        return
-    low, top = int(values.min()), int(values.max())
-    if low < 0 or top >= high:
-        allowed = f"{domain} [0, {high})" + (f" or {ignore} (no loss)" if ignore is not None else "")
-        raise ValueError(f"{name} holds {low if low < 0 else top}, outside {allowed}: {advice}")
-
-
-def _check_mask_4d(mask: torch.Tensor, batch: int, heads: int, queries: int, keys: int, fixed_size_cache: bool):
-    """A prepared 4-D mask must broadcast against the scores (B, H, T, past + T); a fixed-size (static) cache holds
-    more key slots than tokens, so its masks may be longer. Otherwise torch fails later with a bare broadcast error."""
-    size = tuple(mask.shape)
-    fits = (size[0] in (1, batch) and size[1] in (1, heads) and size[2] in (1, queries)
-            and (size[3] >= keys if fixed_size_cache else size[3] == keys))
-    if not fits:
-        broadcast = [f"{name}={n}" + (" or 1" if n != 1 else "") for name, n in
-                     (("batch", batch), ("heads", heads), ("new tokens", queries))]
-        raise ValueError(
-            f"a 4-D attention_mask must have shape ({', '.join(broadcast)}, cached + new tokens={keys}"
-            f"{' or more' if fixed_size_cache else ''}), got {size}: pass the 2-D (batch, sequence) mask and the "
-            "model builds the 4-D one"
-        )
-
-
-def _check_inputs(config: DeepScaleLMConfig, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids,
-                  past_length: int, fixed_size_cache: bool = False):
-    """Bad input fails here with a message that says what to do, not deep inside an embedding or kernel.
-
-    Shapes and dtypes are always checked (free). Value ranges (token ids, token types, positions) need the tensors'
-    min/max, a host sync on an accelerator: see `_values_checkable`. Nothing is checked while torch.compile traces.
-    """
-    if is_torchdynamo_compiling():
-        return
-    if input_ids is not None:
-        if not _is_token_tensor(input_ids):
-            raise ValueError(
-                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}: pass the tokenizer's input_ids "
-                "(torch.long), or pass vectors as inputs_embeds"
-            )
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}: batch a single sequence "
-                "with input_ids[None] (or tokenizer(..., return_tensors='pt'))"
-            )
-        shape = tuple(input_ids.shape)
-    else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, hidden_size={config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        shape = tuple(inputs_embeds.shape[:2])
-    if 0 in shape:
-        raise ValueError(f"empty input: shape {shape} (batch, sequence); pass at least one sequence of one token or more")
-    batch, seq_length = shape
-    _check_range("input_ids", input_ids, config.vocab_size, "the vocabulary", "use the tokenizer this model was "
-                 "trained with, or resize the embeddings (model.resize_token_embeddings)", past_length)
-
-    if attention_mask is not None and attention_mask.dim() == 2:
-        expected = (batch, past_length + seq_length)
-        if tuple(attention_mask.shape) != expected:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs need {expected} "
-                "(batch, cached + new tokens): pass the tokenizer's attention_mask for the same input_ids"
-            )
-    elif attention_mask is not None and attention_mask.dim() != 4:
-        raise ValueError(
-            f"attention_mask must be 2-D (batch, sequence) or a prepared 4-D mask, got shape {tuple(attention_mask.shape)}"
-        )
-    elif attention_mask is not None:  # 4-D: it is added to (or masks) scores of shape (B, H, T, past + T)
-        _check_mask_4d(attention_mask, batch, config.num_attention_heads, seq_length, past_length + seq_length,
-                       fixed_size_cache)
-
-    if token_type_ids is not None:
-        if not _is_token_tensor(token_type_ids) or tuple(token_type_ids.shape) != shape:
-            raise ValueError(
-                f"token_type_ids must be integers of shape {shape} (batch, sequence), got {tuple(token_type_ids.shape)} "
-                f"{token_type_ids.dtype}"
-            )
-        rows = max(config.type_vocab_size, 1)  # without a token-type table only segment 0 means "nothing"
-        _check_range("token_type_ids", token_type_ids, rows, "the segment ids", f"this model has type_vocab_size="
-                     f"{config.type_vocab_size} segment rows: pass segment ids below it, or no token_type_ids", past_length)
-
-    if position_ids is not None:
-        if not _is_token_tensor(position_ids) or position_ids.dim() != 2 or position_ids.shape[-1] != seq_length:
-            raise ValueError(
-                f"position_ids must be integers of shape (batch or 1, {seq_length}), got {tuple(position_ids.shape)} "
-                f"{position_ids.dtype}"
-            )
-        longest = config.max_position_embeddings if config.position_embedding_type == "absolute" else 2**62
-        _check_range("position_ids", position_ids, longest, "the positions", _position_table_advice(config, past_length),
-                     past_length)
-    elif config.position_embedding_type == "absolute" and past_length + seq_length > config.max_position_embeddings:
-        raise ValueError(f"the sequence reaches position {past_length + seq_length}, but "
-                         f"{_position_table_advice(config, past_length)}")
-
-
-def _position_table_advice(config: DeepScaleLMConfig, past_length: int) -> str:
-    """Why a position is out of range and what to do: a cache means generation ran past the learned table."""
-    table = f"the position table holds max_position_embeddings={config.max_position_embeddings} positions"
-    if past_length:
-        return (f"{table}; generation has reached its end ({past_length} cached tokens): ask for fewer new tokens "
-                "(prompt length + max_new_tokens must not exceed it) or shorten the prompt")
-    return (f"{table} (counted from 0): truncate the inputs (tokenizer truncation=True, "
-            f"max_length={config.max_position_embeddings})")
-
-
-def _check_token_labels(labels: torch.Tensor, expected_shape: tuple, classes: int, what: str):
-    """Token-level labels: the inputs' shape, each a class id in [0, classes) or -100 (no loss)."""
-    if is_torchdynamo_compiling():
-        return
-    if not _is_token_tensor(labels) or tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(
-            f"labels must be integer class ids of shape {tuple(expected_shape)} (one per {what}), got "
-            f"{tuple(labels.shape)} {labels.dtype}"
-        )
-    _check_range("labels", labels, classes, "the classes", "labels are class ids of the output layer; mark "
-                 "positions without a loss with -100", past_length=0, ignore=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -569,7 +462,61 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    def embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """The stream entering the first layer: the sum of the word, position and token-type tables (each of std
+        sigma_e), dropout, then (Post-LN) the embedding LayerNorm. The tables keep their names on the stack
+        (`embed_tokens`, `embed_positions`, `embed_token_types`): checkpoints, tied weights and the parallelism
+        plans address them there."""
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        if self.embed_positions is not None:
+            embeds = embeds + self.embed_positions(position_ids)
+        if self.embed_token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            embeds = embeds + self.embed_token_types(token_type_ids)
+        # Embedding dropout first, then (Post-LN) the embedding LayerNorm, as the reference code orders them: the
+        # first layer sees unit variance, not 1/(1-p).
+        hidden_states = self.embed_dropout(embeds)
+        return self.embed_norm(hidden_states) if self.embed_norm is not None else hidden_states
+
+    def attention_masks(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        explicit: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(self-attention mask, cross-attention mask) in the form the attention implementation wants; `explicit`
+        builds them even where sdpa would skip them (attention maps are then computed eagerly)."""
+        if self.stack == "decoder":
+            mask = create_causal_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=cache,
+                position_ids=position_ids, allow_is_causal_skip=not explicit,
+            )
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                allow_is_bidirectional_skip=not explicit,
+            )
+        cross_mask = None
+        if encoder_hidden_states is not None:
+            cross_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states, allow_is_bidirectional_skip=not explicit,
+            )
+        return mask, cross_mask
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
     @capture_outputs
     @auto_docstring
     def forward(
@@ -583,7 +530,7 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -593,60 +540,31 @@ class DeepScaleLMModel(DeepScaleLMPreTrainedModel):
         encoder_attention_mask (`torch.Tensor` of shape `(batch_size, source_length)`, *optional*):
             Padding mask of `encoder_hidden_states` (1 keeps, 0 masks).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
         causal = self.stack == "decoder"
-        use_cache = causal and (use_cache if use_cache is not None else self.config.use_cache) and not self.training
-        if use_cache and cache is None:
-            self_cache = DynamicCache(config=self.config)
-            cache = EncoderDecoderCache(self_cache, DynamicCache(config=self.config)) if self.config.is_encoder_decoder else self_cache
+        use_cache = causal and use_cache and not self.training  # use_cache: the config's unless passed
         if not causal:
             cache = None
+        elif use_cache and cache is None:
+            self_cache = DynamicCache(config=self.config)
+            cache = EncoderDecoderCache(self_cache, DynamicCache(config=self.config)) if self.config.is_encoder_decoder else self_cache
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length,
-                      fixed_size_cache=self_cache is not None and not isinstance(self_cache, DynamicCache))
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        batch, seq_length = tokens.shape[:2]
-        if position_ids is None:
-            position_ids = (torch.arange(seq_length, device=tokens.device) + past_length).unsqueeze(0)  # (1, T)
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length,
+                     fixed_size_cache=self_cache is not None and not isinstance(self_cache, DynamicCache))
 
-        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.embed_positions is not None:
-            embeds = embeds + self.embed_positions(position_ids)
-        if self.embed_token_types is not None:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros((batch, seq_length), dtype=torch.long, device=tokens.device)
-            embeds = embeds + self.embed_token_types(token_type_ids)
-        # Embedding dropout first, then (Post-LN) the embedding LayerNorm, as the reference code orders them: the
-        # first layer sees unit variance, not 1/(1-p).
-        hidden_states = self.embed_dropout(embeds)
-        if self.embed_norm is not None:
-            hidden_states = self.embed_norm(hidden_states)
+        if position_ids is None:
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past_length).unsqueeze(0)  # (1, T)
+        hidden_states = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
 
         # Attention maps under sdpa are computed eagerly, which needs the masks sdpa would otherwise skip.
         if self.config.output_attentions and kwargs.get("output_attentions") is None:
             kwargs["output_attentions"] = True
-        explicit_masks = _returns_attention_maps(self.config, kwargs)
-        if causal:
-            mask = create_causal_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=self_cache,
-                position_ids=position_ids, allow_is_causal_skip=not explicit_masks,
-            )
-        else:
-            mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                allow_is_bidirectional_skip=not explicit_masks,
-            )
-        cross_mask = None
-        if encoder_hidden_states is not None:
-            cross_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=encoder_attention_mask,
-                encoder_hidden_states=encoder_hidden_states, allow_is_bidirectional_skip=not explicit_masks,
-            )
-
+        mask, cross_mask = self.attention_masks(
+            hidden_states, attention_mask, self_cache, position_ids, encoder_hidden_states, encoder_attention_mask,
+            explicit=_returns_attention_maps(self.config, kwargs),
+        )
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
@@ -727,7 +645,7 @@ class DeepScaleLMSeq2SeqModel(DeepScaleLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqModelOutput:
         r"""
         decoder_position_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
@@ -816,7 +734,7 @@ class DeepScaleLMForCausalLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -830,7 +748,7 @@ class DeepScaleLMForCausalLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep) * self.logit_scale)
         loss = None
         if labels is not None:
-            _check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "input token")
+            check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "input token")
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **_with_label_count(labels, kwargs, shift=True)
             )
@@ -870,7 +788,7 @@ class DeepScaleLMForMaskedLM(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -884,7 +802,7 @@ class DeepScaleLMForMaskedLM(DeepScaleLMPreTrainedModel):
         logits = self.lm_head(self.transform(outputs.last_hidden_state) * self.logit_scale)
         loss = None
         if labels is not None:
-            _check_token_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
+            check_token_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **_with_label_count(labels, kwargs, shift=False)
             )
@@ -948,7 +866,7 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
         r"""
         decoder_position_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
@@ -969,7 +887,7 @@ class DeepScaleLMForSeq2SeqLM(DeepScaleLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep) * self.logit_scale)
         loss = None
         if labels is not None:
-            _check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "decoder token")
+            check_token_labels(labels, outputs.last_hidden_state.shape[:2], self.config.vocab_size, "decoder token")
             # Labels are already aligned with the decoder outputs (the decoder inputs were shifted): an unshifted
             # loss. transformers' name-based loss lookup would pick the causal loss and shift a second time.
             counted = _with_label_count(labels, {"num_items_in_batch": num_items_in_batch}, shift=False)
@@ -1004,24 +922,6 @@ def _pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, caus
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
-def _check_sequence_labels(labels: torch.Tensor, batch: int, num_labels: int):
-    """Class ids (B,) in [0, num_labels), or floats: (B,) regression with one label, (B, num_labels) multi-label."""
-    if is_torchdynamo_compiling():
-        return
-    if _is_token_tensor(labels):
-        if tuple(labels.shape) != (batch,):
-            raise ValueError(f"labels must be class ids of shape ({batch},) (one per sequence), got {tuple(labels.shape)}")
-        _check_range("labels", labels, num_labels, "the classes", f"the classifier has num_labels={num_labels} "
-                     "outputs: relabel the data or build the head with more labels", past_length=0)
-        return
-    expected = (batch,) if num_labels == 1 else (batch, num_labels)
-    if tuple(labels.shape) != expected:
-        raise ValueError(
-            f"float labels must have shape {expected} ({'regression' if num_labels == 1 else 'multi-label'} with "
-            f"num_labels={num_labels}), got {tuple(labels.shape)}"
-        )
-
-
 @auto_docstring(
     custom_intro="""
     A DeepScaleLM stack with a sequence classification (or regression) head on the pooled hidden state: the last
@@ -1049,7 +949,7 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -1060,7 +960,7 @@ class DeepScaleLMForSequenceClassification(DeepScaleLMPreTrainedModel):
         logits = self.score(self.dropout(pooled))
         loss = None
         if labels is not None:
-            _check_sequence_labels(labels, logits.shape[0], self.num_labels)
+            check_sequence_labels(labels, logits.shape[0], self.num_labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -1089,7 +989,7 @@ class DeepScaleLMForTokenClassification(DeepScaleLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1103,7 +1003,7 @@ class DeepScaleLMForTokenClassification(DeepScaleLMPreTrainedModel):
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            _check_token_labels(labels, logits.shape[:2], self.num_labels, "input token")
+            check_token_labels(labels, logits.shape[:2], self.num_labels, "input token")
             loss = self.loss_function(logits, labels, self.config, **_with_label_count(labels, kwargs, shift=False))
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -1128,7 +1028,7 @@ class DeepScaleLMForQuestionAnswering(DeepScaleLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -1138,11 +1038,7 @@ class DeepScaleLMForQuestionAnswering(DeepScaleLMPreTrainedModel):
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            batch = start_logits.shape[0]
-            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
-                if not _is_token_tensor(positions) or positions.numel() != batch:
-                    raise ValueError(f"{name} must be {batch} integer token positions (one per sequence), got "
-                                     f"{tuple(positions.shape)} {positions.dtype}")
+            check_span_positions(start_positions, end_positions, start_logits.shape[0])
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
         return QuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=outputs.hidden_states,
