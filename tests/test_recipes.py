@@ -195,3 +195,21 @@ def test_build_checkpoint_takes_the_held_out_share_from_the_recipe():
     assert parse_args(common + ["--validation_fraction", "0.2", "--", "--recipe", "decoder-16x64-bytes"]
                       ).held_out_fraction == 0.2
     assert parse_args(common + ["--", "--preset", "tiny"]).held_out_fraction == 0.1
+
+
+def test_build_checkpoint_with_a_recipe_records_it(tmp_path):
+    staged, runs = tmp_path / "staged", tmp_path / "runs"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    load_build_script().main([str(staged), "--repo_id", "me/recipe", "--text_file", str(EXCERPT), "--run_dir", str(runs),
+                              "--baseline_layers", "3", "--", "--recipe", "decoder-16x64-bytes", "--config_overrides",
+                              "num_hidden_layers=2,hidden_size=32", *QUICK])
+    record = json.loads((staged / "eval_results.json").read_text())
+    recipe = json.loads((run_recipes.RECIPES_DIR / "decoder-16x64-bytes.json").read_text())
+    assert record["training"]["recipe"] == {"name": "decoder-16x64-bytes", "file": "decoder-16x64-bytes.json",
+                                            "content": recipe}
+    assert record["dataset"]["held_out_fraction"] == recipe["validation_fraction"] == 0.05  # the recipe's share
+    assert record["training"]["optimizer_steps"] == 2 and record["training"]["peak_learning_rate"] == 0.008
+    assert "| recipe | decoder-16x64-bytes (dslm pretrain --recipe" in (staged / "README.md").read_text()
+    model_run = read_metrics(runs / "model" / "metrics.jsonl")[0]["config"]
+    assert (model_run["validation_fraction"], model_run["recipe"]) == (0.05, "decoder-16x64-bytes")
