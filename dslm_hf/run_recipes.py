@@ -28,6 +28,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from .cli import UserError, check_known_keys, usage_errors_as_user_errors
+from .configuration_deepscalelm import DeepScaleLMConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -105,8 +106,6 @@ def load_recipe(name: str, arguments_class) -> Recipe:
 
 
 def check_model_section(source: str, model) -> None:
-    from .configuration_deepscalelm import DeepScaleLMConfig  # noqa: PLC0415  (the modeling side, loaded when used)
-
     if model is None:
         raise UserError(f"{source}: no 'model' section: give {{\"preset\": NAME, ...}} (presets: "
                         f"{', '.join(available_presets())})")
@@ -201,12 +200,11 @@ def scalar_kind(annotation) -> type | None:
     """The type update_from_string converts a field's value to: float when the field takes floats, then int, bool,
     str (Literal choices are strings); None for fields that take no scalar (lists, dicts)."""
     if isinstance(annotation, str):  # a postponed annotation (the base class's fields): 'bool | None', 'Literal[...]'
-        names = [part.strip() for part in annotation.split("|")]
-        annotation = typing.Union[tuple(str if name.startswith("Literal[") else SCALARS.get(name, list)
-                                        for name in names)]
-    allowed = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
-    allowed = [str if typing.get_origin(kind) is typing.Literal else kind for kind in allowed or (annotation,)]
-    allowed = [str if typing.get_origin(kind) is typing.Literal else kind for kind in allowed]
+        allowed = [str if part.strip().startswith("Literal") else SCALARS.get(part.strip(), list)
+                   for part in annotation.split("|")]
+    else:
+        parts = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
+        allowed = [str if typing.get_origin(kind) is typing.Literal else kind for kind in parts or (annotation,)]
     for kind in (float, int, bool, str):
         if kind in allowed:
             return kind
@@ -214,8 +212,6 @@ def scalar_kind(annotation) -> type | None:
 
 
 def config_field_kinds() -> dict[str, type | None]:
-    from .configuration_deepscalelm import DeepScaleLMConfig  # noqa: PLC0415
-
     return {field.name: scalar_kind(field.type) for field in dataclasses.fields(DeepScaleLMConfig)}
 
 
