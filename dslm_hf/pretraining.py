@@ -2,6 +2,8 @@
 
 One process (CPU or GPU):
     dslm-pretrain --preset deep-48 --max_steps 300 --output_dir runs/deep-48
+A run's settings from a recipe file (dslm_hf/recipes, dslm_hf.run_recipes; flags given win):
+    dslm pretrain --recipe decoder-16x64-bytes --dataset tinyshakespeare.txt --output_dir runs/decoder-16x64
 Two gloo ranks on CPU, launched by dslm-pretrain itself (signals reach every rank; a user error exits with 2):
     ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 --preset tiny --output_dir runs/tiny
 The same through accelerate (whose launcher turns any failure into status 1 with a CalledProcessError traceback):
@@ -51,7 +53,7 @@ from transformers import (
     get_scheduler,
 )
 
-from . import data, parallel
+from . import data, parallel, run_recipes
 from .baselines import KneserNeyLM
 from .checkpointing import (CheckpointError, ForeignCodeError, check_no_foreign_code, checkpoint_folders, describe_error,
                             describe_os_error, fit_tokenizer_to_model, load_checkpoint, refuse_links, resolve_checkpoint,
@@ -98,6 +100,13 @@ def available_presets() -> list[str]:
 @dataclass
 class PretrainingArguments:
     output_dir: str = field(metadata={"help": "Run folder: tokenizer/, checkpoints/, final/, metrics.jsonl, tensorboard/."})
+    recipe: str | None = field(default=None, metadata={
+        "help": "A recipe: a shipped one's name (dslm_hf/recipes: " + ", ".join(run_recipes.shipped_recipes()) + ") or "
+                "a recipe JSON file. Its values become the defaults, flags given here win; --preset/--config_name "
+                "replace its model section, --config_overrides applies on top of it. Recorded in metrics.jsonl."})
+    # The recipe's name, file and content as applied (JSON text, so that every tracker can store it): set by
+    # parse_arguments, not a flag.
+    recipe_content: str | None = field(default=None, init=False, metadata={"help": "Set from --recipe."})
     objective: str = field(default="clm", metadata={"help": f"One of {data.OBJECTIVES}: causal LM, masked LM (15%%, "
                                                             "80/10/10) or encoder-decoder span corruption."})
     preset: str | None = field(default=None, metadata={"help": "Model preset from dslm_hf/presets (tiny, deep-48, "
@@ -258,35 +267,51 @@ PRETRAINING_RANGES = {
 
 def parse_arguments(argv=None) -> PretrainingArguments:
     """Command line -> PretrainingArguments; an unknown flag or an invalid value is a UserError (`main` prints it as
-    one line and exits with status 2)."""
+    one line and exits with status 2). With --recipe, the recipe's values are the parser's defaults
+    (dslm_hf.run_recipes), so the flags given win."""
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     parser = HfArgumentParser(PretrainingArguments)
     parser.prog = "dslm-pretrain"
-    args, unused = usage_errors_as_user_errors(parser).parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True)
+    usage_errors_as_user_errors(parser)
+    recipe_name = run_recipes.explicit_values(argv, ("recipe",)).get("recipe")
+    recipe = model = None
+    if recipe_name is not None:
+        recipe = run_recipes.load_recipe(recipe_name, PretrainingArguments)
+        defaults, model = run_recipes.recipe_defaults(recipe, argv)
+        parser.set_defaults(**defaults)
+    args, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unused:
         raise UserError(f"unrecognized arguments: {' '.join(unused)} (see dslm-pretrain --help)")
+    if recipe is not None:
+        args.recipe_content = json.dumps(run_recipes.resolved_content(recipe, model), sort_keys=True)
     return args
+
+
+def recipe_model(args: PretrainingArguments) -> dict:
+    """The DeepScaleLMConfig fields the run's recipe lays over its preset ({} without a recipe, or when --preset or
+    --config_name replaced the recipe's model section)."""
+    if not args.recipe_content:
+        return {}
+    model = json.loads(args.recipe_content)["content"].get(run_recipes.MODEL_SECTION) or {}
+    return {key: value for key, value in model.items() if key != "preset"}
+
+
+def model_source(args: PretrainingArguments) -> str:
+    """Where the model's settings come from, for messages."""
+    if args.config_name:
+        return f"--config_name {args.config_name}"
+    return f"recipe {args.recipe} (preset {args.preset})" if recipe_model(args) else f"preset {args.preset}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model configuration
 # ----------------------------------------------------------------------------------------------------------------
-def parse_config_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true,d=relu' -> {"a": 1, "b": 0.5, "c": True, "d": "relu"} (values read as JSON, else strings)."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--config_overrides item {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
+parse_config_overrides = run_recipes.parse_config_overrides  # transformers' PretrainedConfig.update_from_string
 
 
 def preset_kwargs(args: PretrainingArguments) -> dict:
-    """The preset's (or --config_name's) config kwargs with --config_overrides applied, refusing keys the config
+    """The preset's (or --config_name's) config kwargs, the recipe's model fields laid over them (--recipe) and
+    --config_overrides applied, refusing keys the config
     does not have (with the closest valid name) and a --block_size beyond max_position_embeddings: cheap checks
     that `train` runs first, before any tokenizer is trained."""
     path = PRESETS_DIR / f"{args.preset}.json" if args.preset else Path(args.config_name)
@@ -298,8 +323,8 @@ def preset_kwargs(args: PretrainingArguments) -> dict:
         raise UserError(f"--config_name {path} holds a JSON {type(kwargs).__name__}: give a JSON object of config kwargs")
     known = {config_field.name for config_field in dataclasses.fields(DeepScaleLMConfig)}
     check_known_keys(kwargs, known, f"--config_name {path}" if args.config_name else f"preset {args.preset}")
+    kwargs.update(recipe_model(args))  # checked against the config's fields when the recipe was loaded
     overrides = parse_config_overrides(args.config_overrides)
-    check_known_keys(overrides, known, "--config_overrides")
     kwargs.update(overrides)
     if args.depth_parameterization is not None:
         kwargs["depth_parameterization"] = args.depth_parameterization
@@ -335,8 +360,7 @@ def check_config_values(args: PretrainingArguments, kwargs: dict, overrides: dic
     except (StrictDataclassError, ValueError, TypeError, AttributeError, KeyError) as error:
         field = re.search(r"field '(\w+)'|DeepScaleLMConfig\.(\w+)=", str(error))
         field = field and (field.group(1) or field.group(2))
-        source = ("--config_overrides" if field in overrides or not field and overrides else
-                  f"--config_name {args.config_name}" if args.config_name else f"preset {args.preset}")
+        source = "--config_overrides" if field in overrides or not field and overrides else model_source(args)
         raise UserError(f"{source} gives an invalid model configuration ({describe_error(error)}): fix the value") from None
 
 
@@ -345,7 +369,7 @@ def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict) -> N
     alone exceed the memory of a process's device (dslm_hf.model_size): a failed 69 GB allocation after the
     tokenizer was trained helps nobody. The vocabulary is the BPE's --vocab_size (or the config's, for
     --tokenizer_name)."""
-    source = f"--config_name {args.config_name}" if args.config_name else f"preset {args.preset}"
+    source = model_source(args)
     if args.config_overrides:
         source += f" with --config_overrides {args.config_overrides}"
     described = {**kwargs, "is_decoder": args.objective == "clm", "is_encoder_decoder": args.objective == "seq2seq"}

@@ -278,6 +278,8 @@ TRAINING_LABELS = {"tokens": "training tokens", "wall_time_seconds": "wall time"
 def _format_training_value(name: str, value) -> str:
     if name == "wall_time_seconds":
         return f"{value:.0f} s ({value / 60:.1f} min)"
+    if name == "recipe" and isinstance(value, dict):  # build_checkpoint's record of `dslm pretrain --recipe`
+        return f"{value.get('name')} (dslm pretrain --recipe; its settings are in eval_results.json)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"

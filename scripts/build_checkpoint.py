@@ -5,9 +5,14 @@ stage the checkpoint as a Hub repository folder whose card shows all of them.
         --text_file tinyshakespeare.txt --run_dir runs/decoder --baseline_layers 4 \\
         -- --objective clm --preset deep-48 --vocab_size 300 --block_size 128 --max_steps 2000 ...
 
+or, with a shipped recipe (dslm_hf/recipes; its settings, recorded in the evaluation file's training["recipe"]):
+
+    python scripts/build_checkpoint.py checkpoints/deepscalelm-48l-decoder --repo_id dslm-hf/deepscalelm-48l-decoder \\
+        --text_file tinyshakespeare.txt --run_dir runs/decoder -- --recipe deepscalelm-48l-decoder
+
 Everything after `--` goes to dslm-pretrain unchanged (its --output_dir, --dataset and --validation_fraction are set
 here from --run_dir, --text_file and --validation_fraction, so training never sees the held-out text the card reports
-on). The baseline is the same command with --baseline-layers layers (encoder-decoder: in each stack) at the width
+on; --validation_fraction defaults to the recipe's, else 0.1). The baseline is the same command with --baseline-layers layers (encoder-decoder: in each stack) at the width
 whose parameter count is closest to the model's, the model's tokenizer, the same seed and data, and exactly the
 model's number of optimizer steps and learning-rate schedule (so the same training tokens), at
 --baseline-learning-rate if given. Runs land in RUN_DIR/model and RUN_DIR/same-parameters.
@@ -25,7 +30,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from dslm_hf import pretraining
+from dslm_hf import pretraining, run_recipes
 from dslm_hf.baselines import held_out_baselines, same_parameter_shape, weight_gradient_spread
 from dslm_hf.cli import UserError, run_command, usage_errors_as_user_errors
 from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
@@ -34,6 +39,7 @@ from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, paramete
                                 write_eval_file)
 from dslm_hf.run_metrics import read_metrics
 
+DEFAULT_HELD_OUT_FRACTION = 0.1  # without a recipe: the share the shipped checkpoints were evaluated on
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 
 
@@ -47,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo_id", "--repo-id", required=True)
     parser.add_argument("--text_file", "--text-file", type=Path, required=True, help="training text; evenly spaced paragraphs are held out")
     parser.add_argument("--validation_fraction", "--held_out_fraction", "--held-out-fraction", dest="held_out_fraction",
-                        type=float, default=0.1, help="share of the paragraphs held out, evenly spaced (passed to "
-                        "dslm-pretrain as its --validation_fraction and recorded in the evaluation file)")
+                        type=float, default=None, help="share of the paragraphs held out, evenly spaced (passed to "
+                        "dslm-pretrain as its --validation_fraction and recorded in the evaluation file); default: "
+                        f"the --recipe's validation_fraction, else {DEFAULT_HELD_OUT_FRACTION}")
     parser.add_argument("--dataset_id", "--dataset-id", default="karpathy/tiny_shakespeare", help="Hub id of the text, for the card")
     parser.add_argument("--dataset_name", "--dataset-name", default="Tiny Shakespeare")
     parser.add_argument("--run_dir", "--run-dir", type=Path, required=True, help="the two dslm-pretrain runs go in model/ and same-parameters/")
@@ -72,6 +79,11 @@ def parse_args(argv: list[str]):
     args.output = args.output or args.output_dir
     if args.output is None:
         raise UserError("give the staged repository folder to create: --output_dir DIR (or as the first argument)")
+    if args.held_out_fraction is None:  # the recipe's share is authoritative for the run it builds
+        recipe = run_recipes.explicit_values(args.pretrain_args, ("recipe",), prog="build_checkpoint.py").get("recipe")
+        recipe_share = (run_recipes.load_recipe(recipe, pretraining.PretrainingArguments).run.get("validation_fraction")
+                        if recipe is not None else None)
+        args.held_out_fraction = DEFAULT_HELD_OUT_FRACTION if recipe_share is None else recipe_share
     if args.baseline_layers < 1 or args.ngram_order < 1:
         raise UserError("--baseline-layers and --ngram-order must be >= 1")
     return args
@@ -109,6 +121,8 @@ def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: fl
         "training_data": f"{dataset_name}, all but {held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
         "command": "dslm-pretrain " + " ".join(pretrain_argv),
     }
+    if settings.recipe_content:  # {"name", "file", "content"}: the recipe as this run applied it
+        training["recipe"] = json.loads(settings.recipe_content)
     return Path(metrics["final_dir"]), training, settings
 
 

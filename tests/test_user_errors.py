@@ -124,12 +124,13 @@ def test_pretrain_with_an_empty_tokenizer_json_is_one_line(workspace, capfd):
 # dslm-pretrain: config values, refused before the tokenizer is trained
 # ----------------------------------------------------------------------------------------------------------------
 CONFIG_VALUES = {
-    "hidden_size=abc": "(TypeError: Field 'hidden_size' expected int, got str (value: 'abc'))",
-    "hidden_size=NaN": "(TypeError: Field 'hidden_size' expected int, got float (value: nan))",
+    # read with PretrainedConfig.update_from_string: the value converts to the field's type, or the item is named
+    "hidden_size=abc": "(item 'hidden_size=abc': invalid literal for int() with base 10: 'abc')",
+    "hidden_size=NaN": "(item 'hidden_size=NaN': invalid literal for int() with base 10: 'NaN')",
     "hidden_dropout_prob=NaN": "DeepScaleLMConfig.hidden_dropout_prob=nan is invalid: expected a finite number",
     "num_attention_heads=3": "DeepScaleLMConfig.num_attention_heads=3 is invalid: must divide hidden_size=32",
     "num_hidden_layers=-1": "DeepScaleLMConfig.num_hidden_layers=-1 is invalid: expected a positive integer",
-    "id2label=5": "(AttributeError: 'int' object has no attribute 'items')",
+    "id2label=5": "(item 'id2label=5': You can only update int, float, bool or string values in the config",
 }
 
 
