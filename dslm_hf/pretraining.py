@@ -3,7 +3,7 @@
 One process (CPU or GPU):
     dslm-pretrain --preset deep-48 --max_steps 300 --output_dir runs/deep-48
 A run's settings from a recipe file (dslm_hf/recipes, dslm_hf.run_recipes; flags given win):
-    dslm pretrain --recipe decoder-16x64-bytes --dataset tinyshakespeare.txt --output_dir runs/decoder-16x64
+    dslm pretrain --recipe deepscalelm-16x64-byte-decoder --dataset tinyshakespeare.txt --output_dir runs/decoder-16x64
 Two gloo ranks on CPU, launched by dslm-pretrain itself (signals reach every rank; a user error exits with 2):
     ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 --preset tiny --output_dir runs/tiny
 The same through accelerate (whose launcher turns any failure into status 1 with a CalledProcessError traceback):

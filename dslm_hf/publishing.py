@@ -341,6 +341,20 @@ def baseline_comparison(results: dict, task: str) -> str | None:
     return None
 
 
+def depth_comparison(results: dict) -> str | None:
+    """One sentence: whether depth paid against the record's same-parameter shallow model, and by how much."""
+    same = results.get("baselines", {}).get("same_parameters")
+    if same is None:
+        return None
+    loss, layers = results["metrics"]["loss"], same.get("decoder_layers") or same.get("num_hidden_layers")
+    gap = loss - same["loss"]
+    shallow = f"its same-parameter {layers}-layer, width-{same['hidden_size']} model" if layers else \
+        f"its same-parameter width-{same['hidden_size']} model"
+    return (f"Trained identically (same data, steps and tokens), {shallow} scores held-out loss {same['loss']:.4f}: "
+            + (f"depth did not pay at this budget, the shallow model is {gap:.4f} nats per token better."
+               if gap > 0 else f"this deeper model is {-gap:.4f} nats per token better."))
+
+
 def card_limitations(config: DeepScaleLMConfig, results: dict, task: str) -> str:
     """The card's Limitations section, a Markdown list: what the model is, its measured standing against the count
     baselines of its evaluation record, its tokenizer and context, what its held-out numbers can be compared with,
@@ -351,6 +365,7 @@ def card_limitations(config: DeepScaleLMConfig, results: dict, task: str) -> str
         f"{training['wall_time_seconds'] / 60:.1f} minutes on {training['hardware']}. It {WHAT_IT_DOES[task]} "
         f"in the style of {dataset['name']} and knows nothing else.",
         baseline_comparison(results, task),
+        depth_comparison(results),
         f"Its vocabulary has {config.vocab_size:,} tokens"
         + (" (a byte-level BPE this small is close to character level)" if config.vocab_size <= 512 else "")
         + f"; it reads at most {config.max_position_embeddings} tokens at once (`max_position_embeddings`).",

@@ -38,12 +38,13 @@ REMOTE_CODE_FILES = (
 DECODER = CHECKPOINTS / "deepscalelm-48l-decoder"
 ENCODER = CHECKPOINTS / "deepscalelm-48l-encoder"
 ENCODER_DECODER = CHECKPOINTS / "deepscalelm-48x48l-encoder-decoder"
-LANGUAGE_MODELS = [DECODER, ENCODER]
+BYTE_DECODER = CHECKPOINTS / "deepscalelm-16x64-byte-decoder"  # built by scripts/build_checkpoint.py, with baselines
+LANGUAGE_MODELS = [DECODER, ENCODER, BYTE_DECODER]
 # Both language models predict from context: their held-out perplexities (decoder 34.5, encoder 48.9) are well
 # below that of token frequencies (69.2 on the whole text, see docs/publishing.md; 69.7 counted on the excerpt).
-USES_CONTEXT = [DECODER, ENCODER]
-PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER]
-MIN_LAYERS = 48
+USES_CONTEXT = [DECODER, ENCODER, BYTE_DECODER]
+PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER, BYTE_DECODER]
+MIN_LAYERS = 16
 TOTAL_SIZE_LIMIT = 30 * 2**20
 
 
@@ -125,9 +126,25 @@ def test_model_uses_context_beating_token_frequencies(checkpoint):
     assert eval_record(checkpoint)["metrics"]["perplexity"] < unigram_perplexity(checkpoint)
 
 
-def test_decoder_generates_valid_shakespeare_like_text():
-    tokenizer = AutoTokenizer.from_pretrained(DECODER)
-    model = AutoModelForCausalLM.from_pretrained(DECODER).eval()
+def test_byte_decoder_beats_its_kneser_ney_ngram_and_its_card_says_how_it_stands_against_its_shallow_twin():
+    """The evaluation record's baselines, measured by build_checkpoint.py on the same held-out blocks: the first
+    shipped checkpoint below a Kneser-Ney n-gram fitted on its own training text. Its same-parameter 4-layer twin
+    (trained identically) scored 1.3914 against the model's 1.3978: the card says depth did not pay here."""
+    record = eval_record(BYTE_DECODER)
+    loss, baselines = record["metrics"]["loss"], record["baselines"]
+    assert baselines["ngram"]["order"] == 6 and loss < baselines["ngram"]["loss"] - 0.03
+    assert loss < baselines["unigram"]["loss"] / 2
+    same = baselines["same_parameters"]
+    assert abs(same["parameters"] - 832_960) / 832_960 < 0.05 and same["training"]["optimizer_steps"] == 6000
+    card = (BYTE_DECODER / "README.md").read_text()
+    verdict = "depth did not pay at this budget" if loss > same["loss"] else "this deeper model is"
+    assert verdict in card and f"{same['loss']:.4f}" in card
+
+
+@pytest.mark.parametrize("checkpoint", [DECODER, BYTE_DECODER], ids=lambda path: path.name)
+def test_decoder_generates_valid_shakespeare_like_text(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     prompt = tokenizer("ROMEO:\n", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt.input_ids.shape[1]:]
     assert len(generated) > 0 and int(generated.max()) < model.config.vocab_size

@@ -17,13 +17,24 @@ from dslm_hf import cli, pretraining, run_recipes
 from dslm_hf.run_metrics import read_metrics
 from shakespeare_data import EXCERPT
 
-SHIPPED = ["decoder-16x64-bytes", "deepscalelm-48l-decoder", "deepscalelm-48l-encoder",
+SHIPPED = ["deepscalelm-16x64-byte-decoder", "deepscalelm-48l-decoder", "deepscalelm-48l-encoder",
            "deepscalelm-48x48l-encoder-decoder"]
-# The command decoder-16x64-bytes writes out (with that commit's defaults pinned).
-DECODER_16X64_COMMAND = ["--objective", "clm", "--preset", "deep-48", "--config_overrides",
-                         "num_hidden_layers=16,hidden_dropout_prob=0,attention_probs_dropout_prob=0", "--vocab_size",
-                         "261", "--block_size", "128", "--per_device_train_batch_size", "8", "--max_steps", "6000",
-                         "--save_steps", "0", "--seed", "0"]
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def recorded_command(checkpoint: str) -> list[str]:
+    """The dslm-pretrain arguments a shipped checkpoint was trained with (its evaluation file's record), without the
+    run folder and the text file, which a rebuild gives anew."""
+    record = json.loads((CHECKPOINTS / checkpoint / "eval_results.json").read_text())
+    argv = record["training"]["command"].split()[1:]
+    for flag in ("--output_dir", "--dataset"):
+        index = argv.index(flag)
+        del argv[index:index + 2]
+    return argv
+
+
+# The command deepscalelm-16x64-byte-decoder writes out (with that commit's defaults pinned).
+DECODER_16X64_COMMAND = recorded_command("deepscalelm-16x64-byte-decoder")
 # Shrinks any shipped recipe to a model that steps in milliseconds; everything else stays the recipe's.
 SMALL = {"clm": "num_hidden_layers=2,hidden_size=32", "mlm": "num_hidden_layers=2,hidden_size=32",
          "seq2seq": "num_hidden_layers=2,decoder_layers=2,hidden_size=32"}
@@ -68,21 +79,21 @@ def test_the_shipped_recipes_are_the_checkpoints_and_decoder_16x64_bytes():
 
 
 def test_recipe_values_are_defaults_and_explicit_flags_win():
-    args = parse("--recipe", "decoder-16x64-bytes")
+    args = parse("--recipe", "deepscalelm-16x64-byte-decoder")
     assert (args.objective, args.preset, args.vocab_size, args.block_size, args.per_device_train_batch_size,
             args.max_steps, args.learning_rate, args.validation_fraction, args.depth_parameterization) == (
-        "clm", "deep-48", 261, 128, 8, 6000, 0.008, 0.05, "depth_mup")
+        "clm", "deep-48", 261, 128, 8, 6000, 0.008, 0.1, "depth_mup")
     model = pretraining.preset_kwargs(args)
     assert (model["num_hidden_layers"], model["hidden_size"], model["hidden_dropout_prob"],
             model["width_parameterization"]) == (16, 64, 0.0, "mup")
 
-    explicit = parse("--recipe", "decoder-16x64-bytes", "--max_steps", "7", "--block_size=64",
+    explicit = parse("--recipe", "deepscalelm-16x64-byte-decoder", "--max_steps", "7", "--block_size=64",
                      "--validation_fraction", "0.2", "--config_overrides", "num_hidden_layers=3")
     assert (explicit.max_steps, explicit.block_size, explicit.validation_fraction, explicit.vocab_size) == (7, 64, 0.2, 261)
     model = pretraining.preset_kwargs(explicit)  # --config_overrides on top of the recipe's model section
     assert (model["num_hidden_layers"], model["hidden_dropout_prob"], model["hidden_size"]) == (3, 0.0, 64)
 
-    replaced = parse("--recipe", "decoder-16x64-bytes", "--preset", "tiny")  # the recipe's model section is replaced
+    replaced = parse("--recipe", "deepscalelm-16x64-byte-decoder", "--preset", "tiny")  # the recipe's model section is replaced
     model = pretraining.preset_kwargs(replaced)
     assert (replaced.preset, model["num_hidden_layers"], model["hidden_size"], model["hidden_dropout_prob"]) == (
         "tiny", 2, 32, 0.1)
@@ -91,7 +102,7 @@ def test_recipe_values_are_defaults_and_explicit_flags_win():
 
 
 def test_decoder_16x64_bytes_is_its_command_with_the_defaults_pinned():
-    recipe, command = parse("--recipe", "decoder-16x64-bytes"), parse(*DECODER_16X64_COMMAND)
+    recipe, command = parse("--recipe", "deepscalelm-16x64-byte-decoder"), parse(*DECODER_16X64_COMMAND)
     differ = {field.name for field in dataclasses.fields(command)
               if getattr(recipe, field.name) != getattr(command, field.name)}
     # the command leaves the learning rate and the depth rule to the defaults, which the recipe pins
@@ -101,6 +112,9 @@ def test_decoder_16x64_bytes_is_its_command_with_the_defaults_pinned():
     assert {key: recipe_model[key] for key in command_model} == command_model
     config = pretraining.DeepScaleLMConfig(**recipe_model, vocab_size=261)
     assert pretraining.default_learning_rate(config)[0] == recipe.learning_rate == 0.008
+    shipped = json.loads((CHECKPOINTS / "deepscalelm-16x64-byte-decoder" / "config.json").read_text())
+    assert {key: shipped[key] for key in recipe_model if key in shipped} == {
+        key: value for key, value in recipe_model.items() if key in shipped}
 
 
 def test_a_recipe_leaving_the_text_to_the_command_line_requires_dataset(capfd):
@@ -125,9 +139,9 @@ def test_a_bad_recipe_is_one_line_with_exit_2(tmp_path, capfd, content, expected
 
 
 def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, capfd):
-    line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "decoder-16x64-byte", "--output_dir", "x"]))
-    assert line == ("dslm-pretrain: error: --recipe decoder-16x64-byte: no shipped recipe of that name; did you mean "
-                    f"'decoder-16x64-bytes'? shipped recipes: {', '.join(SHIPPED)} (or give the path of a recipe JSON file)")
+    line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "deepscalelm-16x64-byte-decode", "--output_dir", "x"]))
+    assert line == ("dslm-pretrain: error: --recipe deepscalelm-16x64-byte-decode: no shipped recipe of that name; did you mean "
+                    f"'deepscalelm-16x64-byte-decoder'? shipped recipes: {', '.join(SHIPPED)} (or give the path of a recipe JSON file)")
     (tmp_path / "pickled.json").write_bytes(b"\x80\x04\x95")  # a pickle is not JSON, and is never unpickled
     line = one_line_error(capfd, lambda: pretraining.main(["--recipe", str(tmp_path / "pickled.json"), "--output_dir", "x"]))
     assert "is not JSON" in line
@@ -140,7 +154,7 @@ def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, capfd):
     ("hiden_size=4", "--config_overrides: unknown key 'hiden_size'; did you mean 'hidden_size'?"),
 ])
 def test_a_bad_config_override_is_one_line_naming_the_item(tmp_path, capfd, override, expected):
-    line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "decoder-16x64-bytes", "--dataset", str(EXCERPT),
+    line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "deepscalelm-16x64-byte-decoder", "--dataset", str(EXCERPT),
                                                            "--output_dir", str(tmp_path), "--config_overrides", override]))
     assert line.startswith("dslm-pretrain: error: --config_overrides") and expected in line, line
 
@@ -187,12 +201,14 @@ def load_build_script():
     return module
 
 
-def test_build_checkpoint_takes_the_held_out_share_from_the_recipe():
+def test_build_checkpoint_takes_the_held_out_share_from_the_recipe(tmp_path):
     parse_args = load_build_script().parse_args
     common = ["staged", "--repo_id", "me/x", "--text_file", str(EXCERPT), "--run_dir", "runs"]
-    assert parse_args(common + ["--", "--recipe", "decoder-16x64-bytes"]).held_out_fraction == 0.05
-    assert parse_args(common + ["--", "--recipe", "deepscalelm-48l-encoder"]).held_out_fraction == 0.1
-    assert parse_args(common + ["--validation_fraction", "0.2", "--", "--recipe", "decoder-16x64-bytes"]
+    recipe = json.loads((run_recipes.RECIPES_DIR / "deepscalelm-16x64-byte-decoder.json").read_text())
+    (tmp_path / "share.json").write_text(json.dumps(recipe | {"validation_fraction": 0.05}))
+    assert parse_args(common + ["--", "--recipe", str(tmp_path / "share.json")]).held_out_fraction == 0.05
+    assert parse_args(common + ["--", "--recipe", "deepscalelm-16x64-byte-decoder"]).held_out_fraction == 0.1
+    assert parse_args(common + ["--validation_fraction", "0.2", "--", "--recipe", str(tmp_path / "share.json")]
                       ).held_out_fraction == 0.2
     assert parse_args(common + ["--", "--preset", "tiny"]).held_out_fraction == 0.1
 
@@ -202,14 +218,14 @@ def test_build_checkpoint_with_a_recipe_records_it(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     load_build_script().main([str(staged), "--repo_id", "me/recipe", "--text_file", str(EXCERPT), "--run_dir", str(runs),
-                              "--baseline_layers", "3", "--", "--recipe", "decoder-16x64-bytes", "--config_overrides",
+                              "--baseline_layers", "3", "--", "--recipe", "deepscalelm-16x64-byte-decoder", "--config_overrides",
                               "num_hidden_layers=2,hidden_size=32", *QUICK])
     record = json.loads((staged / "eval_results.json").read_text())
-    recipe = json.loads((run_recipes.RECIPES_DIR / "decoder-16x64-bytes.json").read_text())
-    assert record["training"]["recipe"] == {"name": "decoder-16x64-bytes", "file": "decoder-16x64-bytes.json",
+    recipe = json.loads((run_recipes.RECIPES_DIR / "deepscalelm-16x64-byte-decoder.json").read_text())
+    assert record["training"]["recipe"] == {"name": "deepscalelm-16x64-byte-decoder", "file": "deepscalelm-16x64-byte-decoder.json",
                                             "content": recipe}
-    assert record["dataset"]["held_out_fraction"] == recipe["validation_fraction"] == 0.05  # the recipe's share
+    assert record["dataset"]["held_out_fraction"] == recipe["validation_fraction"] == 0.1  # the recipe's share
     assert record["training"]["optimizer_steps"] == 2 and record["training"]["peak_learning_rate"] == 0.008
-    assert "| recipe | decoder-16x64-bytes (dslm pretrain --recipe" in (staged / "README.md").read_text()
+    assert "| recipe | deepscalelm-16x64-byte-decoder (dslm pretrain --recipe" in (staged / "README.md").read_text()
     model_run = read_metrics(runs / "model" / "metrics.jsonl")[0]["config"]
-    assert (model_run["validation_fraction"], model_run["recipe"]) == (0.05, "decoder-16x64-bytes")
+    assert (model_run["validation_fraction"], model_run["recipe"]) == (0.1, "deepscalelm-16x64-byte-decoder")
