@@ -13,8 +13,9 @@ refused with its name, and so is a manifest that does not list every file above 
 Saving writes into a hidden `.tmp-step_XXXXXXXX` folder and renames it into place after the manifest, so a run
 killed at any instant leaves either the previous checkpoints or a complete new one.
 
-The format does not depend on the training mode: a loop hands `save_checkpoint` its model, optimizer and a
-JSON-able dict, and gets the same dict back from `load_checkpoint` (see docs/failure_modes.md).
+The format does not depend on the training mode: `save_checkpoint` and `load_checkpoint` both take a
+`Checkpointable` (a training mode of dslm_hf.training_modes, or `OneProcessState`) and the loop's JSON-able dict,
+which `load_checkpoint` gives back (see docs/failure_modes.md).
 """
 
 import hashlib
@@ -24,16 +25,18 @@ import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from tokenizers import Tokenizer
 
 from .cli import UserError
 from .files import write_json_atomically
 from .modeling_deepscalelm import AUTO_MAP
+from .parallel import with_tied_copies
 
 CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer, scheduler and RNG states)
 CHECKPOINT_PREFIX = "step_"
@@ -173,31 +176,54 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Save and load
 # ----------------------------------------------------------------------------------------------------------------
+class Checkpointable(Protocol):
+    """A model and its optimizer, seen as one process's whole model whatever the training mode."""
+
+    def training_state(self) -> tuple | None:
+        """(model tensors by name, each tied tensor once, or the whole model; optimizer.state_dict()-layout state)
+        on the rank that writes, None elsewhere."""
+
+    def load_training_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        """Take this rank's part of a whole-model state."""
+
+
+class OneProcessState:
+    """The Checkpointable of a whole model and its optimizer in one process (or identical replicas)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def training_state(self) -> tuple[torch.nn.Module, dict]:
+        return self.model, self.optimizer.state_dict()
+
+    def load_training_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        self.model.load_state_dict(with_tied_copies(self.model, model_state))  # a tied tensor is stored once
+        self.optimizer.load_state_dict(optimizer_state)
+
+
 def write_manifest(folder: Path, step: int) -> None:
     files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(CHECKPOINT_MARKER)}
     write_json_atomically(folder / CHECKPOINT_MARKER, {"format": CHECKPOINT_FORMAT, "step": step, "files": files})
 
 
-def save_checkpoint(accelerator, run_dir: Path, model, optimizer, trainer_state: dict, limit: int | None,
-                    state: tuple[dict, dict] | None = None) -> Path:
-    """Write checkpoints/step_XXXXXXXX for `trainer_state["step"]` (rank 0 writes; every rank must call it, the
-    model's replicas and optimizer states being identical) and keep the newest `limit` checkpoints.
-
-    `state`: (model tensors, optimizer.state_dict()-layout state) already gathered onto rank 0 by a sharded or
-    pipelined run (dslm_hf.parallel, dslm_hf.pipeline); without it they are read from `model` and `optimizer`."""
+def save_checkpoint(accelerator, run_dir: Path, state: "Checkpointable", trainer_state: dict, limit: int | None) -> Path:
+    """Write checkpoints/step_XXXXXXXX for `trainer_state["step"]` from `state.training_state()` (rank 0 writes; every
+    rank must call it, gathering the state can be a collective) and keep the newest `limit` checkpoints."""
     step = trainer_state["step"]
     final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = final.with_name(f".tmp-{final.name}")
+    gathered = state.training_state()
     if accelerator.is_main_process:
+        model_state, optimizer_state = gathered
         shutil.rmtree(staging, ignore_errors=True)
         try:
             staging.mkdir(parents=True)
-            if state is None:
-                save_model(accelerator.unwrap_model(model), str(staging / MODEL_FILE))
+            if isinstance(model_state, torch.nn.Module):  # one process's whole model: safetensors' own layout
+                save_model(model_state, str(staging / MODEL_FILE))
             else:
-                save_file(state[0], str(staging / MODEL_FILE), metadata={"format": "pt"})
-            tensors, rest = split_optimizer_state(optimizer.state_dict() if state is None else state[1])
+                save_file(model_state, str(staging / MODEL_FILE), metadata={"format": "pt"})
+            tensors, rest = split_optimizer_state(optimizer_state)
             save_file(tensors, str(staging / OPTIMIZER_FILE))
             (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "optimizer": rest}, indent=1))
             write_manifest(staging, step)
@@ -236,24 +262,19 @@ def refuse_links(paths, action: str, done: str = "") -> None:
                             f"deleted through a link; {done}remove or replace the link yourself, then rerun")
 
 
-def load_checkpoint(folder: Path, accelerator, model, optimizer, restore=None) -> dict:
-    """Verify `folder`, load the weights into `model` and the state into `optimizer` (in place, on every rank), and
-    return the trainer state the loop saved (without the optimizer part). `restore(model tensors, optimizer state)`
-    replaces both loads for a sharded or pipelined run, which takes its own part of the whole state."""
+def load_checkpoint(folder: Path, state: "Checkpointable") -> dict:
+    """Verify `folder`, hand its weights and optimizer state to `state.load_training_state` (on every rank), and
+    return the trainer state the loop saved (without the optimizer part)."""
     folder = Path(folder)
     verify_checkpoint(folder)
-    state = json.loads((folder / TRAINER_STATE).read_text())
+    trainer_state = json.loads((folder / TRAINER_STATE).read_text())
     try:
-        optimizer_state = join_optimizer_state(load_file(folder / OPTIMIZER_FILE), state.pop("optimizer"))
-        if restore is None:
-            load_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE))  # read on CPU, copied into place
-            optimizer.load_state_dict(optimizer_state)
-        else:
-            restore(load_file(folder / MODEL_FILE), optimizer_state)
+        optimizer_state = join_optimizer_state(load_file(folder / OPTIMIZER_FILE), trainer_state.pop("optimizer"))
+        state.load_training_state(load_file(folder / MODEL_FILE), optimizer_state)
     except (RuntimeError, SafetensorError, KeyError, ValueError) as error:
         raise CheckpointError(f"checkpoint {folder} does not fit this model and optimizer ({' '.join(str(error).split())[:300]}): "
                               "resume with the settings that wrote it") from None
-    return state
+    return trainer_state
 
 
 

@@ -31,8 +31,6 @@ import re
 import shutil
 import sys
 import time
-from functools import partial
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,7 +51,7 @@ from transformers import (
     get_scheduler,
 )
 
-from . import data, parallel, run_recipes
+from . import data, run_recipes
 from .baselines import KneserNeyLM
 from .checkpointing import (CheckpointError, ForeignCodeError, check_no_foreign_code, checkpoint_folders, describe_error,
                             describe_os_error, fit_tokenizer_to_model, load_checkpoint, refuse_links, resolve_checkpoint,
@@ -75,11 +73,12 @@ from .optimization import (
     describe_rules,
 )
 from .pipeline import SCHEDULES as PIPELINE_SCHEDULES
-from .pipeline import Pipeline, check_pipeline_layout
+from .pipeline import check_pipeline_layout
 from .recipe_deepscalelm import DEPTH_PARAMETERIZATIONS
 from .run_control import (RunLock, StopSignals, failures_reported_to_the_launcher, launch_workers,
                           stop_when_the_launcher_dies)
 from .run_metrics import JsonlTracker, drop_records_after
+from .training_modes import TrainingMode, training_mode
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
@@ -364,11 +363,11 @@ def check_config_values(args: PretrainingArguments, kwargs: dict, overrides: dic
         raise UserError(f"{source} gives an invalid model configuration ({describe_error(error)}): fix the value") from None
 
 
-def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict) -> None:
+def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict, shards: int = 1) -> None:
     """Refuse, in microseconds and before any data is read, a model whose weights, gradients and AdamW moments
     alone exceed the memory of a process's device (dslm_hf.model_size): a failed 69 GB allocation after the
     tokenizer was trained helps nobody. The vocabulary is the BPE's --vocab_size (or the config's, for
-    --tokenizer_name)."""
+    --tokenizer_name). `shards`: the parts the training mode splits the weights into."""
     source = model_source(args)
     if args.config_overrides:
         source += f" with --config_overrides {args.config_overrides}"
@@ -379,7 +378,6 @@ def check_model_fits(args: PretrainingArguments, accelerator, kwargs: dict) -> N
         config = DeepScaleLMConfig(**described)
     except (TypeError, ValueError):
         return  # a value the config refuses is reported where the run's config is built, with its own message
-    shards = accelerator.num_processes if args.fully_shard else args.pipeline_parallel_size
     sharing = accelerator.num_processes if accelerator.device.type == "cpu" else 1  # ranks on one host share its memory
     check_training_fits(config, source, accelerator.device, processes_on_device=sharing, shards=shards)
 
@@ -504,36 +502,8 @@ def make_dataloaders(args: PretrainingArguments, num_processes: int, train_block
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One optimizer step
+# Agreement across ranks
 # ----------------------------------------------------------------------------------------------------------------
-def compute_loss(model, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
-    """Sum of this micro-batch's token losses divided by the label tokens of the whole window on all ranks."""
-    return model(**batch, num_items_in_batch=num_items_in_batch).loss
-
-
-def training_window(accelerator, model, batches: list[dict], collator) -> tuple[torch.Tensor, bool]:
-    """Forward/backward over one accumulation window with token-level normalisation.
-
-    The label tokens of the window are counted on every rank and summed, so each micro-batch's loss is its token
-    sum over that global count; DDP averages gradients over ranks, hence the factor num_processes. Returns the
-    window's mean token loss (all ranks) and whether every micro-batch was finite (agreed on by all ranks; a
-    non-finite one stops the window before its backward so the gradients stay clean).
-    """
-    local_items = sum(collator.count_label_tokens(b) for b in batches)
-    items = accelerator.reduce(local_items.to(accelerator.device), "sum")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for index, batch in enumerate(batches):
-        last = index == len(batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
-            loss = compute_loss(model, batch, items)
-            nonfinite = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum")
-            if nonfinite.item() > 0:
-                return loss_sum, False
-            accelerator.backward(loss * accelerator.num_processes)
-            loss_sum += loss.detach().double() * items
-    return accelerator.reduce(loss_sum, "sum") / items, True
-
-
 def replica_spread(accelerator, model) -> float:
     """Largest difference across ranks of (sum, sum of squares) of all parameters: 0 when the replicas agree."""
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
@@ -559,6 +529,7 @@ class Run:
     run_dir: Path
     tokenizer: object
     config: DeepScaleLMConfig
+    mode: TrainingMode  # how the model is trained over the processes (dslm_hf.training_modes)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -624,7 +595,7 @@ def check_checkpointing_supported(args: PretrainingArguments, accelerator) -> No
                         "--resume_from_checkpoint")
 
 
-def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
+def setup(args: PretrainingArguments, accelerator, mode: TrainingMode, resuming: bool) -> Run:
     """Data, tokenizer, model config (r0 from the data), model, optimizer, scheduler and loaders, prepared."""
     run_dir = Path(args.output_dir)
     tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming)
@@ -639,47 +610,37 @@ def setup(args: PretrainingArguments, accelerator, resuming: bool) -> Run:
     accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; "
                       f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
-                      f"{', fully_shard' if args.fully_shard else ''}")
+                      f"{mode.description}")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
         raise UserError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
                         "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
-    if args.fully_shard:
-        if not torch.distributed.is_initialized():
-            raise UserError("--fully_shard shards over the processes of a process group: launch through torchrun or a "
-                            "multi-process accelerate launch (e.g. ACCELERATE_USE_CPU=true dslm-pretrain --num_processes 2 ...)")
-        model = parallel.shard_model(model.to(accelerator.device), mixed_precision=args.mixed_precision)
     learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate; {describe_rules(config)})") \
         if args.learning_rate is not None else default_learning_rate(config)
     args.learning_rate = learning_rate  # recorded with the run's arguments
-    groups = depth_parameter_groups(model, learning_rate, args.weight_decay, eps=args.adam_epsilon)
-    accelerator.print(f"learning rate: {why}; {describe_groups(groups)}")
-    if args.pipeline_parallel_size > 1:
-        if accelerator.num_processes != args.pipeline_parallel_size:
-            raise UserError(f"--pipeline_parallel_size={args.pipeline_parallel_size} needs exactly that many processes, "
-                            f"{accelerator.num_processes} were launched (pipelines do not combine with data parallelism here)")
-        model = Pipeline(model, groups, args.pipeline_microbatches, args.pipeline_schedule, device=accelerator.device)
-        groups = model.parameter_groups  # this stage's share of the whole model's groups (built before the split)
+
+    def parameter_groups(module):  # of the whole model: depth-dependent groups see the whole stack
+        groups = depth_parameter_groups(module, learning_rate, args.weight_decay, eps=args.adam_epsilon)
+        accelerator.print(f"learning rate: {why}; {describe_groups(groups)}")
+        return groups
+
+    groups = mode.wrap(model, parameter_groups)  # this rank's share of the groups
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)
     # Stepped once per optimizer step on every rank and not given to prepare(), which would step it
     # num_processes times; its state travels in trainer_state.json.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.max_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps))
-    # Every stage of a pipeline reads the same batches: the data-parallel size is 1.
-    data_parallel = 1 if isinstance(model, Pipeline) else accelerator.num_processes
+    data_parallel = mode.data_parallel_size
     sampler, train_loader, eval_loader = make_dataloaders(args, data_parallel, train_blocks, eval_blocks)
-    if args.fully_shard:  # the model is already sharded: accelerate must not wrap it in DDP
-        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
-    elif not isinstance(model, Pipeline):  # a pipeline's stages read the whole batches, nothing to wrap
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    train_loader, eval_loader = mode.prepare(optimizer, train_loader, eval_loader)
     if len(train_loader) == 0:
         raise UserError(f"the training split has {len(train_blocks)} blocks, fewer than one batch of "
                         f"--per_device_train_batch_size={args.per_device_train_batch_size} on each of "
                         f"{accelerator.num_processes} processes: use more text or a smaller batch")
     layout = {"num_processes": data_parallel, "per_device_train_batch_size": args.per_device_train_batch_size,
               "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
-    monitor = LayerSignalMonitor(model, args.signal_every) if args.signal_every else None
-    return Run(args, accelerator, run_dir, tokenizer, config, model, optimizer, scheduler, collator, sampler,
+    monitor = LayerSignalMonitor(mode.model, args.signal_every) if args.signal_every else None
+    return Run(args, accelerator, run_dir, tokenizer, config, mode, mode.model, mode.optimizer, scheduler, collator, sampler,
                train_loader, eval_loader, eval_blocks, layout, monitor=monitor)
 
 
@@ -710,13 +671,8 @@ def check_same_optimizer_settings(folder: Path, asked: list[dict], stored: list[
 
 def resume(run: Run, folder: Path) -> None:
     """Load a verified checkpoint into the run: weights, optimizer, scheduler, step and counters."""
-    restore = None
-    if isinstance(run.model, Pipeline):
-        restore = partial(run.model.load_training_state, run.optimizer)
-    elif run.args.fully_shard:
-        restore = partial(parallel.load_sharded_training_state, run.model, run.optimizer)
     asked = optimizer_settings(run.optimizer, run.scheduler.base_lrs)
-    state = load_checkpoint(folder, run.accelerator, run.model, run.optimizer, restore)
+    state = load_checkpoint(folder, run.mode)
     scheduler_keys = set(run.scheduler.state_dict())
     if not (isinstance(state.get("scheduler"), dict) and set(state["scheduler"]) == scheduler_keys
             and isinstance(state.get("nonfinite_steps"), int) and isinstance(state.get("layout"), dict)):
@@ -744,18 +700,11 @@ def train_step(run: Run, batches) -> dict:
     torch.manual_seed(step_seed)
     if run.monitor is not None:
         run.monitor.arm(run.step)
-    pipelined = isinstance(run.model, Pipeline)
-    if pipelined:
-        loss, finite = run.model.train_window(window, run.collator.count_label_tokens)
-    else:
-        loss, finite = training_window(accelerator, run.model, window, run.collator)
+    loss, finite = run.mode.train_window(window, run.collator)
     signals = run.monitor.measure(run.step) if run.monitor is not None and finite else None
     grad_norm = None
-    if finite and args.max_grad_norm > 0 and pipelined:  # the norm over all stages
-        grad_norm = run.model.clip_grad_norm_(args.max_grad_norm)
-    elif finite and args.max_grad_norm > 0:
-        grad_norm = parallel.grad_norm_value(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
-        # DeepSpeed clips inside its engine (gradient_clipping in its config) and returns no norm.
+    if finite and args.max_grad_norm > 0:
+        grad_norm = run.mode.clip_grad_norm_(args.max_grad_norm)  # None where the engine clips (DeepSpeed)
         finite = grad_norm is None or bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
@@ -790,8 +739,7 @@ def record_signals(run: Run, signals: dict) -> None:
 def nonfinite_parameters(run: Run) -> list[str]:
     """Names of the parameters holding a NaN or an infinity on any rank ([] on every rank when all are finite):
     such weights are never checkpointed nor saved as the final model."""
-    module = run.model.module if isinstance(run.model, Pipeline) else run.model
-    local = [name for name, parameter in module.named_parameters()
+    local = [name for name, parameter in run.mode.named_parameters()
              if not bool(torch.isfinite(parameter.to_local() if hasattr(parameter, "to_local") else parameter).all())]
     anywhere = any_rank(run.accelerator, bool(local))  # a collective: every rank takes part, whatever it found
     return local or (["(on another rank)"] if anywhere else [])
@@ -810,13 +758,7 @@ def save(run: Run) -> Path | None:
         run.say(f"step {run.step}: {len(broken)} parameter tensors are not finite (first: {broken[0]}); no checkpoint "
                 f"written, {newest_checkpoint_note(run)}")
         return None
-    state = None  # a sharded or pipelined run gathers the whole state onto rank 0 (a collective)
-    if isinstance(run.model, Pipeline):
-        state = run.model.training_state(run.optimizer)
-    elif run.args.fully_shard:
-        state = parallel.sharded_training_state(run.model, run.optimizer)
-    return save_checkpoint(run.accelerator, run.run_dir, run.model, run.optimizer, run.trainer_state(),
-                           run.args.checkpoints_total_limit, state)
+    return save_checkpoint(run.accelerator, run.run_dir, run.mode, run.trainer_state(), run.args.checkpoints_total_limit)
 
 
 def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
@@ -893,9 +835,7 @@ def finish(run: Run, metrics: dict) -> dict:
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
         metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
     metrics.update(step=run.step, nonfinite_steps=run.nonfinite_steps, final_dir=str(run.run_dir / "final"))
-    if not (args.fully_shard or isinstance(run.model, Pipeline)) and accelerator.distributed_type not in (
-            DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # Replicas exist only without sharding.
+    if run.mode.has_replicas:
         metrics["replica_spread"] = replica_spread(accelerator, run.model)
         accelerator.log({"replica_spread": metrics["replica_spread"]}, step=run.step)
         if metrics["replica_spread"] > 0:
@@ -932,11 +872,12 @@ def train(args: PretrainingArguments) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
         project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
     check_checkpointing_supported(args, accelerator)
-    check_model_fits(args, accelerator, kwargs)
+    mode = training_mode(args, accelerator)
+    check_model_fits(args, accelerator, kwargs, mode.weight_shards)
     lock = RunLock(run_dir)
     try:
         resume_dir = claim_output_dir(args, accelerator, lock)
-        run = setup(args, accelerator, resuming=resume_dir is not None)
+        run = setup(args, accelerator, mode, resuming=resume_dir is not None)
         if resume_dir is not None:
             resume(run, resume_dir)
         if accelerator.is_main_process:
@@ -965,7 +906,8 @@ def release_the_process_group(run: Run) -> None:
     exists (DDP imports it), that module's default arguments, which live until interpreter teardown: hence its
     import at the top of this module."""
     run.accelerator.free_memory()
-    run.model = run.optimizer = run.scheduler = run.train_loader = run.eval_loader = run.monitor = None
+    run.mode.model = run.mode.optimizer = None
+    run.mode = run.model = run.optimizer = run.scheduler = run.train_loader = run.eval_loader = run.monitor = None
     gc.collect()
     run.accelerator.state.destroy_process_group()  # a no-op when finish or stop_on_signal's end_training did it
 
@@ -1000,27 +942,17 @@ def save_final_model(run: Run, folder: Path) -> None:
     """save_pretrained (safetensors, config with auto_map, remote code, generation config) + tokenizer. The model
     card is written by dslm-publish, from an evaluation record tied to these exact weights (docs/publishing.md).
 
-    The full state dict comes from accelerate (DDP, FSDP, DeepSpeed) or, under --fully_shard, from FSDP2's
-    full_state_dict gathered into a plain copy of the model on rank 0."""
+    The whole model and its state dict come from the training mode (gathered onto rank 0 where it is split)."""
     args, accelerator, config = run.args, run.accelerator, run.config
-    unwrapped = run.model.module.model if isinstance(run.model, Pipeline) else accelerator.unwrap_model(run.model)
-    if unwrapped.can_generate():
-        unwrapped.generation_config = GenerationConfig(
+    model, state_dict = run.mode.full_model()  # a collective: every rank takes part
+    if model is None:  # a rank that does not write
+        return
+    if model.can_generate():
+        model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
             decoder_start_token_id=config.decoder_start_token_id, max_new_tokens=args.sample_max_new_tokens or None)
-    if args.fully_shard:
-        full = parallel.full_state_dict(run.model)  # collective: every rank takes part
-        unwrapped = parallel.unsharded_copy(run.model, full) if accelerator.is_main_process else None
-        state_dict = unwrapped.state_dict() if unwrapped is not None else None  # tied weights share storage again
-    elif isinstance(run.model, Pipeline):
-        full = run.model.full_model_state()  # collective: every stage sends its layers to the first
-        unwrapped = parallel.unsharded_copy(unwrapped, full) if accelerator.is_main_process else None
-        state_dict = unwrapped.state_dict() if unwrapped is not None else None
-    else:
-        state_dict = accelerator.get_state_dict(run.model)
-    if unwrapped is not None:
-        unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                                  save_function=accelerator.save)
+    model.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                          save_function=accelerator.save)
     if accelerator.is_main_process:
         save_tokenizer(run.tokenizer, folder, config)
 

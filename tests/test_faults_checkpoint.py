@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dslm_hf import checkpointing
-from dslm_hf.checkpointing import CheckpointError, load_checkpoint, verify_checkpoint, write_manifest
+from dslm_hf.checkpointing import CheckpointError, OneProcessState, load_checkpoint, verify_checkpoint, write_manifest
 from dslm_hf.cli import UserError
 from dslm_hf.run_control import LOCK_NAME, StopSignals
 from dslm_hf.run_metrics import drop_records_after, read_metrics
@@ -112,15 +112,13 @@ def test_checkpoint_holds_only_safetensors_and_json_and_round_trips_the_optimize
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_reason(finished_run):
-    from accelerate import Accelerator
-
     from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
 
     other = DeepScaleLMForCausalLM(DeepScaleLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
                                                      num_attention_heads=2, max_position_embeddings=16))
     optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(CheckpointError, match="does not fit this model and optimizer"):
-        load_checkpoint(finished_run / "checkpoints" / "step_00000004", Accelerator(cpu=True), other, optimizer)
+        load_checkpoint(finished_run / "checkpoints" / "step_00000004", OneProcessState(other, optimizer))
 
 
 def run_module(*argv, timeout=300) -> subprocess.CompletedProcess:

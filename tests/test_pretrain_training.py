@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dslm_hf import pretraining
+from dslm_hf import pretraining, training_modes
 from dslm_hf.checkpointing import verify_checkpoint
 from dslm_hf.cli import UserError
 from dslm_hf.run_metrics import read_metrics
@@ -68,14 +68,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
-    real_compute_loss, calls = pretraining.compute_loss, []
+    real_compute_loss, calls = training_modes.compute_loss, []
 
     def loss_with_faults(model, batch, num_items_in_batch):
         calls.append(None)
         loss = real_compute_loss(model, batch, num_items_in_batch)
         return loss * float("nan") if len(calls) in (2, 3) else loss
 
-    monkeypatch.setattr(pretraining, "compute_loss", loss_with_faults)
+    monkeypatch.setattr(training_modes, "compute_loss", loss_with_faults)
     metrics = run_in_process(tmp_path, "--max_steps", 5, "--save_steps", 0, "--max_nonfinite_steps", 2)
     assert metrics["nonfinite_steps"] == 2 and metrics["step"] == 5
     assert sorted(train_losses(tmp_path)) == [1, 4, 5]  # steps 2 and 3 logged no loss
@@ -84,7 +84,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretraining, "compute_loss", lambda model, batch, num_items_in_batch: torch.tensor(float("inf")))
+    monkeypatch.setattr(training_modes, "compute_loss", lambda model, batch, num_items_in_batch: torch.tensor(float("inf")))
     with pytest.raises(UserError, match="stopping at step 3: 3 steps had a non-finite loss.*--max_nonfinite_steps=2"):
         run_in_process(tmp_path, "--max_steps", 10, "--save_steps", 0, "--max_nonfinite_steps", 2)
 

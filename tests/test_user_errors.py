@@ -224,10 +224,6 @@ class OneProcess:
     is_main_process = True
 
     @staticmethod
-    def unwrap_model(model):
-        return model
-
-    @staticmethod
     def wait_for_everyone():
         pass
 
@@ -249,14 +245,14 @@ def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so(tmp_
     from dslm_hf.cli import UserError
 
     model, optimizer = tiny_training_state()
-    first = checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 1}, limit=None)
+    first = checkpointing.save_checkpoint(OneProcess, tmp_path, checkpointing.OneProcessState(model, optimizer), {"step": 1}, limit=None)
 
     def disk_full(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
     with pytest.raises(UserError) as refusal:
-        checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 2}, limit=None)
+        checkpointing.save_checkpoint(OneProcess, tmp_path, checkpointing.OneProcessState(model, optimizer), {"step": 2}, limit=None)
     second = tmp_path / "checkpoints" / "step_00000002"
     assert str(refusal.value) == (
         f"could not write checkpoint {second} (No space left on device: {tmp_path}/checkpoints/.tmp-step_00000002/"
@@ -271,12 +267,12 @@ def test_checkpoint_rotation_refuses_to_delete_through_a_symbolic_link(tmp_path)
     from dslm_hf.cli import UserError
 
     model, optimizer = tiny_training_state()
-    first = checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 1}, limit=None)
+    first = checkpointing.save_checkpoint(OneProcess, tmp_path, checkpointing.OneProcessState(model, optimizer), {"step": 1}, limit=None)
     elsewhere = tmp_path / "kept-elsewhere"
     first.rename(elsewhere)
     first.symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(UserError) as refusal:
-        checkpointing.save_checkpoint(OneProcess, tmp_path, model, optimizer, {"step": 2}, limit=1)
+        checkpointing.save_checkpoint(OneProcess, tmp_path, checkpointing.OneProcessState(model, optimizer), {"step": 2}, limit=1)
     assert str(refusal.value).startswith(
         f"checkpoint rotation (keeping the newest 1) would delete {first}, a symbolic link to {elsewhere}: nothing is "
         f"deleted through a link; the new checkpoint {tmp_path / 'checkpoints' / 'step_00000002'} is written")
