@@ -493,6 +493,10 @@ def make_dataloaders(args: PretrainingArguments, num_processes: int, train_block
                                                sampler=sampler, drop_last=True, collate_fn=data.stack_blocks)
     eval_round = args.per_device_eval_batch_size * num_processes
     eval_count = min(len(eval_blocks), args.max_eval_blocks) // eval_round * eval_round
+    if eval_count == 0 and args.max_eval_blocks < min(len(eval_blocks), eval_round):
+        raise UserError(f"--max_eval_blocks {args.max_eval_blocks} is fewer than one evaluation round ({eval_round} "
+                        f"blocks: --per_device_eval_batch_size x processes): raise --max_eval_blocks or lower "
+                        "--per_device_eval_batch_size")
     if eval_count == 0:
         raise UserError(f"the validation split has {len(eval_blocks)} blocks, fewer than one evaluation round "
                         f"({eval_round}): lower --per_device_eval_batch_size or raise --validation_fraction")

@@ -120,6 +120,15 @@ def test_pretrain_with_an_empty_tokenizer_json_is_one_line(workspace, capfd):
     assert_one_line(status, stderr, "pretraining", f"{folder / 'tokenizer.json'} is empty")
 
 
+def test_max_eval_blocks_below_one_evaluation_round_names_the_flag(workspace, capfd):
+    status, stderr = run_main("pretraining", ["--output_dir", workspace["root"] / "eval-round", "--dataset",
+                                              workspace["text"], "--preset", "tiny", "--max_steps", 1, "--block_size",
+                                              32, "--max_eval_blocks", 4, "--per_device_eval_batch_size", 8,
+                                              "--report_to", "none"], capfd)
+    assert_one_line(status, stderr, "pretraining", "--max_eval_blocks 4 is fewer than one evaluation round (8 blocks",
+                    "raise --max_eval_blocks")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dslm-pretrain: config values, refused before the tokenizer is trained
 # ----------------------------------------------------------------------------------------------------------------
