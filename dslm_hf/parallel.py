@@ -92,12 +92,15 @@ def grad_norm_value(norm) -> torch.Tensor:
 def with_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with each tied pair complete: a checkpoint stores a tied tensor once (lm_head.weight or the input
     embedding), a state dict to load wants both names."""
-    state = dict(state)
-    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
-        if target not in state and source in state:
-            state[target] = state[source]
-        elif source not in state and target in state:
-            state[source] = state[target]
+    state, tied = dict(state), (getattr(model, "_tied_weights_keys", None) or {}).items()
+    filled = True
+    while filled:  # a chain (decoder <- encoder <- lm_head) fills whatever the order of the pairs
+        filled = False
+        for target, source in tied:
+            if target not in state and source in state:
+                state[target], filled = state[source], True
+            elif source not in state and target in state:
+                state[source], filled = state[target], True
     return state
 
 

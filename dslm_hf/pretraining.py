@@ -271,6 +271,7 @@ def parse_arguments(argv=None) -> PretrainingArguments:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     parser = HfArgumentParser(PretrainingArguments)
     parser.prog = "dslm-pretrain"
+    parser.allow_abbrev = False  # an abbreviated --preset would slip past the recipe's check for an explicit one
     usage_errors_as_user_errors(parser)
     recipe_name = run_recipes.explicit_values(argv, ("recipe",)).get("recipe")
     recipe = model = None
@@ -293,6 +294,13 @@ def recipe_model(args: PretrainingArguments) -> dict:
         return {}
     model = json.loads(args.recipe_content)["content"].get(run_recipes.MODEL_SECTION) or {}
     return {key: value for key, value in model.items() if key != "preset"}
+
+
+def learning_rate_source(args: PretrainingArguments) -> str:
+    """Where a given learning rate comes from, for the log: the flag, or the recipe that pins it."""
+    content = json.loads(args.recipe_content)["content"] if args.recipe_content else {}
+    return f"recipe {args.recipe}'s learning_rate" if content.get("learning_rate") == args.learning_rate \
+        else "--learning_rate"
 
 
 def model_source(args: PretrainingArguments) -> str:
@@ -618,8 +626,8 @@ def setup(args: PretrainingArguments, accelerator, mode: TrainingMode, resuming:
     if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
         raise UserError("with DeepSpeed the engine steps inside backward: use --gradient_accumulation_steps 1 and a "
                         "larger --per_device_train_batch_size (gradient accumulation here is not wired to DeepSpeed)")
-    learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} (--learning_rate; {describe_rules(config)})") \
-        if args.learning_rate is not None else default_learning_rate(config)
+    learning_rate, why = (args.learning_rate, f"{args.learning_rate:g} ({learning_rate_source(args)}; "
+                          f"{describe_rules(config)})") if args.learning_rate is not None else default_learning_rate(config)
     args.learning_rate = learning_rate  # recorded with the run's arguments
 
     def parameter_groups(module):  # of the whole model: depth-dependent groups see the whole stack

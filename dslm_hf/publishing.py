@@ -346,13 +346,17 @@ def depth_comparison(results: dict) -> str | None:
     same = results.get("baselines", {}).get("same_parameters")
     if same is None:
         return None
-    loss, layers = results["metrics"]["loss"], same.get("decoder_layers") or same.get("num_hidden_layers")
-    gap = loss - same["loss"]
-    shallow = f"its same-parameter {layers}-layer, width-{same['hidden_size']} model" if layers else \
-        f"its same-parameter width-{same['hidden_size']} model"
-    return (f"Trained identically (same data, steps and tokens), {shallow} scores held-out loss {same['loss']:.4f}: "
-            + (f"depth did not pay at this budget, the shallow model is {gap:.4f} nats per token better."
-               if gap > 0 else f"this deeper model is {-gap:.4f} nats per token better."))
+    loss, gap = results["metrics"]["loss"], results["metrics"]["loss"] - same["loss"]
+    stacks = " + ".join(f"{layers}-layer {name.removesuffix('_layers')}" for name, layers in same.items()
+                        if name.endswith("_layers"))
+    model_rate = results.get("training", {}).get("peak_learning_rate")
+    same_rate = same.get("training", {}).get("peak_learning_rate")
+    how = "Trained identically (same data, steps and tokens)" if same_rate == model_rate else \
+        f"Trained on the same data, steps and tokens at peak learning rate {same_rate:g} (this model: {model_rate:g})"
+    verdict = ("depth did not pay at this budget, the shallow model is {:.4f} nats per token better." if gap > 0
+               else "this deeper model is {:.4f} nats per token better." if gap < 0 else "a tie ({:.4f}).")
+    return (f"{how}, its same-parameter {stacks}, width-{same['hidden_size']} model scores held-out loss "
+            f"{same['loss']:.4f} against {loss:.4f}: " + verdict.format(abs(gap)))
 
 
 def card_limitations(config: DeepScaleLMConfig, results: dict, task: str) -> str:

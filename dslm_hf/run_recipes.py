@@ -143,7 +143,7 @@ def _flags(name: str) -> list[str]:
 
 
 def explicit_values(argv: list[str], names: tuple[str, ...], prog: str = "dslm-pretrain") -> dict:
-    """The values of the flags `names` that `argv` gives explicitly (argparse reads them, abbreviations aside)."""
+    """The values of the flags `names` that `argv` gives explicitly (argparse reads them; dslm-pretrain refuses abbreviated flags, so none slips past)."""
     scout = usage_errors_as_user_errors(argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False))
     for name in names:
         scout.add_argument(*_flags(name), dest=name, default=None)
@@ -224,7 +224,8 @@ def parse_config_overrides(text: str | None) -> dict:
         return {}
     kinds = config_field_kinds()
     target = _OverrideTarget(kinds)
-    for item in text.split(","):  # update_from_string's own split; one item at a time, so an error names its item
+    items = [item.strip() for item in text.split(",")]  # update_from_string's own split, blanks around items allowed
+    for item in filter(None, items):  # one item at a time, so an error names its item; a trailing comma is harmless
         key, sep, _ = item.partition("=")
         if sep and key not in kinds:
             check_known_keys([key], kinds, "--config_overrides")

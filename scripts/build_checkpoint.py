@@ -74,6 +74,11 @@ def parse_args(argv: list[str]):
     split = argv.index("--")
     args = parser.parse_args(argv[:split])
     args.pretrain_args = argv[split + 1:]
+    for flag in ("--validation_fraction", "--validation-fraction", "--dataset"):
+        if any(arg == flag or arg.startswith(flag + "=") for arg in args.pretrain_args):
+            raise UserError(f"{flag} after --: build_checkpoint.py sets dslm-pretrain's held-out share and text itself "
+                            "(so the card is evaluated on the paragraphs training never saw): give --validation_fraction "
+                            "and --text_file before --")
     if args.output is not None and args.output_dir is not None and args.output != args.output_dir:
         raise UserError(f"OUTPUT {args.output} and --output_dir {args.output_dir} differ: give the staged folder once")
     args.output = args.output or args.output_dir

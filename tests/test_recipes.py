@@ -166,6 +166,27 @@ def test_config_overrides_are_read_with_update_from_string():
         "hidden_dropout_prob": 0.0, "num_hidden_layers": 4, "layernorm_scaling": True, "hidden_act": "gelu",
         "decoder_layers": 3}
     assert isinstance(pretraining.parse_config_overrides("hidden_dropout_prob=0")["hidden_dropout_prob"], float)
+    # blanks around items and a trailing comma, as the hand-written parser before it accepted
+    assert pretraining.parse_config_overrides("num_hidden_layers=4, hidden_size=32,") == {
+        "num_hidden_layers": 4, "hidden_size": 32}
+
+
+def test_an_abbreviated_flag_is_refused_rather_than_laid_under_the_recipes_model(capfd):
+    """`--pre tiny` would otherwise parse as --preset tiny unseen by the recipe's check for an explicit preset."""
+    line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "deepscalelm-16x64-byte-decoder", "--dataset",
+                                                           str(EXCERPT), "--output_dir", "x", "--pre", "tiny"]))
+    assert line.startswith("dslm-pretrain: error: ") and "--pre" in line
+
+
+def test_build_checkpoint_refuses_the_held_out_share_or_text_after_the_separator(capfd):
+    main = load_build_script().main
+    common = ["staged", "--repo_id", "me/x", "--text_file", str(EXCERPT), "--run_dir", "runs", "--"]
+    for extra in (["--validation_fraction", "0.2"], ["--dataset=other.txt"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(common + ["--recipe", "deepscalelm-16x64-byte-decoder", *extra])
+        assert exit_info.value.code == 2
+        line = capfd.readouterr().err.strip()
+        assert "after --: build_checkpoint.py sets dslm-pretrain's held-out share and text itself" in line, line
 
 
 @pytest.mark.parametrize("name", SHIPPED)

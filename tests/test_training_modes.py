@@ -126,3 +126,18 @@ def test_a_resume_is_bit_identical_in_every_mode(tmp_path, mode):
     assert sorted(expected) == [1, 2, 3, 4] and losses == expected  # bit-identical floats
     step_4 = [folder / "checkpoints" / "step_00000004" / "model.safetensors" for folder in (uninterrupted, resumed)]
     assert step_4[0].read_bytes() == step_4[1].read_bytes()
+
+
+@pytest.mark.parametrize("order", ["encoder-first", "decoder-first"])
+def test_tied_copies_fill_a_chain_whatever_the_order_of_the_pairs(order):
+    """A one-process seq2seq checkpoint stores the three tied tensors once, as lm_head.weight (safetensors keeps the
+    alphabetically first name); the resume fills the encoder and decoder embeddings whichever pair comes first."""
+    from dslm_hf.parallel import with_tied_copies
+    pairs = {"encoder.embed_tokens.weight": "lm_head.weight",
+             "decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+    if order == "decoder-first":
+        pairs = dict(reversed(list(pairs.items())))
+    weight = torch.ones(2)
+    state = with_tied_copies(SimpleNamespace(_tied_weights_keys=pairs), {"lm_head.weight": weight})
+    assert sorted(state) == ["decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "lm_head.weight"]
+    assert all(tensor is weight for tensor in state.values())
