@@ -1,5 +1,6 @@
 """What a transformers 5.24 user relies on, behaving as in native models (issue 11's silent failures, one test each)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -219,8 +220,9 @@ def test_automodel_gives_the_seq2seq_base_model_through_remote_code(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS, ids=lambda p: p.name)
 def test_device_map_auto_loads_every_shipped_checkpoint(checkpoint):
-    auto_class = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM,
-                  "encoder-decoder": AutoModelForSeq2SeqLM}[checkpoint.name.split("l-", 1)[1]]
+    config = json.loads((checkpoint / "config.json").read_text())
+    auto_class = AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else \
+        AutoModelForCausalLM if config.get("is_decoder") else AutoModelForMaskedLM
     placed = auto_class.from_pretrained(checkpoint, device_map="auto").eval()
     plain = auto_class.from_pretrained(checkpoint).eval()
     assert {p.device.type for p in placed.parameters()} == {"cpu"}  # placement ran (the MLM used to IndexError)
