@@ -33,7 +33,6 @@ Everything else is refused with the reason (`ExportRefusal`).
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile

@@ -55,10 +55,6 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole, unsharded state dict on CPU (a collective: every rank must call it; rank 0 receives it)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -285,6 +285,12 @@ def _format_training_value(name: str, value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
+def twin_stacks(same: dict) -> str:
+    """'4-layer decoder' (' + '-joined per stack) of a same-parameter baseline record."""
+    return " + ".join(f"{layers}-layer {name.removesuffix('_layers')}" for name, layers in same.items()
+                      if name.endswith("_layers"))
+
+
 def baseline_and_training_rows(results: dict) -> list[tuple[str, str]]:
     """Card rows of the baselines, gradient spread and training curve an evaluation record holds
     (scripts/build_checkpoint.py writes them; the baselines with dslm_hf.baselines.held_out_baselines, on the same
@@ -292,9 +298,7 @@ def baseline_and_training_rows(results: dict) -> list[tuple[str, str]]:
     baselines, rows = results.get("baselines", {}), []
     if "same_parameters" in baselines:
         same = baselines["same_parameters"]
-        stacks = " + ".join(f"{layers}-layer {name.removesuffix('_layers')}" for name, layers in same.items()
-                            if name.endswith("_layers"))
-        rows.append((f"same-parameter shallow model ({stacks}, width-{same['hidden_size']}, {same['parameters']:,} "
+        rows.append((f"same-parameter shallow model ({twin_stacks(same)}, width-{same['hidden_size']}, {same['parameters']:,} "
                      "parameters; same data, tokens and steps): held-out loss / perplexity",
                      f"{same['loss']:.4f} / {same['perplexity']:.2f}"))
     if "ngram" in baselines:
@@ -347,15 +351,13 @@ def depth_comparison(results: dict) -> str | None:
     if same is None:
         return None
     loss, gap = results["metrics"]["loss"], results["metrics"]["loss"] - same["loss"]
-    stacks = " + ".join(f"{layers}-layer {name.removesuffix('_layers')}" for name, layers in same.items()
-                        if name.endswith("_layers"))
     model_rate = results.get("training", {}).get("peak_learning_rate")
     same_rate = same.get("training", {}).get("peak_learning_rate")
     how = "Trained identically (same data, steps and tokens)" if same_rate == model_rate else \
         f"Trained on the same data, steps and tokens at peak learning rate {same_rate:g} (this model: {model_rate:g})"
     verdict = ("depth did not pay at this budget, the shallow model is {:.4f} nats per token better." if gap > 0
                else "this deeper model is {:.4f} nats per token better." if gap < 0 else "a tie ({:.4f}).")
-    return (f"{how}, its same-parameter {stacks}, width-{same['hidden_size']} model scores held-out loss "
+    return (f"{how}, its same-parameter {twin_stacks(same)}, width-{same['hidden_size']} model scores held-out loss "
             f"{same['loss']:.4f} against {loss:.4f}: " + verdict.format(abs(gap)))
 
 
