@@ -320,6 +320,16 @@ def baseline_and_training_rows(results: dict) -> list[tuple[str, str]]:
     for stack, initial in (spread or {}).get("initialisation", {}).items():
         rows.append((f"per-layer weight-gradient spread (max/min, {stack}): at initialisation -> trained",
                      f"{initial:.2f} -> {spread['trained'][stack]:.2f}"))
+    signals = results.get("layer_signals")  # build_checkpoint.py: the run's --signal_every measurements
+    if signals:
+        first, last = signals["first"], signals["last"]
+        rows.append(("per-layer weight gradient during training (training batches), first / last layer norm and "
+                     "max / min over layers, at steps "
+                     f"{first['step']:,} -> {last['step']:,}",
+                     f"{first['grad_first_last']:.2f} -> {last['grad_first_last']:.2f}; "
+                     f"{first['grad_spread']:.2f} -> {last['grad_spread']:.2f}"))
+    for measured in results.get("layer_usefulness", []):  # build_checkpoint.py --usefulness_blocks
+        rows.append((f"per-layer usefulness ({measured['label']})", measured["summary"]))
     curve = results.get("training_curve")
     if curve:
         rows.append(("held-out loss during training (its evaluation blocks), step: loss",
@@ -445,6 +455,7 @@ def render_model_card(config: DeepScaleLMConfig, results: dict, repo_id: str) ->
         eval_dataset_description=held_out,
         architecture_rows=architecture_rows(config),
         training_rows=training_rows,
+        figures=sorted(results.get("figures", {}).items()),
         limitations=limitations,
     )
 
@@ -490,6 +501,22 @@ def find_evaluated_text(results: dict, eval_file: Path, checkpoint_dir: Path) ->
                          "--verify-eval TEXT_FILE, or pass --no-verify-eval to publish the recorded numbers unverified")
 
 
+def figure_files(results: dict, folder: Path) -> list[str]:
+    """The figures (and their data files) an evaluation record's card shows, each checked to be a plain file name
+    present in `folder` (the record's own folder) before anything is staged."""
+    names = []
+    for name in results.get("figures", {}):
+        if Path(name).name != name or not name.endswith(".png"):
+            raise PublishRefusal(f"evaluation file names figure {name!r}: figures are .png files beside it")
+        names += [name] + ([Path(name).with_suffix(".json").name]
+                           if (folder / Path(name).with_suffix(".json").name).is_file() else [])
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise PublishRefusal(f"the card shows {', '.join(missing)}, which {folder} lacks: keep the figures beside the "
+                             "evaluation file")
+    return names
+
+
 def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval_file: Path | None,
                      max_shard_size: str = "5GB", verify_text_file: Path | None = None, verify: bool = False) -> Path:
     """Write the Hub repository folder for `checkpoint_dir` into the empty or new `staging_dir`, refusing
@@ -502,6 +529,7 @@ def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval
     config = check_checkpoint(checkpoint_dir)
     check_tokenizer_files(checkpoint_dir)
     results = load_eval_file(eval_file, checkpoint_dir, config)
+    figure_files(results, Path(eval_file).parent)
     if verify and verify_text_file is None:
         verify_text_file = find_evaluated_text(results, eval_file, checkpoint_dir)
     if verify or verify_text_file is not None:
@@ -515,6 +543,8 @@ def stage_repository(checkpoint_dir: Path, staging_dir: Path, repo_id: str, eval
     save_tokenizer(tokenizer, staging_dir, config)
     render_model_card(config, results, repo_id).save(staging_dir / "README.md")
     shutil.copyfile(eval_file, staging_dir / EVAL_FILE_NAME)
+    for name in figure_files(results, Path(eval_file).parent):
+        shutil.copyfile(Path(eval_file).parent / name, staging_dir / name)
     check_staged_repository(staging_dir, config, results)
     give_normal_permissions(staging_dir)
     return staging_dir

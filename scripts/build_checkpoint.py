@@ -35,12 +35,27 @@ from dslm_hf.baselines import held_out_baselines, same_parameter_shape, weight_g
 from dslm_hf.cli import UserError, run_command, usage_errors_as_user_errors
 from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.data import hold_out_documents, load_corpus, pack_into_blocks
+from dslm_hf.diagnostics import usefulness_sources
+from dslm_hf.files import write_text_atomically
+from dslm_hf.layer_usefulness import causal_lm_batches, measure_layer_usefulness, plot_usefulness, summary_line
+from dslm_hf.monitoring import SCALARS as SIGNAL_SCALARS, plot_signals, read_signals
 from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, parameter_count, stage_repository,
                                 write_eval_file)
 from dslm_hf.run_metrics import read_metrics
 
 DEFAULT_HELD_OUT_FRACTION = 0.1  # without a recipe: the share the shipped checkpoints were evaluated on
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
+SIGNAL_CURVES = 6  # measurements of the layer signals drawn in the staged figure
+TRAINING_FIGURE, SIGNALS_FIGURE, USEFULNESS_FIGURE = "training_curve.png", "layer_signals.png", "usefulness.png"
+TRAINING_CAPTION = ("Held-out loss during training (each run's evaluation blocks) against training tokens, for this "
+                    "model and its same-parameter shallow twin; the count baselines, fitted on the whole training "
+                    "split and scored on all held-out blocks, as horizontal lines.")
+LAYER_SIGNALS_CAPTION = ("Per-layer weight-gradient norm, variance of the residual stream and its shared-across-tokens "
+                         "fraction during training (dslm_hf.monitoring, measured on training batches), from the first "
+                         "measurement to the last.")
+USEFULNESS_CAPTION = ("Per-layer usefulness on the first {blocks} held-out blocks (dslm_hf.layer_usefulness): the loss "
+                      "increase when the layer is skipped, the angular distance between its input and output stream, "
+                      "and its share of the gradient norm^2; one curve per kept checkpoint and the final weights.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline_learning_rate", "--baseline-learning-rate", type=float, default=None,
                         help="peak learning rate of the baseline (default: the model's)")
     parser.add_argument("--ngram_order", "--ngram-order", type=int, default=4, help="order of the Kneser-Ney baseline (causal LM)")
+    parser.add_argument("--usefulness_blocks", type=int, default=0,
+                        help="causal LM: measure the per-layer usefulness (dslm_hf.layer_usefulness: ablation cost, "
+                        "angular distance, gradient share) of each checkpoint the model's run kept (--save_steps) and of "
+                        "its final weights on the first N held-out blocks, staged as usefulness.png/usefulness.json "
+                        "and summarised on the card (0: not measured; each measurement costs N/batch x layers forward "
+                        "passes)")
     return parser
 
 
@@ -91,6 +112,8 @@ def parse_args(argv: list[str]):
         args.held_out_fraction = DEFAULT_HELD_OUT_FRACTION if recipe_share is None else recipe_share
     if args.baseline_layers < 1 or args.ngram_order < 1:
         raise UserError("--baseline-layers and --ngram-order must be >= 1")
+    if args.usefulness_blocks < 0:
+        raise UserError(f"--usefulness_blocks must be >= 0, got {args.usefulness_blocks}")
     return args
 
 
@@ -172,9 +195,78 @@ def gradient_spreads(final_dir: Path, settings, text_file: Path, held_out_fracti
             "trained": weight_gradient_spread(trained, input_ids)}
 
 
-def check_sized_by_steps(model_argv: list[str]) -> None:
-    """Refuse a time limit: the model and its twin must train the same steps under the same schedule."""
-    minutes = pretraining.parse_arguments(model_argv).max_train_minutes
+def eval_curve(run: Path) -> list[tuple[int, float]]:
+    """(optimizer step, held-out loss on the run's evaluation blocks) of every evaluation of a dslm-pretrain run."""
+    return [(record["step"], record["eval_loss"]) for record in read_metrics(run / "metrics.jsonl") if "eval_loss" in record]
+
+
+def training_figure(results: dict, run_dir: Path, path: Path) -> dict:
+    """Held-out loss against training tokens of the model and its same-parameter twin, with the count baselines'
+    losses (fitted on the whole training split) as horizontal lines; {file name: caption} for the card."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens_per_step = results["training"]["batch_size_blocks"] * results["training"]["block_size"]
+    baselines = results["baselines"]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for label, run in (("this model", run_dir / "model"), ("same-parameter shallow twin", run_dir / "same-parameters")):
+        curve = eval_curve(run)
+        axis.plot([step * tokens_per_step for step, _ in curve], [loss for _, loss in curve], marker="o", label=label)
+    for key, style in (("ngram", "--"), ("unigram", ":")):
+        if key in baselines:
+            name = f"{baselines[key]['order']}-gram (Kneser-Ney)" if key == "ngram" else "unigram"
+            axis.axhline(baselines[key]["loss"], linestyle=style, color="grey",
+                         label=f"{name} on all training tokens: {baselines[key]['loss']:.3f}")
+    axis.set(xlabel="training tokens", ylabel="held-out loss (nats per token)", xscale="log")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return {path.name: TRAINING_CAPTION}
+
+
+def signals_figure(log: Path, path: Path) -> dict:
+    """Plot (at most SIGNAL_CURVES measurements, first and last included) and summarise a run's layer signals."""
+    rows = read_signals(log)
+    picked = sorted({round(i * (len(rows) - 1) / max(1, SIGNAL_CURVES - 1)) for i in range(min(SIGNAL_CURVES, len(rows)))})
+    plot_signals([rows[i] for i in picked], path)
+    return {"measurements": len(rows), **{
+        name: {"step": row["step"], **{key: row[key] for key in SIGNAL_SCALARS}}
+        for name, row in (("first", rows[0]), ("last", rows[-1]))}}
+
+
+def usefulness_figure(run: Path, final_dir: Path, settings, text_file: Path, held_out_fraction: float, blocks: int,
+                      final_step: int, path: Path) -> list[dict]:
+    """Per-layer usefulness of each kept checkpoint (not the final step's twice) and of the final model on the
+    first `blocks` held-out blocks: usefulness.png, usefulness.json next to it, summaries for the evaluation file."""
+    tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=False)
+    held_out = hold_out_documents(load_corpus(str(text_file)), held_out_fraction)["validation"]
+    blocks_ids = pack_into_blocks(held_out, tokenizer, settings.block_size)[:blocks]["input_ids"]
+    batches = causal_lm_batches([token for block in blocks_ids for token in block], settings.block_size, blocks,
+                                settings.per_device_eval_batch_size)
+    sources, _ = usefulness_sources(str(run))
+    measured = []
+    for label, load in sources:
+        if label == f"step {final_step}":  # the last checkpoint holds the final weights
+            continue
+        result = measure_layer_usefulness(load(), batches, progress=True)
+        measured.append({"label": label, "summary": summary_line(result, label), **result})
+    write_text_atomically(path.with_suffix(".json"), json.dumps({"blocks": len(blocks_ids), "measurements": measured}))
+    plot_usefulness([(m["label"], m) for m in measured], path, title=f"Per-layer usefulness ({len(blocks_ids)} held-out blocks)")
+    return [{"label": m["label"], "loss": m["loss"], "summary": m["summary"]} for m in measured]
+
+
+def check_sized_by_steps(model_argv: list[str], usefulness_blocks: int) -> None:
+    """Refuse a time limit (the model and its twin must train the same steps under the same schedule) and a
+    usefulness measurement of a model it does not apply to, before anything trains."""
+    settings = pretraining.parse_arguments(model_argv)
+    if usefulness_blocks and settings.objective != "clm":
+        raise UserError(f"--usefulness_blocks {usefulness_blocks}: the per-layer usefulness is measured here for causal "
+                        f"LMs (--objective clm), not --objective {settings.objective}; measure other models with "
+                        "dslm-diagnose --usefulness")
+    minutes = settings.max_train_minutes
     if minutes is not None:
         raise UserError(f"--max_train_minutes {minutes:g}: a time limit that fires cuts the model's learning-rate "
                         "schedule mid-way, while its same-parameter twin trained for the same steps decays fully; "
@@ -185,7 +277,7 @@ def build(argv: list[str]) -> None:
     args = parse_args(argv)
     common = ["--dataset", str(args.text_file), "--validation_fraction", str(args.held_out_fraction)]
     model_argv = without_option(args.pretrain_args, "--output_dir") + ["--output_dir", str(args.run_dir / "model")] + common
-    check_sized_by_steps(model_argv)
+    check_sized_by_steps(model_argv, args.usefulness_blocks)
     final_dir, training, settings = train_run(model_argv, args.dataset_name, args.held_out_fraction)
     config = DeepScaleLMConfig.from_pretrained(final_dir)
 
@@ -208,6 +300,16 @@ def build(argv: list[str]) -> None:
     results["training_curve"] = [{"step": record["step"], "eval_loss": record["eval_loss"]}
                                  for record in read_metrics(args.run_dir / "model" / "metrics.jsonl")
                                  if "eval_loss" in record]
+    model_run = args.run_dir / "model"
+    results["figures"] = training_figure(results, args.run_dir, model_run / TRAINING_FIGURE)
+    if (model_run / "layer_signals.jsonl").is_file():  # the run's --signal_every: per-layer signals over training
+        results["layer_signals"] = signals_figure(model_run / "layer_signals.jsonl", model_run / SIGNALS_FIGURE)
+        results["figures"][SIGNALS_FIGURE] = LAYER_SIGNALS_CAPTION
+    if args.usefulness_blocks:
+        results["layer_usefulness"] = usefulness_figure(
+            model_run, final_dir, settings, args.text_file, args.held_out_fraction, args.usefulness_blocks,
+            training["optimizer_steps"], model_run / USEFULNESS_FIGURE)
+        results["figures"][USEFULNESS_FIGURE] = USEFULNESS_CAPTION.format(blocks=args.usefulness_blocks)
     write_eval_file(same_results, args.run_dir / "same-parameters" / "eval_results.json")
     eval_file = write_eval_file(results, args.run_dir / "model" / "eval_results.json")
     stage_repository(final_dir, args.output, args.repo_id, eval_file)
