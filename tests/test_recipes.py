@@ -17,8 +17,8 @@ from dslm_hf import cli, pretraining, run_recipes
 from dslm_hf.run_metrics import read_metrics
 from shakespeare_data import EXCERPT
 
-SHIPPED = ["deepscalelm-16x64-byte-decoder", "deepscalelm-48l-decoder", "deepscalelm-48l-encoder",
-           "deepscalelm-48x48l-encoder-decoder"]
+SHIPPED = ["deepscalelm-1000x16-byte-decoder", "deepscalelm-16x64-byte-decoder", "deepscalelm-48l-decoder",
+           "deepscalelm-48l-encoder", "deepscalelm-48x48l-encoder-decoder"]
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
