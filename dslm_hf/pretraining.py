@@ -61,6 +61,7 @@ from .cli import (COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SHARE, Rang
 from .configuration_deepscalelm import DeepScaleLMConfig
 from .evaluation import evaluate, to_device
 from .files import write_json_atomically
+from .layers import find_layer_stacks
 from .model_size import check_training_fits
 from .modeling_deepscalelm import IGNORE_INDEX
 from .monitoring import LayerSignalMonitor
@@ -84,6 +85,7 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 # What a run writes into its folder: a fresh run refuses a folder holding any of them (without --overwrite_output_dir,
 # which deletes them), so that no finished model or metric record is replaced silently.
 RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "layer_signals.jsonl",
@@ -152,7 +154,21 @@ class PretrainingArguments:
     max_train_minutes: float | None = field(default=None, metadata={
         "help": "Stop (evaluate, save) after this many minutes even before max_steps; the schedule stays set by max_steps."})
     mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISIONS} (through Accelerator)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": f"Attention kernel, one of {ATTENTION_IMPLEMENTATIONS} (from_config's attn_implementation); default: "
+                "transformers' choice (sdpa where torch has it). flash_attention_2 needs a GPU and the flash-attn package."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "Compile each layer in place (nn.Module.compile: regional compilation, the layers share one graph, "
+                "parameter names and checkpoints unchanged). The first steps are slow while it compiles. One process "
+                "or DDP; not with --fully_shard or --pipeline_parallel_size."})
+    torch_compile_backend: str = field(default="inductor", metadata={
+        "help": "torch.compile backend for --torch_compile ('inductor'; 'aot_eager' or 'eager' check the wiring "
+                "without generating code)."})
     seed: int = 42
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of each process (torch.set_num_threads); default: torch's (OMP_NUM_THREADS, else the "
+                "cores; accelerate launch divides them among its processes). On a quiet 2-core machine two threads "
+                "stepped 1.1-1.4x faster than one; beside another busy process one thread was up to 5x faster."})
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate every N steps (and at the end)."})
     max_eval_blocks: int = field(default=256, metadata={"help": "Held-out blocks evaluated each time."})
@@ -216,6 +232,13 @@ class PretrainingArguments:
             yield "mixed_precision", f"expected one of {MIXED_PRECISIONS}"
         if self.depth_parameterization is not None and self.depth_parameterization not in DEPTH_PARAMETERIZATIONS:
             yield "depth_parameterization", f"expected one of {DEPTH_PARAMETERIZATIONS}"
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            yield "attn_implementation", f"expected one of {ATTENTION_IMPLEMENTATIONS}"
+        if self.torch_compile and (self.fully_shard or self.pipeline_parallel_size > 1):
+            yield "torch_compile", ("regional compilation is wired to the one-process and DDP loops: drop "
+                                    "--torch_compile, or --fully_shard/--pipeline_parallel_size")
+        if self.torch_compile and self.torch_compile_backend not in compile_backends():
+            yield "torch_compile_backend", f"expected one of {compile_backends()}"
         if self.fully_shard and self.mixed_precision == "fp16":
             yield "mixed_precision", "--fully_shard computes in bf16 or fp32: use --mixed_precision bf16 or no"
         yield from self.pipeline_problems()
@@ -244,7 +267,7 @@ PRETRAINING_RANGES = {
     **{name: COUNT for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
                                 "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps",
                                 "max_eval_blocks", "r0_sample_blocks", "num_processes", "checkpoints_total_limit",
-                                "pipeline_parallel_size", "pipeline_microbatches")},
+                                "pipeline_parallel_size", "pipeline_microbatches", "num_threads")},
     **{name: NON_NEGATIVE_COUNT for name in ("save_steps", "max_nonfinite_steps", "sample_max_new_tokens",
                                              "signal_every")},
     "vocab_size": Range(data.BYTE_LEVEL_MIN_VOCAB, integer=True),  # every byte and the special tokens
@@ -410,8 +433,33 @@ def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> D
     return config
 
 
-def build_model(config, objective: str):
-    return AUTO_MODEL_CLASSES[objective].from_config(config)
+def compile_backends() -> list[str]:
+    import torch._dynamo  # only when --torch_compile is asked for
+
+    return sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})  # the two debug ones check wiring
+
+
+def build_model(config, objective: str, attn_implementation: str | None = None):
+    """The objective's model from the config, with the asked attention kernel (a kernel this machine lacks, such
+    as flash_attention_2 without a GPU or the flash-attn package, is a user error naming the flag)."""
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        return AUTO_MODEL_CLASSES[objective].from_config(config, **kwargs)
+    except (ImportError, ValueError) as error:
+        if attn_implementation is None:
+            raise
+        raise UserError(f"--attn_implementation {attn_implementation}: {str(error).splitlines()[0]} "
+                        f"(pick another of {', '.join(ATTENTION_IMPLEMENTATIONS)})") from None
+
+
+def compile_layers(model, backend: str) -> int:
+    """Regional compilation: each layer of every residual stack compiled in place (nn.Module.compile), so the
+    repeated layer's graph is traced once and reused, and state_dict names, checkpoints and the final folder stay
+    those of the eager model. Returns the number of layers compiled."""
+    layers = [layer for _, stack in find_layer_stacks(model) for layer in stack]
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,9 +664,14 @@ def setup(args: PretrainingArguments, accelerator, mode: TrainingMode, resuming:
     config = build_model_config(args, tokenizer, train_blocks)
     accelerator.print(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
     set_seed(args.seed)
-    model = build_model(config, args.objective)
+    model = build_model(config, args.objective, args.attn_implementation)
     if args.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if args.torch_compile:
+        compiled = compile_layers(model, args.torch_compile_backend)
+        accelerator.print(f"--torch_compile: {compiled} layers compiled in place ({args.torch_compile_backend}); "
+                          "the first steps compile")
+    accelerator.print(f"attention: {model.config._attn_implementation}")
     accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{', '.join(f'{n} {l} layers' for n, l, _ in config.residual_stacks())}; "
                       f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
@@ -884,6 +937,7 @@ def train(args: PretrainingArguments) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
         project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
     check_checkpointing_supported(args, accelerator)
+    set_cpu_threads(args, accelerator)
     mode = training_mode(args, accelerator)
     check_model_fits(args, accelerator, kwargs, mode.weight_shards)
     lock = RunLock(run_dir)
@@ -907,6 +961,23 @@ def train(args: PretrainingArguments) -> dict:
         return result
     finally:
         lock.release()
+
+
+def set_cpu_threads(args: PretrainingArguments, accelerator) -> None:
+    """Apply --num_threads and say how many CPU threads each process computes with; when the machine's load average
+    shows other busy processes, say that oversubscribed threads slow every step and how to avoid it."""
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    if accelerator.device.type != "cpu":
+        return
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    line = (f"CPU threads: {threads} per process x {accelerator.num_processes} process(es) on {cores} cores"
+            + (" (--num_threads)" if args.num_threads is not None else " (torch's default; --num_threads sets it)"))
+    if load >= 1 and threads * accelerator.num_processes + load > cores + 0.5:
+        line += (f"; the 1-minute load average is {load:.1f}: other processes use these cores, and threads that "
+                 "outnumber the free cores can make each step several times slower (--num_threads 1 or fewer processes)")
+    accelerator.print(line)
 
 
 def release_the_process_group(run: Run) -> None:

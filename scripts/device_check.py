@@ -11,7 +11,8 @@
    of each and whether the resumed run reproduced the uninterrupted one bit for bit. On CPU the FSDP2 run uses two
    gloo ranks (one process has no process group to shard over).
 3. Throughput of a 192-layer DeepScaleLM (bf16 autocast, forward + backward + AdamW) without and with per-layer
-   (regional) compilation (accelerate's compile_regions: each DeepScaleLMLayer compiled once, then reused).
+   (regional) compilation (dslm_hf.pretraining.compile_layers, what dslm-pretrain --torch_compile does: each
+   DeepScaleLMLayer compiled in place, one graph reused by every layer).
 
 Prints one Markdown table and writes it with the raw numbers to OUTPUT_DIR/device_check.{md,json}.
 """
@@ -27,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import compile_regions
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
 from dslm_hf.cli import run_command, usage_errors_as_user_errors
+from dslm_hf.pretraining import compile_layers
 from dslm_hf.run_metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def measure_throughput(device: str, sizes: dict, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = DeepScaleLMForCausalLM(tiny_config(**sizes)).to(device)
     if compiled:
-        model = compile_regions(model, backend=sizes["backend"])
+        compile_layers(model, sizes["backend"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     input_ids = torch.randint(4096, (sizes["batch"], sizes["length"]), device=device)
 
@@ -168,7 +169,7 @@ def measure_throughput(device: str, sizes: dict, compiled: bool) -> dict:
     seconds = time.monotonic() - started
     tokens_per_second = sizes["steps"] * input_ids.numel() / seconds
     return {"check": f"throughput {sizes['layers']} layers bf16", "value": tokens_per_second, "ok": True,
-            "setting": f"compile_regions ({sizes['backend']})" if compiled else "eager (no compilation)",
+            "setting": f"compiled layers ({sizes['backend']})" if compiled else "eager (no compilation)",
             "result": f"{tokens_per_second:,.0f} tokens/s (first step {first:.1f} s)"}
 
 
@@ -178,7 +179,7 @@ def check_throughput(device: str, sizes: dict) -> list[dict]:
         try:
             rows.append(measure_throughput(device, sizes, compiled))
         except Exception as error:  # a compiler missing on this machine: say so, keep the other numbers
-            rows.append({"check": f"throughput {sizes['layers']} layers bf16", "setting": "compile_regions" if compiled
+            rows.append({"check": f"throughput {sizes['layers']} layers bf16", "setting": "compiled layers" if compiled
                          else "eager", "result": f"failed ({first_line(error)})", "ok": False})
     return rows
 

@@ -98,3 +98,53 @@ def test_time_limit_is_refused_so_model_and_twin_share_steps_and_schedule(tmp_pa
         "schedule mid-way, while its same-parameter twin trained for the same steps decays fully; size both runs by "
         "--max_steps instead (time a few steps first to choose it)\n")
     assert not (tmp_path / "runs").exists()  # refused before anything trained
+
+
+@pytest.mark.slow
+def test_smoke_build_stages_the_training_signal_and_usefulness_figures(tmp_path):
+    staged, runs = tmp_path / "staged", tmp_path / "runs"
+    smoke = [arg for arg in SMOKE]
+    smoke[smoke.index("--max_steps") + 1], smoke[smoke.index("--save_steps") + 1] = "4", "2"
+    smoke[smoke.index("--eval_steps") + 1] = "2"
+    load_script().main([str(staged), "--repo-id", "me/smoke", "--text-file", str(EXCERPT), "--run-dir", str(runs),
+                        "--baseline-layers", "3", "--usefulness_blocks", "3", "--", "--objective", "clm",
+                        "--signal_every", "2", *smoke])
+    record = json.loads((staged / "eval_results.json").read_text())
+    assert sorted(record["figures"]) == ["layer_signals.png", "training_curve.png", "usefulness.png"]
+    for name in ("layer_signals.png", "training_curve.png", "usefulness.png", "usefulness.json"):
+        assert (staged / name).read_bytes()[:4] == (b"\x89PNG" if name.endswith(".png") else b'{"bl')
+    # the kept checkpoints are steps 2 and 4; step 4 holds the final weights, which are measured once
+    usefulness = json.loads((staged / "usefulness.json").read_text())
+    assert usefulness["blocks"] == 3
+    assert [m["label"] for m in usefulness["measurements"]] == [m["label"] for m in record["layer_usefulness"]] \
+        == ["step 2", "final"]
+    final = usefulness["measurements"][-1]
+    assert len(final["layers"]) == 2 and final["tokens"] == 3 * 31
+    assert abs(sum(layer["gradient_share"] for layer in final["layers"]) - 1) < 1e-6
+    signals = record["layer_signals"]
+    # measured on the training batch of steps 1 and 3 (the first step of each --signal_every window)
+    assert signals["measurements"] == 2 and (signals["first"]["step"], signals["last"]["step"]) == (1, 3)
+    card = ModelCard.load(staged / "README.md").text
+    for name in record["figures"]:
+        assert f"![{name}]({name})" in card
+    assert f"| per-layer usefulness (final) | {record['layer_usefulness'][-1]['summary']} |" in card
+    assert (f"at steps 1 -> 3 | {signals['first']['grad_first_last']:.2f} -> "
+            f"{signals['last']['grad_first_last']:.2f}; ") in card
+    # publishing the staged folder again carries the figures; a record naming a missing figure is refused first
+    from dslm_hf.publishing import PublishRefusal, stage_repository
+    again = stage_repository(staged, tmp_path / "again", "me/smoke", staged / "eval_results.json")
+    assert (again / "usefulness.png").read_bytes() == (staged / "usefulness.png").read_bytes()
+    (staged / "layer_signals.png").unlink()
+    with pytest.raises(PublishRefusal, match="the card shows layer_signals.png, which .* lacks"):
+        stage_repository(staged, tmp_path / "refused", "me/smoke", staged / "eval_results.json")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_usefulness_of_a_masked_lm_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(CommandExit):
+        load_script().main([str(tmp_path / "staged"), "--repo-id", "me/smoke", "--text-file", str(EXCERPT),
+                            "--run-dir", str(tmp_path / "runs"), "--usefulness_blocks", "2", "--", "--objective", "mlm",
+                            *SMOKE])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("build_checkpoint.py: error: --usefulness_blocks 2: the per-layer usefulness is measured")
+    assert not (tmp_path / "runs").exists()

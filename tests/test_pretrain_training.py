@@ -3,6 +3,7 @@ skipped and counted, the final folder loads, bad arguments are clear errors."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -95,6 +96,7 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     (["--preset", "tiny", "--config_name", "x.json"], "either --preset or --config_name"),
     (["--mixed_precision", "fp8"], "--mixed_precision='fp8' is invalid"),
     (["--block_size", "0"], "--block_size=0 is invalid"),
+    (["--num_threads", "0"], "--num_threads=0 is invalid"),
     (["--max_steps", "ten"], "invalid int value: 'ten'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
@@ -173,6 +175,18 @@ def test_learning_rate_is_picked_from_depth_and_logged_when_not_given(tmp_path, 
     inside = 8e-3 * (layers / base) ** -0.5  # depth-muP: layer learning rate * (L / L0)^-1/2
     assert "learning rate: base 0.008 (embeddings, final norm, head)" in log
     assert f"{inside:.3g} inside the {layers} layers (depth_mup rule from {base} layers)" in log
+
+
+def test_cpu_thread_count_is_set_recorded_and_said(tmp_path, capsys):
+    try:
+        run_in_process(tmp_path, "--max_steps", 1, "--save_steps", 0, "--eval_steps", 100, "--num_threads", 2)
+    finally:
+        torch.set_num_threads(1)  # the suite's one thread per process (conftest.py), for the tests after this one
+    log = capsys.readouterr().out
+    assert f"CPU threads: 2 per process x 1 process(es) on {os.cpu_count()} cores (--num_threads)" in log
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["config"]["num_threads"] == 2
+    run_in_process(tmp_path / "default", "--max_steps", 1, "--save_steps", 0, "--eval_steps", 100)
+    assert "CPU threads: 1 per process x 1 process(es)" in capsys.readouterr().out  # the tests' one thread
 
 
 def test_layer_signals_are_logged_every_n_steps(tmp_path):

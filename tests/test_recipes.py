@@ -73,7 +73,8 @@ def one_line_error(capfd, run) -> str:
 
 
 def test_the_shipped_recipes_are_the_checkpoints_and_decoder_16x64_bytes():
-    assert run_recipes.shipped_recipes() == SHIPPED
+    # each checkpoint's recipe and its GPU version (tests/test_gpu_recipes.py)
+    assert run_recipes.shipped_recipes() == sorted(SHIPPED + [f"{name}-gpu" for name in SHIPPED])
     checkpoints = sorted(path.name for path in (Path(__file__).parents[1] / "checkpoints").iterdir() if path.is_dir())
     assert set(checkpoints) <= set(SHIPPED)
 
@@ -141,7 +142,8 @@ def test_a_bad_recipe_is_one_line_with_exit_2(tmp_path, capfd, content, expected
 def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, capfd):
     line = one_line_error(capfd, lambda: pretraining.main(["--recipe", "deepscalelm-16x64-byte-decode", "--output_dir", "x"]))
     assert line == ("dslm-pretrain: error: --recipe deepscalelm-16x64-byte-decode: no shipped recipe of that name; did you mean "
-                    f"'deepscalelm-16x64-byte-decoder'? shipped recipes: {', '.join(SHIPPED)} (or give the path of a recipe JSON file)")
+                    f"'deepscalelm-16x64-byte-decoder'? shipped recipes: {', '.join(run_recipes.shipped_recipes())} (or give the "
+                    "path of a recipe JSON file)")
     (tmp_path / "pickled.json").write_bytes(b"\x80\x04\x95")  # a pickle is not JSON, and is never unpickled
     line = one_line_error(capfd, lambda: pretraining.main(["--recipe", str(tmp_path / "pickled.json"), "--output_dir", "x"]))
     assert "is not JSON" in line
