@@ -66,7 +66,8 @@ def held_out_loss(model, blocks: torch.Tensor, collator, seed: int, batch_size: 
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for index, start in enumerate(range(0, len(blocks), batch_size)):
-            batch_sum, count = _batch_loss_sum(model, collator, blocks[start:start + batch_size], seed, index, 0, device)
+            batch = blocks[start:start + batch_size]
+            batch_sum, count = _batch_loss_sum(model, collator, batch, seed, index, 0, device)
             loss_sum += batch_sum
             tokens += count
     finally:
