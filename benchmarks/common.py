@@ -1,7 +1,8 @@
-"""Pieces every benchmark script shares: tinyshakespeare at character level, DeepScaleLM configs for it, a bounded
-training loop that reports loss, divergence and the per-layer gradient-norm spread, and the run metadata (machine,
-versions, date, git commit and dirty-tree flag at start, command, wall time, the text used) that goes with every
-result file.
+"""Pieces every benchmark script shares: tinyshakespeare at character level, DeepScaleLM configs for it, the one
+bounded training loop every benchmark trains through (`train`: the package's AdamW groups, `build_adamw`, and its
+held-out loss, `dslm_hf.evaluation.held_out_loss`) that reports loss, held-out curve, divergence and the per-layer
+gradient-norm spread, and the run metadata (machine, versions, date, git commit and dirty-tree flag at start,
+command, wall time, the text used) that goes with every result file.
 
 The scripts import this as `common`: Python puts a script's own folder first on sys.path, so each one runs from the
 repository root in one command, `python benchmarks/<name>.py --out benchmarks/results/<name>.json` (the tests add
@@ -27,10 +28,11 @@ from transformers import get_scheduler
 
 import dslm_hf
 from dslm_hf.data import CausalLMCollator, MaskedLMCollator
+from dslm_hf.evaluation import held_out_loss, to_device
 from dslm_hf.files import write_text_atomically
 from dslm_hf.layers import find_layer_stacks
 from dslm_hf.measurements import weight_gradient_norm
-from dslm_hf.optimization import depth_parameter_groups
+from dslm_hf.optimization import build_adamw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The whole tinyshakespeare where ../shared sits beside the repository, else the 300 KB excerpt shipped for the tests
@@ -156,6 +158,16 @@ def norm_spread(norms: list[float]) -> float:
 
 @dataclass
 class TrainingSettings:
+    """What `train` does with a model: every benchmark trains through it, so a field here, not a loop in a script,
+    is how a benchmark trains differently.
+
+    eval_every: measure the held-out loss every that many steps (before the step) and after the last one
+    (`TrainingResult.held_out_curve`); None measures it once, after training. eval_batch: blocks per held-out batch
+    (for masked LM it also fixes which masks each block gets). bf16: forward passes (training and held-out) under
+    torch.autocast(bfloat16) on the model's device. deadline_s: a run still training after that many seconds stops
+    (`cut_at`) and reports no validation_loss (its curve keeps what it measured).
+    """
+
     steps: int
     batch: int
     context: int
@@ -167,6 +179,10 @@ class TrainingSettings:
     validation_blocks: int = 64
     seed: int = 0
     log_every: int = 25
+    eval_every: int | None = None
+    eval_batch: int = 16
+    bf16: bool = False
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -182,43 +198,55 @@ class TrainingResult:
     grad_norm_spread_init: float
     grad_norm_spread_end: float
     train_curve: list[tuple[int, float]] = field(default_factory=list)
+    held_out_curve: list[tuple[int, float]] = field(default_factory=list)
+    cut_at: int | None = None
 
 
-@torch.no_grad()
-def validation_loss(model, collator, blocks: torch.Tensor, seed: int, batch: int = 16) -> float:
-    """Token-level mean loss over the held-out blocks (masked LM: the same masks for every model, from `seed`)."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    total, tokens = 0.0, 0
-    for start in range(0, len(blocks), batch):
-        inputs = collator(blocks[start:start + batch], generator)
-        count = int(collator.count_label_tokens(inputs))
-        total += float(model(**inputs).loss) * count
-        tokens += count
-    model.train()
-    return total / tokens
+def train(model, corpus, objective: str, settings: TrainingSettings) -> TrainingResult:
+    """Train `model` (on its device) for `settings.steps` steps and measure its held-out loss.
 
-
-def train(model, corpus: CharCorpus, objective: str, settings: TrainingSettings) -> TrainingResult:
-    """AdamW (decay on matrices only), warmup then `schedule`, clipping; stops at the first non-finite loss.
+    The optimizer is `dslm_hf.optimization.build_adamw` (betas (0.9, 0.98), eps 1e-8, decay on matrices only, the
+    model config's depth and width rules: the parameter groups dslm-pretrain trains with); warmup then
+    `settings.schedule` (transformers.get_scheduler), clipping at `max_grad_norm`; stops at the first non-finite loss.
+    `corpus` is a CharCorpus or anything with its `random_blocks` and `validation_blocks` (and `tokenizer` for mlm).
 
     The data order, masks and dropout depend only on `settings.seed`, so every model of a comparison sees the same
-    batches. The loss reported as final is the mean over the last 10% of the steps (a single batch is noisy).
+    batches. The loss reported as final is the mean over the last 10% of the steps (a single batch is noisy). Every
+    held-out number is `dslm_hf.evaluation.held_out_loss` over the same `validation_blocks` evenly spaced blocks,
+    `eval_batch` at a time, with masks seeded per batch from `settings.seed` (until this function used it, masked-LM
+    held-out masks came from one generator seeded with `settings.seed`: other masks, so mlm validation losses of
+    earlier result files differ from new ones by that sampling; causal-LM numbers are the same). `wall_s` is the
+    training loop's time, held-out measurements along the curve included, the final one not.
     """
-    collator = make_collator(objective, corpus.tokenizer)
-    optimizer = torch.optim.AdamW(depth_parameter_groups(model, settings.learning_rate, settings.weight_decay, eps=1e-8),
-                                  lr=settings.learning_rate, betas=(0.9, 0.98), eps=1e-8)
+    collator = make_collator(objective, getattr(corpus, "tokenizer", None))
+    device = next(model.parameters()).device
+    optimizer = build_adamw(model, settings.learning_rate, settings.weight_decay)
     scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                               num_training_steps=settings.steps)
+    held_out = corpus.validation_blocks(settings.context, settings.validation_blocks)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    tokens_per_step = settings.batch * settings.context
+
+    def measure() -> float:
+        with autocast:
+            return held_out_loss(model, held_out, collator, settings.seed, settings.eval_batch)
+
     data_generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     model.train()
-    losses, curve, norms_init, norms_end = [], [], [], []
-    diverged_at = None
+    losses, curve, held_out_curve, norms_init, norms_end = [], [], [], [], []
+    diverged_at = cut_at = None
     start = time.perf_counter()
     for step in range(settings.steps):
-        batch = collator(corpus.random_blocks(settings.batch, settings.context, data_generator), data_generator)
-        loss = model(**batch).loss
+        if settings.eval_every and step % settings.eval_every == 0:
+            held_out_curve.append((step * tokens_per_step, measure()))
+        if settings.deadline_s is not None and time.perf_counter() - start > settings.deadline_s:
+            cut_at = step
+            break
+        batch = to_device(collator(corpus.random_blocks(settings.batch, settings.context, data_generator),
+                                   data_generator), device)
+        with autocast:
+            loss = model(**batch).loss
         if not torch.isfinite(loss):
             diverged_at = step
             break
@@ -238,13 +266,16 @@ def train(model, corpus: CharCorpus, objective: str, settings: TrainingSettings)
     wall = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     diverged = diverged_at is not None
-    held_out = float("nan") if diverged else validation_loss(
-        model, collator, corpus.validation_blocks(settings.context, settings.validation_blocks), settings.seed)
+    final = float("nan") if diverged else measure()
+    if settings.eval_every:  # a cut run's last point at the tokens it trained on, else at the full budget
+        held_out_curve.append(((settings.steps if cut_at is None else cut_at) * tokens_per_step, final))
     return TrainingResult(
         steps_done=len(losses), diverged=diverged, diverged_at=diverged_at,
-        final_train_loss=float("nan") if diverged else sum(tail) / len(tail), validation_loss=held_out, wall_s=wall,
+        final_train_loss=float("nan") if diverged else sum(tail) / len(tail),
+        validation_loss=final if cut_at is None else float("nan"), wall_s=wall,
         layer_grad_norms_init=norms_init, layer_grad_norms_end=norms_end,
         grad_norm_spread_init=norm_spread(norms_init), grad_norm_spread_end=norm_spread(norms_end), train_curve=curve,
+        held_out_curve=held_out_curve, cut_at=cut_at,
     )
 
 

@@ -65,65 +65,32 @@ def parse_shape(shape: str) -> tuple[int, int]:
 
 
 def run_one(task: tuple, args: dict) -> dict:
+    """Train one shape at one base rate and seed through `common.train` (cosine schedule, no dropout); its held-out
+    curve is measured every `eval_every` steps, 32 blocks a batch."""
     import torch
-    from transformers import get_scheduler
-
-    from dslm_hf.optimization import depth_parameter_groups
 
     torch.set_num_threads(args["threads"])
     shape, learning_rate, seed = task
     layers, hidden = parse_shape(shape)
     corpus = load_corpus(args)
-    device = torch.device(args["device"])
     config = common.deepscalelm_config(
         corpus, "clm", layers=layers, hidden=hidden, heads=max(1, hidden // HEAD_SIZE), context=args["context"],
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, depth_parameterization=args["parameterization"],
         depth_base_layers=args["base_layers"])
-    model = common.build_deepscalelm(config, seed=seed).to(device)
+    model = common.build_deepscalelm(config, seed=seed).to(args["device"])
     if args["compile"]:
         for layer in model.model.layers:  # regional compilation: one compiled graph reused by every layer
             layer.compile()
-    optimizer = torch.optim.AdamW(depth_parameter_groups(model, learning_rate, 0.01, eps=1e-8),
-                                  lr=learning_rate, betas=(0.9, 0.98), eps=1e-8)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args["warmup"], num_training_steps=args["steps"])
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    held_out = corpus.validation_blocks(args["context"], args["validation_blocks"]).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["bf16"])
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = 0.0
-        for start in range(0, len(held_out), 32):
-            block = held_out[start:start + 32]
-            with autocast:
-                total += float(model(input_ids=block, labels=block).loss) * len(block)
-        model.train()
-        return total / len(held_out)
-
-    curve, started, diverged_at = [], time.perf_counter(), None
-    model.train()
-    for step in range(args["steps"]):
-        if step % args["eval_every"] == 0:
-            curve.append((step * args["batch"] * args["context"], evaluate()))
-        batch = corpus.random_blocks(args["batch"], args["context"], generator).to(device)
-        with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            diverged_at = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-    final = float("nan") if diverged_at is not None else evaluate()
-    curve.append((args["steps"] * args["batch"] * args["context"], final))
-    return {"shape": shape, "layers": layers, "hidden": hidden, "seed": seed, "learning_rate": learning_rate, "parameters": common.parameter_count(model),
+    settings = common.TrainingSettings(
+        steps=args["steps"], batch=args["batch"], context=args["context"], learning_rate=learning_rate,
+        warmup_steps=args["warmup"], schedule="cosine", validation_blocks=args["validation_blocks"], seed=seed,
+        log_every=max(1, args["steps"] // 10), eval_every=args["eval_every"], eval_batch=32, bf16=args["bf16"])
+    result = common.train(model, corpus, "clm", settings)
+    return {"shape": shape, "layers": layers, "hidden": hidden, "seed": seed, "learning_rate": learning_rate,
+            "parameters": common.parameter_count(model),
             "non_embedding_parameters": common.parameter_count(model, exclude_embeddings=True),
-            "validation_loss": final, "diverged_at": diverged_at, "curve": curve,
-            "wall_s": time.perf_counter() - started}
+            "validation_loss": result.validation_loss, "diverged_at": result.diverged_at,
+            "curve": result.held_out_curve, "wall_s": result.wall_s}
 
 
 def best_runs(records: list[dict], shapes: list[str]) -> dict[str, list[dict]]:

@@ -25,6 +25,8 @@ import torch
 
 import common
 
+from dslm_hf.optimization import build_adamw
+
 
 def parse_arguments(argv=None):
     parser = common.add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
@@ -75,7 +77,7 @@ def worker(args) -> dict:
     after_build = peak_rss_bytes()
     if args.checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_adamw(model, 1e-4)  # the package's AdamW groups, as every benchmark and dslm-pretrain
     ids = torch.randint(args.vocab, (args.batch, args.context), generator=torch.Generator().manual_seed(0))
     model.train()
     losses, start = [], time.perf_counter()

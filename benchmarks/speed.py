@@ -28,6 +28,7 @@ from transformers import (
 import common
 
 import dslm_hf
+from dslm_hf.optimization import build_adamw
 
 
 def shape_arguments(parser):
@@ -101,14 +102,15 @@ def bart(args):
 # Timed work
 # ----------------------------------------------------------------------------------------------------------------
 class TrainingStep:
-    """forward + backward + AdamW step on a fixed random batch; returns input tokens processed."""
+    """forward + backward + AdamW step (`dslm_hf.optimization.build_adamw`, for both models of a pair) on a fixed
+    random batch; returns input tokens processed."""
 
     def __init__(self, model, args, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, args.vocab, (args.batch, args.sequence), generator=generator)
         self.inputs = {"input_ids": ids, "labels": ids.clone()}
         self.model = model.train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.optimizer = build_adamw(model, 1e-4)  # a model without DeepScaleLM layers gets plain AdamW groups
         self.tokens = ids.numel()
 
     def __call__(self) -> int:

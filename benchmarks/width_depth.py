@@ -83,6 +83,7 @@ class LoadedCorpus:
         self.train_ids, self.validation_ids, self.vocab = data["train"], data["validation"], data["vocab"]
         self.pad, self.eos = data["pad"], data["eos"]
 
+    tokenizer = None  # ids only: common.train's causal-LM collator needs no tokenizer
     random_blocks = common.CharCorpus.random_blocks
     validation_blocks = common.CharCorpus.validation_blocks
 
@@ -113,63 +114,32 @@ def make_config(corpus: LoadedCorpus, layers: int, hidden: int, context: int, fi
 
 
 def run_one(task: dict, shared: dict) -> dict:
-    """Train one causal LM on `task`'s corpus; held-out loss on fixed blocks, curve, optional per-layer usefulness."""
+    """Train one causal LM on `task`'s corpus through `common.train` (cosine schedule, warmup 5% of the steps, no
+    dropout); held-out loss on fixed blocks (64 a batch), curve, optional per-layer usefulness."""
     import torch
-    from transformers import get_scheduler
-
-    from dslm_hf.optimization import build_adamw
 
     if task["kind"] == "ngram":
         return ngram_baselines(task, shared)
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.device(shared["device"])
     corpus = corpus_of(shared, task["corpus"])
     steps, batch, context = task["steps"], task["batch"], shared["context"]
     config = make_config(corpus, task["layers"], task["hidden"], context, task["fields"])
-    torch.manual_seed(task["seed"])
-    model = common.build_deepscalelm(config, seed=task["seed"]).to(device)
-    optimizer = build_adamw(model, task["learning_rate"], weight_decay=0.01)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
-    generator = torch.Generator().manual_seed(task["seed"])
-    held_out = corpus.validation_blocks(context, shared["validation_blocks"]).to(device)
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = sum(float(model(input_ids=held_out[i:i + 64], labels=held_out[i:i + 64]).loss) * len(held_out[i:i + 64])
-                    for i in range(0, len(held_out), 64))
-        model.train()
-        return total / len(held_out)
-
-    started, curve, diverged_at, cut_at = time.perf_counter(), [], None, None
-    eval_every = max(1, steps // shared["evaluations"])
-    model.train()
-    for step in range(steps):
-        if step % eval_every == 0 and task.get("curve"):
-            curve.append((step * batch * context, evaluate()))
-        if time.perf_counter() - started > shared["run_deadline_s"]:
-            cut_at = step
-            break
-        inputs = corpus.random_blocks(batch, context, generator).to(device)
-        loss = model(input_ids=inputs, labels=inputs).loss
-        if not torch.isfinite(loss):
-            diverged_at = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-    final = math.nan if diverged_at is not None else evaluate()
-    if task.get("curve"):
-        curve.append((steps * batch * context, final))
+    model = common.build_deepscalelm(config, seed=task["seed"]).to(shared["device"])
+    settings = common.TrainingSettings(
+        steps=steps, batch=batch, context=context, learning_rate=task["learning_rate"],
+        warmup_steps=max(1, steps // 20), schedule="cosine", validation_blocks=shared["validation_blocks"],
+        seed=task["seed"], log_every=max(1, steps // 10),
+        eval_every=max(1, steps // shared["evaluations"]) if task.get("curve") else None, eval_batch=64,
+        deadline_s=shared["run_deadline_s"])
+    result = common.train(model, corpus, "clm", settings)
     record = {**{k: v for k, v in task.items() if k != "fields"}, "fields": task["fields"],
-              "validation_loss": final if cut_at is None else math.nan, "diverged_at": diverged_at, "cut_at": cut_at,
+              "validation_loss": result.validation_loss, "diverged_at": result.diverged_at, "cut_at": result.cut_at,
               "tokens": steps * batch * context, "parameters": common.parameter_count(model),
-              "curve": curve, "wall_s": time.perf_counter() - started}
-    if task.get("usefulness") and diverged_at is None and cut_at is None:
-        record["usefulness"] = layer_usefulness(model, held_out[:shared["usefulness_blocks"]])
+              "curve": result.held_out_curve, "wall_s": result.wall_s}
+    if task.get("usefulness") and result.diverged_at is None and result.cut_at is None:
+        blocks = corpus.validation_blocks(context, shared["validation_blocks"])[:shared["usefulness_blocks"]]
+        record["usefulness"] = layer_usefulness(model, blocks.to(shared["device"]))
     return record
 
 
