@@ -33,6 +33,7 @@ from dslm_hf.files import write_text_atomically
 from dslm_hf.layers import find_layer_stacks
 from dslm_hf.measurements import weight_gradient_norm
 from dslm_hf.optimization import build_adamw
+from dslm_hf.provenance import code_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The whole tinyshakespeare where ../shared sits beside the repository, else the 300 KB excerpt shipped for the tests
@@ -282,31 +283,9 @@ def train(model, corpus, objective: str, settings: TrainingSettings) -> Training
 # ----------------------------------------------------------------------------------------------------------------
 # Bookkeeping
 # ----------------------------------------------------------------------------------------------------------------
-def code_version() -> dict:
-    """The commit the code was at and whether the tree differed from it (a dirty tree is not a recorded version).
-
-    git_dirty_paths leaves out benchmarks/results/ (other results are not code); without git both are None.
-    """
-    if os.environ.get("BENCH_GIT_COMMIT"):
-        # A copy sent to a device machine: its .git (if any) is not the sender's, so the sender records the commit
-        # and the uncommitted paths of the tree it sent.
-        dirty = [path for path in os.environ.get("BENCH_GIT_DIRTY_PATHS", "").split(",") if path]
-        return {"git_commit": os.environ["BENCH_GIT_COMMIT"], "git_dirty": bool(dirty), "git_dirty_paths": dirty}
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "git_dirty": None, "git_dirty_paths": None}
-    dirty = [line[3:] for line in status.splitlines() if not line[3:].startswith("benchmarks/results/")]
-    return {"git_commit": commit, "git_dirty": bool(dirty), "git_dirty_paths": dirty}
-
-
 # Taken when a benchmark script imports this module: the code its runs use, and the start of its wall time.
 RUN_STARTED = time.time()
-RUN_CODE = code_version()
+RUN_CODE = code_version(REPO_ROOT)
 
 
 def machine_description() -> dict:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import common
+from dslm_hf.pretraining import compile_layers
 
 HEAD_SIZE = 16
 CPU_SHAPES = ("4x128", "16x64", "64x32")
@@ -79,8 +80,7 @@ def run_one(task: tuple, args: dict) -> dict:
         depth_base_layers=args["base_layers"])
     model = common.build_deepscalelm(config, seed=seed).to(args["device"])
     if args["compile"]:
-        for layer in model.model.layers:  # regional compilation: one compiled graph reused by every layer
-            layer.compile()
+        compile_layers(model, "inductor")  # regional compilation, as dslm-pretrain --torch_compile
     settings = common.TrainingSettings(
         steps=args["steps"], batch=args["batch"], context=args["context"], learning_rate=learning_rate,
         warmup_steps=args["warmup"], schedule="cosine", validation_blocks=args["validation_blocks"], seed=seed,

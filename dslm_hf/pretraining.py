@@ -86,6 +86,10 @@ AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+# torch.compile backends that need no extra package (inductor first: the default); eager and aot_eager check the
+# wiring without generating code.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+COMPILE_RECOMPILE_LIMIT = 64
 # What a run writes into its folder: a fresh run refuses a folder holding any of them (without --overwrite_output_dir,
 # which deletes them), so that no finished model or metric record is replaced silently.
 RUN_OUTPUTS = ("checkpoints", "tokenizer", "model_config", "final", "metrics.jsonl", "layer_signals.jsonl",
@@ -167,8 +171,9 @@ class PretrainingArguments:
     seed: int = 42
     num_threads: int | None = field(default=None, metadata={
         "help": "CPU threads of each process (torch.set_num_threads); default: torch's (OMP_NUM_THREADS, else the "
-                "cores; accelerate launch divides them among its processes). On a quiet 2-core machine two threads "
-                "stepped 1.1-1.4x faster than one; beside another busy process one thread was up to 5x faster."})
+                "cores; dslm-pretrain --num_processes N sets OMP_NUM_THREADS to cores/N and accelerate launch to 1 "
+                "when it is unset). On a quiet 2-core machine two threads stepped 1.1-1.4x faster than one; beside "
+                "another busy process one thread was up to 5x faster."})
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate every N steps (and at the end)."})
     max_eval_blocks: int = field(default=256, metadata={"help": "Held-out blocks evaluated each time."})
@@ -237,8 +242,12 @@ class PretrainingArguments:
         if self.torch_compile and (self.fully_shard or self.pipeline_parallel_size > 1):
             yield "torch_compile", ("regional compilation is wired to the one-process and DDP loops: drop "
                                     "--torch_compile, or --fully_shard/--pipeline_parallel_size")
-        if self.torch_compile and self.torch_compile_backend not in compile_backends():
-            yield "torch_compile_backend", f"expected one of {compile_backends()}"
+        if self.torch_compile_backend != COMPILE_BACKENDS[0] and not self.torch_compile:
+            yield "torch_compile_backend", "it applies to --torch_compile only: add --torch_compile or drop it"
+        if self.torch_compile:
+            problem = compile_backend_problem(self.torch_compile_backend)
+            if problem:
+                yield "torch_compile_backend", problem
         if self.fully_shard and self.mixed_precision == "fp16":
             yield "mixed_precision", "--fully_shard computes in bf16 or fp32: use --mixed_precision bf16 or no"
         yield from self.pipeline_problems()
@@ -433,10 +442,21 @@ def build_model_config(args: PretrainingArguments, tokenizer, train_blocks) -> D
     return config
 
 
-def compile_backends() -> list[str]:
-    import torch._dynamo  # only when --torch_compile is asked for
+def compile_backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot compile here (None when it can): the backends torch ships without extra packages, and
+    inductor's code generator (a C++ compiler on CPU, triton on a GPU)."""
+    if backend not in COMPILE_BACKENDS:
+        return f"expected one of {COMPILE_BACKENDS}"
+    if backend != "inductor":
+        return None
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
 
-    return sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})  # the two debug ones check wiring
+        return None if has_triton() else "inductor needs triton on a GPU: install it or use --torch_compile_backend aot_eager"
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) or shutil.which("clang++"):
+        return None
+    return f"inductor on CPU needs a C++ compiler ({compiler}, not found): install one or use --torch_compile_backend aot_eager"
 
 
 def build_model(config, objective: str, attn_implementation: str | None = None):
@@ -456,6 +476,12 @@ def compile_layers(model, backend: str) -> int:
     """Regional compilation: each layer of every residual stack compiled in place (nn.Module.compile), so the
     repeated layer's graph is traced once and reused, and state_dict names, checkpoints and the final folder stay
     those of the eager model. Returns the number of layers compiled."""
+    import torch._dynamo.config  # only when compiling
+
+    # Every layer calls the same code object, Module._call_impl, and dynamo gives up on a code object (runs it eager,
+    # with a log line only) after recompile_limit graphs: an encoder-decoder in training and evaluation needs ~4, and
+    # shape or autocast changes add more. The limit is raised for this process.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     layers = [layer for _, stack in find_layer_stacks(model) for layer in stack]
     for layer in layers:
         layer.compile(backend=backend)
@@ -648,6 +674,9 @@ def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> 
 
 
 def check_checkpointing_supported(args: PretrainingArguments, accelerator) -> None:
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and args.torch_compile:
+        raise UserError(f"--torch_compile is wired to the one-process and DDP loops, not to accelerate's "
+                        f"{accelerator.distributed_type.value}: drop --torch_compile or launch without that config")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (
             args.save_steps or args.resume_from_checkpoint):
         raise UserError(f"checkpoints under accelerate's {accelerator.distributed_type.value} are not supported (its "
@@ -937,6 +966,7 @@ def train(args: PretrainingArguments) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
         project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
     check_checkpointing_supported(args, accelerator)
+    threads = torch.get_num_threads()
     set_cpu_threads(args, accelerator)
     mode = training_mode(args, accelerator)
     check_model_fits(args, accelerator, kwargs, mode.weight_shards)
@@ -961,6 +991,7 @@ def train(args: PretrainingArguments) -> dict:
         return result
     finally:
         lock.release()
+        torch.set_num_threads(threads)  # --num_threads is this run's, not the calling process's (in-process use)
 
 
 def set_cpu_threads(args: PretrainingArguments, accelerator) -> None:
@@ -971,10 +1002,14 @@ def set_cpu_threads(args: PretrainingArguments, accelerator) -> None:
     if accelerator.device.type != "cpu":
         return
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # the ranks on this machine
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    line = (f"CPU threads: {threads} per process x {accelerator.num_processes} process(es) on {cores} cores"
+    line = (f"CPU threads: {threads} per process x {local} process(es) on {cores} cores"
             + (" (--num_threads)" if args.num_threads is not None else " (torch's default; --num_threads sets it)"))
-    if load >= 1 and threads * accelerator.num_processes + load > cores + 0.5:
+    if threads * local > cores:
+        line += (f"; {threads * local} threads on {cores} cores: oversubscribed threads can make each step several "
+                 f"times slower (--num_threads {max(1, cores // local)})")
+    elif load >= 1 and threads * local + load > cores + 0.5:
         line += (f"; the 1-minute load average is {load:.1f}: other processes use these cores, and threads that "
                  "outnumber the free cores can make each step several times slower (--num_threads 1 or fewer processes)")
     accelerator.print(line)

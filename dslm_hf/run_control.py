@@ -286,6 +286,9 @@ def supervise(module: str, argv: list[str], num_processes: int, failure_grace_se
     common = {**os.environ, **cpu_process_group_environment(os.environ), "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": str(port), "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes),
               "DSLM_PRETRAIN_WORKER": "1", REPORTS_ENVIRONMENT: str(reports)}
+    # The cores divided among the ranks (torchrun's rule) unless the user set OMP_NUM_THREADS: N ranks each taking
+    # torch's default of every core oversubscribe the machine N-fold, which made small-model steps many times slower.
+    common.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     workers = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
                                 env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                for rank in range(num_processes)]

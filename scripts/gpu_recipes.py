@@ -30,6 +30,7 @@ import torch
 
 from dslm_hf import run_recipes
 from dslm_hf.pretraining import PretrainingArguments
+from dslm_hf.provenance import code_version
 from dslm_hf.cli import UserError, run_command, usage_errors_as_user_errors
 from dslm_hf.files import write_json_atomically
 from dslm_hf.run_metrics import read_metrics
@@ -71,18 +72,6 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         raise UserError(f"--steps {args.steps} --log_every {args.log_every}: need at least two logging windows "
                         "(the first holds the compilation): raise --steps or lower --log_every")
     return args
-
-
-def code_version() -> dict:
-    """The commit and whether the tree differed from it (None without git, e.g. a copy sent to a device)."""
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": os.environ.get("BENCH_GIT_COMMIT"), "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": bool(status)}
 
 
 def device_name() -> str:
@@ -147,8 +136,8 @@ def run(argv: list[str]) -> int:
     if args.out is not None:
         write_json_atomically(args.out, {
             "rows": rows, "device": device_name(), "torch": torch.__version__, "smoke": args.smoke,
-            "steps": args.steps, "command": " ".join(sys.argv), "wall_time_s": round(time.time() - started, 1),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **code_version()})
+            "steps": args.steps, "command": " ".join(["scripts/gpu_recipes.py", *argv]), "wall_time_s": round(time.time() - started, 1),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **code_version(REPO)})
     return 1 if any("error" in row for row in rows) else 0
 
 

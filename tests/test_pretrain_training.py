@@ -187,6 +187,11 @@ def test_cpu_thread_count_is_set_recorded_and_said(tmp_path, capsys):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["config"]["num_threads"] == 2
     run_in_process(tmp_path / "default", "--max_steps", 1, "--save_steps", 0, "--eval_steps", 100)
     assert "CPU threads: 1 per process x 1 process(es)" in capsys.readouterr().out  # the tests' one thread
+    cores = os.cpu_count()
+    run_in_process(tmp_path / "over", "--max_steps", 1, "--save_steps", 0, "--eval_steps", 100, "--num_threads", cores + 1)
+    assert (f"CPU threads: {cores + 1} per process x 1 process(es) on {cores} cores (--num_threads); {cores + 1} "
+            f"threads on {cores} cores: oversubscribed") in capsys.readouterr().out
+    assert torch.get_num_threads() == 1  # train() gives the calling process its thread count back
 
 
 def test_layer_signals_are_logged_every_n_steps(tmp_path):
