@@ -39,9 +39,10 @@ def tiny_model(cls=DeepScaleLMForCausalLM, seed: int | None = 0, dropout: float 
     seed=None draws from the global generator as it stands (for tests that seed once for several models). Call
     .train() on the result where a test needs training mode (dropout, activation checkpointing).
     """
+    config = tiny_config(dropout, **overrides)
     if seed is not None:
         torch.manual_seed(seed)
-    return cls(tiny_config(dropout, **overrides)).eval()
+    return cls(config).eval()
 
 
 def tokenizer_fields(tokenizer) -> dict:
