@@ -73,3 +73,12 @@ def word_batch(shakespeare_text):
         return torch.tensor([[rank.get(w, vocab_size - 1) for w in row] for row in rows])
 
     return make
+
+
+@pytest.fixture
+def tiny_config():
+    """The tiny_models.tiny_config factory: tiny_config(**overrides) -> DeepScaleLMConfig of the canonical tiny shape
+    (tests/tiny_models.py) with `overrides` replacing fields."""
+    from tiny_models import tiny_config as make
+
+    return make

@@ -11,21 +11,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
+from dslm_hf import DeepScaleLMForCausalLM
 from dslm_hf.checkpointing import join_optimizer_state, split_optimizer_state
 from dslm_hf.data import CausalLMCollator
 from dslm_hf.optimization import depth_parameter_groups
 from pretrain_helpers import free_port
+import tiny_models
 
 STEPS, BATCH, LENGTH, VOCAB, LEARNING_RATE = 20, 8, 16, 96, 1e-3
 
 
 def tiny_model() -> DeepScaleLMForCausalLM:
     """4 layers, 32 wide, no dropout: the same initialisation in every process (seed 0)."""
-    torch.manual_seed(0)
-    return DeepScaleLMForCausalLM(DeepScaleLMConfig(
-        vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, num_hidden_layers=4, max_position_embeddings=LENGTH,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return tiny_models.tiny_model(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=LENGTH, dropout=0.0,
+                                  seed=0).train()
 
 
 def batch(step: int) -> torch.Tensor:

@@ -7,12 +7,11 @@ number is real and fast.
 
 from pathlib import Path
 
-import torch
-
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM
+from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM
 from dslm_hf.data import train_byte_level_bpe
 from dslm_hf.publishing import evaluate_checkpoint, write_eval_file
 from shakespeare_data import excerpt_text
+from tiny_models import tiny_model, tokenizer_fields
 
 SAMPLE_CHARACTERS = 30_000
 BLOCK_SIZE = 32
@@ -27,13 +26,9 @@ def write_text_sample(path: Path) -> Path:
 def build_tiny_checkpoint(folder: Path, text_file: Path, masked: bool = False, seed: int = 0) -> Path:
     """save_pretrained folder (weights, remote code, tokenizer, generation config) of a freshly initialised model."""
     tokenizer = train_byte_level_bpe([text_file.read_text(encoding="utf-8")], vocab_size=300)
-    config = DeepScaleLMConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, init_sequence_length=BLOCK_SIZE, is_decoder=not masked,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = (DeepScaleLMForMaskedLM if masked else DeepScaleLMForCausalLM)(config)
+    head = DeepScaleLMForMaskedLM if masked else DeepScaleLMForCausalLM
+    model = tiny_model(head, seed, **tokenizer_fields(tokenizer), init_sequence_length=BLOCK_SIZE,
+                       is_decoder=not masked)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

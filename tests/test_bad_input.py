@@ -5,14 +5,15 @@ import re
 import pytest
 import torch
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
+from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
+from tiny_models import tiny_config, tiny_model
 
-CONFIG = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16)
+CONFIG = dict(vocab_size=50, num_attention_heads=4, max_position_embeddings=16)  # overrides of the tiny shape
 
 
 @pytest.fixture(scope="module")
 def model():
-    return DeepScaleLMForCausalLM(DeepScaleLMConfig(**CONFIG)).eval()
+    return tiny_model(**CONFIG)
 
 
 @pytest.mark.parametrize("bad_id", [50, 1000, -1])
@@ -33,7 +34,7 @@ def test_generation_past_the_learned_positions(model):
 
 
 def test_rotary_positions_have_no_length_limit_from_the_table():
-    rotary = DeepScaleLMForCausalLM(DeepScaleLMConfig(**CONFIG, position_embedding_type="rotary")).eval()
+    rotary = tiny_model(**CONFIG, position_embedding_type="rotary")
     assert rotary(torch.ones(1, 40, dtype=torch.long)).logits.shape == (1, 40, 50)
 
 
@@ -63,9 +64,9 @@ def test_a_4d_attention_mask_that_broadcasts_is_used(model, shape):
 
 def test_wrong_head_for_the_config():
     with pytest.raises(ValueError, match="needs a bidirectional encoder"):
-        DeepScaleLMForMaskedLM(DeepScaleLMConfig(**CONFIG))
+        DeepScaleLMForMaskedLM(tiny_config(**CONFIG))
     with pytest.raises(ValueError, match="needs config.is_encoder_decoder=True"):
-        DeepScaleLMForSeq2SeqLM(DeepScaleLMConfig(**CONFIG))
+        DeepScaleLMForSeq2SeqLM(tiny_config(**CONFIG))
 
 
 def test_both_or_neither_input_ids_and_embeddings(model):
@@ -98,12 +99,12 @@ def test_forward_refuses_malformed_inputs_with_the_expected_shape_or_range(head,
     cls = {"causal": DeepScaleLMForCausalLM, "masked": DeepScaleLMForMaskedLM,
            "classify": DeepScaleLMForSequenceClassification}[head]
     with pytest.raises(ValueError, match=message):
-        cls(DeepScaleLMConfig(**config))(**inputs)
+        cls(tiny_config(**config))(**inputs)
 
 
 @pytest.mark.parametrize("head, config", [(DeepScaleLMForCausalLM, CONFIG), (DeepScaleLMForMaskedLM, ENCODER)])
 def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_connected_to_the_graph(head, config):
-    model = head(DeepScaleLMConfig(**config))
+    model = head(tiny_config(**config))
     loss = model(input_ids=IDS, labels=torch.full_like(IDS, -100)).loss
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
@@ -118,6 +119,6 @@ def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_connected_to_the_gra
 
 
 def test_seq2seq_all_ignored_labels_give_zero_loss():
-    config = DeepScaleLMConfig(**CONFIG, is_encoder_decoder=True, decoder_start_token_id=1, pad_token_id=0)
+    config = tiny_config(**CONFIG, is_encoder_decoder=True, decoder_start_token_id=1, pad_token_id=0)
     loss = DeepScaleLMForSeq2SeqLM(config)(input_ids=IDS, labels=torch.full_like(IDS, -100)).loss
     assert loss.item() == 0.0 and loss.requires_grad

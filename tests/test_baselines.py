@@ -12,6 +12,7 @@ from dslm_hf import baselines, data
 from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.modeling_deepscalelm import DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
 from dslm_hf.heads import parameter_count
+import tiny_models
 
 # a b a b c b over the vocabulary {a, b, c, d} (d never seen)
 TINY = [0, 1, 0, 1, 2, 1]
@@ -118,10 +119,8 @@ def tokenizer():
 
 
 def tiny_config(tokenizer, **kwargs) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
-                             max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs)
+    return tiny_models.tiny_config(**tiny_models.tokenizer_fields(tokenizer), max_position_embeddings=80, dropout=0.0,
+                                   **kwargs)
 
 
 def test_span_scoring_counts_the_hidden_tokens_and_matches_the_models_own_loss(tokenizer):

@@ -10,14 +10,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForSeq2SeqLM
+from dslm_hf import DeepScaleLMForSeq2SeqLM
 from dslm_hf.data import add_sentinel_tokens, span_corruption_sentinel_count, train_byte_level_bpe
 from dslm_hf.publishing import stage_repository
 from fresh_process import run_without_dslm_hf
 from publish_support import BLOCK_SIZE, build_tiny_checkpoint, write_text_sample, write_tiny_eval_file
+from tiny_models import tiny_model, tokenizer_fields
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_ORG = "dslm-hf"
@@ -66,13 +66,10 @@ def test_shipped_card_snippet_runs_as_written(card, index, tmp_path):
 def build_tiny_encoder_decoder(folder: Path, text_file: Path) -> Path:
     tokenizer = train_byte_level_bpe([text_file.read_text(encoding="utf-8")], vocab_size=300)
     add_sentinel_tokens(tokenizer, span_corruption_sentinel_count(BLOCK_SIZE, 0.15, 3.0))
-    config = DeepScaleLMConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, decoder_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, init_sequence_length=BLOCK_SIZE, is_decoder=False, is_encoder_decoder=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    DeepScaleLMForSeq2SeqLM(config).save_pretrained(folder)
+    model = tiny_model(DeepScaleLMForSeq2SeqLM, **tokenizer_fields(tokenizer), decoder_layers=2,
+                       init_sequence_length=BLOCK_SIZE, is_decoder=False, is_encoder_decoder=True,
+                       decoder_start_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

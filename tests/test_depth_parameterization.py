@@ -8,12 +8,12 @@ import torch
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForSeq2SeqLM
 from dslm_hf.optimization import build_adamw, depth_parameter_groups
 from dslm_hf.recipe_deepscalelm import depth_optimizer_multipliers, stack_init_plan
+from tiny_models import tiny_config
 
 
 def tiny(layers: int, parameterization: str = "deepscalelm", **kwargs) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, num_hidden_layers=layers,
-                             max_position_embeddings=16, depth_parameterization=parameterization,
-                             depth_base_layers=4, **kwargs)
+    return tiny_config(vocab_size=40, hidden_size=16, num_hidden_layers=layers, max_position_embeddings=16,
+                       depth_parameterization=parameterization, depth_base_layers=4, **kwargs)
 
 
 @pytest.mark.parametrize("parameterization, exponent", [("deepscalelm", 0.5), ("depth_mup", 0.5), ("completep", 1.0)])

@@ -12,13 +12,13 @@ from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
 from dslm_hf.diagnostics import diagnose, find_layer_stacks, load_model, main, plan_depths, zipf_token_ids
+from tiny_models import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_dslm_config(**overrides) -> DeepScaleLMConfig:
-    values = dict(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=32)
-    return DeepScaleLMConfig(**(values | overrides))
+    return tiny_config(**(dict(vocab_size=300, num_hidden_layers=3, max_position_embeddings=32) | overrides))
 
 
 def run_cli(*args) -> dict:

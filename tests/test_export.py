@@ -18,6 +18,7 @@ from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMas
 from dslm_hf import DeepScaleLMForSequenceClassification
 from dslm_hf.export import branches, export_native, main, native_twin, probe_inputs, relative_difference
 from fresh_process import run_without_dslm_hf
+from tiny_models import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKER = Path(__file__).parent / "native_export_check.py"
@@ -64,12 +65,11 @@ def deep_cases(layers: int, families) -> dict:
 
 def tiny_model(head: str, seed: int = 0, **overrides):
     """A random DeepScaleLM model whose LayerNorm weights and all biases are random too (so every fold is used)."""
-    settings = dict(vocab_size=61, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                    max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                    is_decoder=head == "causal", is_encoder_decoder=head == "seq2seq")
+    settings = dict(vocab_size=61, hidden_size=16, num_hidden_layers=3, dropout=0.1, is_decoder=head == "causal",
+                    is_encoder_decoder=head == "seq2seq")  # on tiny_models' shape
     if head == "seq2seq":
         settings |= dict(decoder_start_token_id=0, pad_token_id=1)
-    config = DeepScaleLMConfig(**(settings | overrides))
+    config = tiny_config(**(settings | overrides))
     torch.manual_seed(seed)
     model = HEADS[head](config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -240,8 +240,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", REFUSALS)
 def test_export_refuses_what_no_native_class_computes(tmp_path, case, capsys):
     cls, overrides, reason = REFUSALS[case]
-    config = DeepScaleLMConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                               max_position_embeddings=16, **overrides)
+    config = tiny_config(vocab_size=32, hidden_size=8, max_position_embeddings=16, **overrides)
     cls(config).save_pretrained(tmp_path / "src")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

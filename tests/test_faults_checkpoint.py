@@ -22,6 +22,7 @@ from dslm_hf.cli import UserError
 from dslm_hf.run_control import LOCK_NAME, StopSignals
 from dslm_hf.run_metrics import drop_records_after, read_metrics
 from pretrain_helpers import REPO, TINY_RUN, cpu_environment, pretrain_command, run_in_process, train_losses
+from tiny_models import tiny_model
 
 
 class CodeExecutionPayload:
@@ -112,10 +113,7 @@ def test_checkpoint_holds_only_safetensors_and_json_and_round_trips_the_optimize
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_reason(finished_run):
-    from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
-
-    other = DeepScaleLMForCausalLM(DeepScaleLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
-                                                     num_attention_heads=2, max_position_embeddings=16))
+    other = tiny_model(hidden_size=16, num_hidden_layers=3, max_position_embeddings=16)  # not the run's shape
     optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(CheckpointError, match="does not fit this model and optimizer"):
         load_checkpoint(finished_run / "checkpoints" / "step_00000004", OneProcessState(other, optimizer))

@@ -11,9 +11,11 @@ import torch
 
 from dslm_hf import DeepScaleLMConfig, DeepScaleLMForMaskedLM
 from dslm_hf.recipe_deepscalelm import stack_init_plan
+from tiny_models import tiny_config, tiny_model
 
-SMALL_ENCODER = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=32,
-                     is_decoder=False, type_vocab_size=2, pad_token_id=0)
+# on tiny_models' shape (2 layers, width 32)
+SMALL_ENCODER = dict(vocab_size=61, num_attention_heads=4, max_position_embeddings=32, is_decoder=False, type_vocab_size=2,
+                     pad_token_id=0)
 
 
 def test_reference_recurrence_reproduces_the_official_correlations():
@@ -45,8 +47,7 @@ def test_refined_recurrence_stays_the_default_and_differs_from_the_reference():
 
 
 def test_mlm_head_has_a_trainable_vocabulary_bias_zero_at_init_and_tied_to_the_embedding():
-    torch.manual_seed(0)
-    model = DeepScaleLMForMaskedLM(DeepScaleLMConfig(**SMALL_ENCODER))
+    model = tiny_model(DeepScaleLMForMaskedLM, **SMALL_ENCODER).train()
     bias = model.lm_head.bias
     assert bias.shape == (61,) and bias.requires_grad and bias.abs().max() == 0
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head keeps its weight tied
@@ -61,8 +62,7 @@ def test_mlm_head_has_a_trainable_vocabulary_bias_zero_at_init_and_tied_to_the_e
 
 
 def test_mlm_bias_survives_save_load_and_resizing(tmp_path):
-    torch.manual_seed(0)
-    model = DeepScaleLMForMaskedLM(DeepScaleLMConfig(**SMALL_ENCODER))
+    model = tiny_model(DeepScaleLMForMaskedLM, **SMALL_ENCODER).train()
     with torch.no_grad():
         model.lm_head.bias.copy_(torch.linspace(-1, 1, 61))
     model.save_pretrained(tmp_path)
@@ -76,7 +76,7 @@ def test_mlm_bias_survives_save_load_and_resizing(tmp_path):
 def test_post_ln_applies_embedding_dropout_before_the_first_layernorm():
     """The reference orders them dropout -> LayerNorm: the first layer sees a normalised input (per-token variance
     1), where LayerNorm -> dropout would hand it variance 1/(1-p) = 2 at p = 0.5."""
-    config = DeepScaleLMConfig(**SMALL_ENCODER | {"hidden_size": 64, "norm_placement": "post", "hidden_dropout_prob": 0.5})
+    config = tiny_config(**SMALL_ENCODER | {"hidden_size": 64, "norm_placement": "post", "hidden_dropout_prob": 0.5})
     model = DeepScaleLMForMaskedLM(config).train()
     torch.manual_seed(1)
     first = model(torch.randint(3, 61, (4, 16)), output_hidden_states=True).hidden_states[0]

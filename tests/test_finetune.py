@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 import dslm_hf
 from dslm_hf.finetuning import TASKS, build_trainer, finetune, main, parse_args
+from tiny_models import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "cat", "dog", "bird", "sun", "moon", "tree", "rock", "fish", "star"]
@@ -92,13 +93,10 @@ def workspace(tmp_path_factory):
              "encoder-decoder": dslm_hf.DeepScaleLMForSeq2SeqLM}
     checkpoints = {}
     for kind, fields in kinds.items():
-        torch.manual_seed(0)
-        config = dslm_hf.DeepScaleLMConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, embedding_correlation=r0, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, **fields)
+        model = tiny_model(heads[kind], vocab_size=len(tokenizer), num_attention_heads=4, embedding_correlation=r0,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **fields)
         checkpoints[kind] = str(root / kind)
-        heads[kind](config).save_pretrained(checkpoints[kind])
+        model.save_pretrained(checkpoints[kind])
         tokenizer.save_pretrained(checkpoints[kind])
     return {"root": root, "data": data, "checkpoints": checkpoints}
 

@@ -4,20 +4,20 @@ import pytest
 import torch
 
 from dslm_hf import (
-    DeepScaleLMConfig,
     DeepScaleLMForCausalLM,
     DeepScaleLMForMaskedLM,
     DeepScaleLMForSeq2SeqLM,
 )
+from tiny_models import tiny_config
 
-BASE = dict(vocab_size=101, hidden_size=32, num_attention_heads=4, num_hidden_layers=4, max_position_embeddings=64,
+BASE = dict(vocab_size=101, num_attention_heads=4, num_hidden_layers=4,  # overrides of the tiny shape
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 
 
 @pytest.mark.parametrize("positions", ["absolute", "rotary"])
 def test_causal_prefill_then_token_by_token_equals_full_forward(positions):
     torch.manual_seed(0)
-    model = DeepScaleLMForCausalLM(DeepScaleLMConfig(**BASE, position_embedding_type=positions)).eval()
+    model = DeepScaleLMForCausalLM(tiny_config(**BASE, position_embedding_type=positions)).eval()
     ids = torch.randint(3, 101, (2, 20))
     full = model(ids).logits
     out = model(ids[:, :8], use_cache=True)
@@ -32,7 +32,7 @@ def test_causal_prefill_then_token_by_token_equals_full_forward(positions):
 def test_seq2seq_with_a_decoder_deeper_than_the_encoder_caches_exactly():
     torch.manual_seed(0)
     model = DeepScaleLMForSeq2SeqLM(
-        DeepScaleLMConfig(**{**BASE, "num_hidden_layers": 2}, is_encoder_decoder=True, decoder_layers=6)
+        tiny_config(**{**BASE, "num_hidden_layers": 2}, is_encoder_decoder=True, decoder_layers=6)
     ).eval()
     source = torch.randint(3, 101, (2, 11))
     source_mask = torch.ones_like(source)
@@ -54,7 +54,7 @@ def test_seq2seq_with_a_decoder_deeper_than_the_encoder_caches_exactly():
 
 def test_seq2seq_loss_is_unshifted_cross_entropy_of_the_labels():
     torch.manual_seed(0)
-    model = DeepScaleLMForSeq2SeqLM(DeepScaleLMConfig(**BASE, is_encoder_decoder=True)).eval()
+    model = DeepScaleLMForSeq2SeqLM(tiny_config(**BASE, is_encoder_decoder=True)).eval()
     source, labels = torch.randint(3, 101, (2, 7)), torch.randint(3, 101, (2, 6))
     out = model(source, labels=labels)
     expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
@@ -66,7 +66,7 @@ def test_seq2seq_loss_is_unshifted_cross_entropy_of_the_labels():
 @pytest.mark.parametrize("positions", ["absolute", "rotary"])
 def test_left_padded_batch_generates_what_each_example_generates_alone(positions):
     torch.manual_seed(0)
-    model = DeepScaleLMForCausalLM(DeepScaleLMConfig(**BASE, position_embedding_type=positions)).eval()
+    model = DeepScaleLMForCausalLM(tiny_config(**BASE, position_embedding_type=positions)).eval()
     prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 40, 41, 42, 43]]
     alone = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist() for p in prompts]
     width = max(map(len, prompts))
@@ -83,7 +83,7 @@ def test_left_padded_batch_generates_what_each_example_generates_alone(positions
 ])
 def test_eager_attention_equals_sdpa(model_class, overrides, tmp_path):
     torch.manual_seed(0)
-    model_class(DeepScaleLMConfig(**BASE, **overrides)).save_pretrained(tmp_path)
+    model_class(tiny_config(**BASE, **overrides)).save_pretrained(tmp_path)
     sdpa = model_class.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     eager = model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = torch.randint(3, 101, (2, 16))
@@ -97,7 +97,7 @@ def test_eager_attention_equals_sdpa(model_class, overrides, tmp_path):
 
 
 def test_output_hidden_states_and_attentions():
-    model = DeepScaleLMForCausalLM(DeepScaleLMConfig(**BASE)).eval()
+    model = DeepScaleLMForCausalLM(tiny_config(**BASE)).eval()
     model.set_attn_implementation("eager")
     out = model(torch.randint(3, 101, (1, 9)), output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == BASE["num_hidden_layers"] + 1

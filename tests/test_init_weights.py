@@ -30,6 +30,7 @@ from dslm_hf.recipe_deepscalelm import (
     value_output_std,
     xavier_std,
 )
+from tiny_models import tiny_config, tiny_model
 
 LAYER = re.compile(r"^model\.(?:(encoder|decoder)\.)?layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(\w+)\.weight$")
 
@@ -83,7 +84,7 @@ def test_every_weight_has_the_recipe_std(head, scheme):
     if scheme == "deepnet":
         kwargs["norm_placement"] = "post"
     torch.manual_seed(0)
-    model = model_class(DeepScaleLMConfig(**kwargs))
+    model = model_class(tiny_config(**kwargs))
     checked = 0
     for name, param in model.named_parameters():
         if name.endswith(".bias"):
@@ -102,8 +103,8 @@ def test_every_weight_has_the_recipe_std(head, scheme):
 
 
 def test_per_layer_value_output_stds_follow_the_correlation_recurrence():
-    config = DeepScaleLMConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=48,
-                               max_position_embeddings=64, embedding_correlation=0.03)
+    config = tiny_config(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=48,
+                         max_position_embeddings=64, embedding_correlation=0.03)
     plan = stack_init_plan(config, "decoder")
     # correlation grows with depth, so attention averages less and W_v/W_o shrink layer by layer
     assert all(a >= b for a, b in zip(plan.value_output_stds, plan.value_output_stds[1:]))
@@ -114,10 +115,8 @@ def test_per_layer_value_output_stds_follow_the_correlation_recurrence():
 def test_rotary_frequencies_are_rebuilt_when_a_checkpoint_loads(tmp_path):
     """The rotary buffers are not saved: transformers' initialisation recomputes them on load, through the module's
     compute_default_rope_parameters, as theta^(-2i/head_dim)."""
-    config = DeepScaleLMConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                               max_position_embeddings=16, position_embedding_type="rotary", rope_theta=500.0)
-    torch.manual_seed(0)
-    model = DeepScaleLMForCausalLM(config).eval()
+    model = tiny_model(vocab_size=50, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+                       position_embedding_type="rotary", rope_theta=500.0)
     model.save_pretrained(tmp_path)
     loaded = DeepScaleLMForCausalLM.from_pretrained(tmp_path).eval()
     head_dim = 32 // 4

@@ -15,6 +15,7 @@ from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForSeq
 from dslm_hf.files import write_text_atomically
 from dslm_hf.layers import find_layer_stacks
 from dslm_hf.optimization import depth_parameter_groups
+from tiny_models import tiny_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dslm_hf"
 
@@ -57,8 +58,7 @@ def test_the_training_monitor_does_not_import_the_diagnose_command():
 
 
 def tiny(**overrides) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(**{"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 3,
-                                "max_position_embeddings": 16} | overrides)
+    return tiny_config(**({"hidden_size": 16, "num_hidden_layers": 3, "max_position_embeddings": 16} | overrides))
 
 
 def test_layer_stacks_come_from_no_split_modules_of_the_model_and_its_base_model():

@@ -7,17 +7,15 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
+from dslm_hf import DeepScaleLMForCausalLM
 from dslm_hf.measurements import token_correlation
 from dslm_hf.monitoring import LayerSignalCallback, LayerSignalMonitor, plot_signals, read_signals
+from tiny_models import tiny_model
 
 
 def post_ln_model(layers: int = 6) -> DeepScaleLMForCausalLM:
-    torch.manual_seed(0)
-    config = DeepScaleLMConfig(vocab_size=62, hidden_size=32, num_attention_heads=2, num_hidden_layers=layers,
-                               max_position_embeddings=32, norm_placement="post", hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-    return DeepScaleLMForCausalLM(config)
+    return tiny_model(vocab_size=62, num_hidden_layers=layers, max_position_embeddings=32, norm_placement="post",
+                      dropout=0.0).train()
 
 
 def test_monitor_reports_gradient_norms_and_pre_ln_sums_of_every_layer(text_batch):

@@ -24,23 +24,24 @@ from dslm_hf import (
     DeepScaleLMSeq2SeqModel,
 )
 from dslm_hf.modeling_deepscalelm import shift_tokens_right
+from tiny_models import tiny_config
 
 CHECKPOINTS = sorted(p for p in (Path(__file__).parent.parent / "checkpoints").iterdir() if (p / "config.json").exists())
-SMALL = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32,
+SMALL = dict(vocab_size=61, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32,  # on the tiny shape
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def decoder_config(**overrides) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(**(SMALL | overrides))
+    return tiny_config(**(SMALL | overrides))
 
 
 def encoder_config(**overrides) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(**(SMALL | {"is_decoder": False, "type_vocab_size": 2} | overrides))
+    return tiny_config(**(SMALL | {"is_decoder": False, "type_vocab_size": 2} | overrides))
 
 
 def seq2seq_config(**overrides) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(**(SMALL | {"is_encoder_decoder": True, "decoder_layers": 2, "decoder_start_token_id": 1}
-                                | overrides))
+    return tiny_config(**(SMALL | {"is_encoder_decoder": True, "decoder_layers": 2, "decoder_start_token_id": 1}
+                          | overrides))
 
 
 def tokens(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:

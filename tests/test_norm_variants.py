@@ -8,12 +8,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM
+from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM
 from dslm_hf.export import ExportRefusal, native_target
 from dslm_hf.theory import predict_model
+from tiny_models import tiny_config, tiny_model
 
 REFERENCE = Path(__file__).parent / "data" / "reference_logits"
-TINY = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
+# overrides of tiny_models' shape (width 32); every test names its depth
+TINY = dict(vocab_size=61, num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, init_scheme="standard", pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
@@ -22,8 +24,7 @@ def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
 
 
 def model_of(model_class=DeepScaleLMForCausalLM, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(DeepScaleLMConfig(**(TINY | overrides))).eval()
+    return tiny_model(model_class, seed, **(TINY | overrides))
 
 
 @pytest.mark.parametrize("case", ["decoder_pre", "encoder_post", "decoder_standard_pre"])
@@ -71,7 +72,7 @@ def test_mix_ln_first_quarter_is_post_ln_then_pre_ln_by_the_layer_formulas():
     assert [layer.pre_norm for layer in stack.layers] == [False, False] + [True] * 6  # floor(0.25 x 8) = 2
     assert stack.embed_norm is None and stack.norm is not None
     torch.manual_seed(1)
-    x = torch.randn(2, 12, TINY["hidden_size"])
+    x = torch.randn(2, 12, model.config.hidden_size)
     with torch.no_grad():
         post, pre = stack.layers[0], stack.layers[2]
         h = post.self_attn_norm(x + post.self_attn(x)[0])
@@ -107,16 +108,16 @@ def test_mix_ln_stream_after_a_post_ln_layer_has_unit_layernorm_statistics():
 ])
 def test_senseless_combinations_are_refused_naming_the_field(overrides, field, fragment):
     with pytest.raises(ValueError) as caught:
-        DeepScaleLMConfig(**(TINY | {"num_hidden_layers": 4} | overrides))
+        tiny_config(**(TINY | {"num_hidden_layers": 4} | overrides))
     assert f"DeepScaleLMConfig.{field}=" in str(caught.value) and fragment in str(caught.value)
 
 
 def test_mix_ln_in_an_encoder_decoder_counts_the_post_ln_layers_per_stack():
-    config = DeepScaleLMConfig(**(TINY | {"num_hidden_layers": 4, "is_encoder_decoder": True, "decoder_layers": 8,
+    config = tiny_config(**(TINY | {"num_hidden_layers": 4, "is_encoder_decoder": True, "decoder_layers": 8,
                                           "decoder_start_token_id": 1, "norm_placement": "mix"}))
     assert (config.post_norm_layers(4), config.post_norm_layers(8)) == (1, 2)
     with pytest.raises(ValueError, match=r"floor\(0.25 x 2 layers\) = 0 Post-LN layers in the encoder"):
-        DeepScaleLMConfig(**(TINY | {"num_hidden_layers": 2, "is_encoder_decoder": True, "decoder_layers": 8,
+        tiny_config(**(TINY | {"num_hidden_layers": 2, "is_encoder_decoder": True, "decoder_layers": 8,
                                      "decoder_start_token_id": 1, "norm_placement": "mix"}))
 
 

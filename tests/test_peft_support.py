@@ -9,14 +9,15 @@ from safetensors.torch import load_file
 import dslm_hf
 from dslm_hf.finetuning import FinetuneArguments, attach_lora
 from dslm_hf.peft_support import DEFAULT_LORA_TARGET_MODULES
+import tiny_models
 
 VOCAB = 50
 
 
 def tiny_config(**fields):
-    return dslm_hf.DeepScaleLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, **fields)
+    """The tiny shape with 4 heads over VOCAB tokens, no dropout (LoRA on and off give the same forward pass)."""
+    return tiny_models.tiny_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=32, dropout=0.0,
+                                   **fields)
 
 
 def adapted_module_names(peft_model) -> list[str]:

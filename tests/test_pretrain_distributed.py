@@ -149,11 +149,10 @@ def test_impossible_pipeline_layouts_exit_2_with_the_reason(tmp_path, capsys, ar
 
 
 def test_shardable_layers_are_the_deepscalelm_layers():
-    from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM
     from dslm_hf.parallel import shardable_layers
+    from tiny_models import tiny_model
 
-    model = DeepScaleLMForCausalLM(DeepScaleLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
-                                                     num_attention_heads=2, max_position_embeddings=16))
+    model = tiny_model(hidden_size=16, num_hidden_layers=3, max_position_embeddings=16)
     assert [type(m).__name__ for m in shardable_layers(model)] == ["DeepScaleLMLayer"] * 3
 
 

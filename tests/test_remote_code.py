@@ -7,7 +7,8 @@ import textwrap
 
 import torch
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForSeq2SeqLM
+from dslm_hf import DeepScaleLMForSeq2SeqLM
+from tiny_models import tiny_model
 
 BLOCK_DSLM = textwrap.dedent(
     """
@@ -38,10 +39,8 @@ def run_without_dslm(code: str, tmp_path) -> dict:
 
 
 def test_causal_checkpoint_generates_the_same_tokens_in_a_process_without_dslm(tmp_path):
-    torch.manual_seed(0)
-    config = DeepScaleLMConfig(vocab_size=101, hidden_size=32, num_attention_heads=4, num_hidden_layers=6,
-                               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = DeepScaleLMForCausalLM(config).eval()
+    model = tiny_model(vocab_size=101, num_attention_heads=4, num_hidden_layers=6, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
     model.save_pretrained(tmp_path / "ckpt")
     prompt = [[1, 17, 42, 5, 77]]
     expected = model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False).tolist()
@@ -60,11 +59,9 @@ def test_causal_checkpoint_generates_the_same_tokens_in_a_process_without_dslm(t
 
 
 def test_seq2seq_checkpoint_loads_with_remote_code_and_matches(tmp_path):
-    torch.manual_seed(0)
-    config = DeepScaleLMConfig(vocab_size=101, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                               decoder_layers=5, is_encoder_decoder=True, max_position_embeddings=64,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    model = DeepScaleLMForSeq2SeqLM(config).eval()
+    model = tiny_model(DeepScaleLMForSeq2SeqLM, vocab_size=101, num_attention_heads=4, decoder_layers=5,
+                       is_encoder_decoder=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       decoder_start_token_id=1)
     model.save_pretrained(tmp_path / "ckpt")
     source = [[8, 9, 10, 11, 12, 13]]
     expected = model.generate(torch.tensor(source), max_new_tokens=8, do_sample=False).tolist()

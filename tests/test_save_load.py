@@ -26,8 +26,9 @@ from dslm_hf import (
     DeepScaleLMForTokenClassification,
     DeepScaleLMModel,
 )
+from tiny_models import tiny_config
 
-BASE = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32,
+BASE = dict(vocab_size=97, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32,  # on the tiny shape
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 CASES = {
     "causal": (DeepScaleLMForCausalLM, AutoModelForCausalLM, {}),
@@ -50,7 +51,7 @@ def outputs_of(model, ids):
 def test_save_load_is_bit_identical_through_the_auto_class(case, tmp_path):
     model_class, auto_class, overrides = CASES[case]
     torch.manual_seed(0)
-    model = model_class(DeepScaleLMConfig(**BASE, **overrides)).eval()
+    model = model_class(tiny_config(**BASE, **overrides)).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
 
@@ -68,7 +69,7 @@ def test_save_load_is_bit_identical_through_the_auto_class(case, tmp_path):
 
 
 def test_config_json_carries_auto_map_for_every_head_and_code_files(tmp_path):
-    DeepScaleLMForCausalLM(DeepScaleLMConfig(**BASE)).save_pretrained(tmp_path)
+    DeepScaleLMForCausalLM(tiny_config(**BASE)).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_deepscalelm.DeepScaleLMConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_deepscalelm.DeepScaleLMForCausalLM"
@@ -90,7 +91,7 @@ def test_config_json_carries_auto_map_for_every_head_and_code_files(tmp_path):
 )
 def test_heads_load_each_others_trunk(source, target, overrides, tmp_path):
     torch.manual_seed(0)
-    trained = source(DeepScaleLMConfig(**BASE, **overrides))
+    trained = source(tiny_config(**BASE, **overrides))
     trained.save_pretrained(tmp_path)
     loaded = target.from_pretrained(tmp_path)
     trunk = loaded.model if hasattr(loaded, "model") else loaded
@@ -99,13 +100,13 @@ def test_heads_load_each_others_trunk(source, target, overrides, tmp_path):
 
 
 def test_a_masked_lm_checkpoint_refuses_the_causal_head(tmp_path):
-    DeepScaleLMForMaskedLM(DeepScaleLMConfig(**BASE, is_decoder=False)).save_pretrained(tmp_path)
+    DeepScaleLMForMaskedLM(tiny_config(**BASE, is_decoder=False)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is_decoder=False"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_tied_output_embedding_stays_tied_after_loading(tmp_path):
-    DeepScaleLMForSeq2SeqLM(DeepScaleLMConfig(**BASE, is_encoder_decoder=True)).save_pretrained(tmp_path)
+    DeepScaleLMForSeq2SeqLM(tiny_config(**BASE, is_encoder_decoder=True)).save_pretrained(tmp_path)
     loaded = DeepScaleLMForSeq2SeqLM.from_pretrained(tmp_path)
     shared = loaded.model.encoder.embed_tokens.weight
     assert loaded.lm_head.weight is shared and loaded.model.decoder.embed_tokens.weight is shared

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dslm_hf import data
-from dslm_hf.configuration_deepscalelm import DeepScaleLMConfig
 from dslm_hf.modeling_deepscalelm import DeepScaleLMForSeq2SeqLM
+from tiny_models import tiny_model, tokenizer_fields
 
 BLOCK = 128
 
@@ -107,14 +107,9 @@ def test_collator_output_is_a_function_of_the_generator_seed(collator, blocks):
 
 
 def test_ragged_batch_pads_inputs_and_labels_and_the_model_loss_ignores_the_padding(tokenizer, collator, blocks):
-    config = DeepScaleLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
-                               decoder_layers=2, is_encoder_decoder=True, is_decoder=False,
-                               max_position_embeddings=BLOCK + 1, pad_token_id=tokenizer.pad_token_id,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               decoder_start_token_id=tokenizer.bos_token_id, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = DeepScaleLMForSeq2SeqLM(config).eval()
+    model = tiny_model(DeepScaleLMForSeq2SeqLM, **tokenizer_fields(tokenizer), decoder_layers=2, is_decoder=False,
+                       is_encoder_decoder=True, max_position_embeddings=BLOCK + 1,
+                       decoder_start_token_id=tokenizer.bos_token_id, dropout=0.0)
     examples = [{"input_ids": blocks[0][:40]}, {"input_ids": blocks[1]}]
     batch = collator(examples, torch.Generator().manual_seed(0))
     # 40 tokens: 6 noise tokens in 2 spans -> 40 - 6 + 2 + 1 inputs, 6 + 2 + 1 labels; 128 tokens: 19 in 6 spans.

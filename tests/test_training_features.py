@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForSeq2SeqLM
+from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForSeq2SeqLM
+from tiny_models import tiny_model
 
-BASE = dict(vocab_size=101, hidden_size=32, num_attention_heads=4, num_hidden_layers=6, max_position_embeddings=64,
-            pad_token_id=0, decoder_start_token_id=1)
+BASE = dict(vocab_size=101, num_attention_heads=4, num_hidden_layers=6, pad_token_id=0, decoder_start_token_id=1)
 
 
 def gradients(model, inputs) -> dict:
@@ -22,8 +22,7 @@ def gradients(model, inputs) -> dict:
     (DeepScaleLMForSeq2SeqLM, {"is_encoder_decoder": True, "decoder_layers": 3}),
 ])
 def test_activation_checkpointing_gives_the_same_gradients(model_class, overrides):
-    torch.manual_seed(0)
-    model = model_class(DeepScaleLMConfig(**BASE, **overrides)).train()
+    model = tiny_model(model_class, **BASE, **overrides).train()
     ids = torch.randint(3, 101, (2, 24))
     inputs = {"input_ids": ids, "labels": ids}
     plain = gradients(model, inputs)
@@ -37,8 +36,7 @@ def test_activation_checkpointing_gives_the_same_gradients(model_class, override
 
 @pytest.mark.slow
 def test_torch_compile_forward_matches_eager():
-    torch.manual_seed(0)
-    model = DeepScaleLMForCausalLM(DeepScaleLMConfig(**{**BASE, "num_hidden_layers": 2})).eval()
+    model = tiny_model(**{**BASE, "num_hidden_layers": 2})
     ids = torch.randint(3, 101, (2, 16))
     eager = model(ids).logits
     compiled = torch.compile(model)

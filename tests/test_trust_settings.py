@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dslm_hf import DeepScaleLMConfig, pretraining
+from dslm_hf import pretraining
 from dslm_hf.checkpointing import checkpoint_folders
 from dslm_hf.cli import UserError
 from dslm_hf.model_size import backbone_parameters
@@ -93,9 +93,8 @@ def test_a_finetuning_output_dir_with_a_previous_fine_tuning_is_refused(tmp_path
     {"norm_placement": "post"}, {"is_encoder_decoder": True, "decoder_layers": 3},
     {"is_encoder_decoder": True, "intermediate_size": 50},
 ], ids=["encoder", "rotary-decoder", "token-types", "post-ln", "seq2seq", "seq2seq-ffn50"])
-def test_backbone_parameters_equal_the_built_model_count(fields):
-    config = DeepScaleLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               max_position_embeddings=64, **fields)
+def test_backbone_parameters_equal_the_built_model_count(fields, tiny_config):
+    config = tiny_config(vocab_size=300, **fields)
     with torch.device("meta"):
         model = DeepScaleLMModel(config)
     assert backbone_parameters(config) == sum(parameter.numel() for parameter in model.parameters())

@@ -27,6 +27,7 @@ from dslm_hf import export
 from dslm_hf.checkpointing import ForeignCodeError, check_no_foreign_code, fit_tokenizer_to_model
 from fresh_process import run_without_dslm_hf
 from publish_support import build_tiny_checkpoint, write_text_sample
+from tiny_models import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(path for path in (REPO / "checkpoints").iterdir() if (path / "config.json").is_file())
@@ -176,9 +177,8 @@ def test_seq2seq_card_uses_generate_not_the_removed_pipeline():
 # The model: PEFT defaults, padding in the causal classifier, the position table
 # ----------------------------------------------------------------------------------------------------------------
 def tiny_decoder_config(**fields) -> DeepScaleLMConfig:
-    return DeepScaleLMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=16, is_decoder=True, hidden_dropout_prob=0.0,
-                             attention_probs_dropout_prob=0.0, **fields)
+    return tiny_config(vocab_size=50, num_attention_heads=4, max_position_embeddings=16, is_decoder=True, dropout=0.0,
+                       **fields)
 
 
 LORA_CHECK = """

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file, save_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dslm_hf import DeepScaleLMConfig, DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
+from dslm_hf import DeepScaleLMForCausalLM, DeepScaleLMForMaskedLM, DeepScaleLMForSeq2SeqLM
 from dslm_hf.checkpointing import write_manifest
 from dslm_hf.cli import CommandExit
 from dslm_hf.diagnostics import main as diagnose_main
@@ -25,6 +25,7 @@ from dslm_hf.layer_usefulness import (
     measure_layer_usefulness,
     summary_line,
 )
+from tiny_models import tiny_model
 
 TEXT_FILE = Path(__file__).parent / "data" / "tinyshakespeare_excerpt.txt"
 VOCAB = 64
@@ -43,9 +44,7 @@ def llama(layers: int = 4) -> LlamaForCausalLM:
 
 
 def deepscalelm(model_class=DeepScaleLMForCausalLM, **overrides):
-    torch.manual_seed(0)
-    return model_class(DeepScaleLMConfig(**({"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 4,
-                                             "num_attention_heads": 2, "max_position_embeddings": 64} | overrides)))
+    return tiny_model(model_class, **({"vocab_size": VOCAB, "num_hidden_layers": 4} | overrides)).train()
 
 
 def batches(seed: int = 0):

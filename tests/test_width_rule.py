@@ -28,6 +28,7 @@ from dslm_hf.recipe_deepscalelm import (
     width_optimizer_multipliers,
     width_output_multiplier,
 )
+from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = (32, 64, 128, 256)
@@ -38,7 +39,7 @@ def config_of(width: int = 128, layers: int = 16, rule: str = "mup", **kwargs) -
     fields = dict(vocab_size=40, hidden_size=width, num_attention_heads=width // 16, num_hidden_layers=layers,
                   max_position_embeddings=16, depth_parameterization="depth_mup", depth_base_layers=4,
                   width_parameterization=rule, width_base=64)
-    return DeepScaleLMConfig(**(fields | kwargs))
+    return tiny_config(**(fields | kwargs))
 
 
 def group_of(groups: list[dict]) -> dict[int, dict]:
