@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import common
-from dslm_hf.pretraining import compile_layers
 
 HEAD_SIZE = 16
 CPU_SHAPES = ("4x128", "16x64", "64x32")
@@ -80,6 +79,8 @@ def run_one(task: tuple, args: dict) -> dict:
         depth_base_layers=args["base_layers"])
     model = common.build_deepscalelm(config, seed=seed).to(args["device"])
     if args["compile"]:
+        from dslm_hf.pretraining import compile_layers  # here: spawned workers of eager runs need not load it
+
         compile_layers(model, "inductor")  # regional compilation, as dslm-pretrain --torch_compile
     settings = common.TrainingSettings(
         steps=args["steps"], batch=args["batch"], context=args["context"], learning_rate=learning_rate,

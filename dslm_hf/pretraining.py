@@ -673,12 +673,15 @@ def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> 
     return resume_dir
 
 
-def check_checkpointing_supported(args: PretrainingArguments, accelerator) -> None:
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and args.torch_compile:
+def check_accelerate_plugin_support(args: PretrainingArguments, accelerator) -> None:
+    """What accelerate's own FSDP and DeepSpeed configs (accelerate launch --config_file ...) cannot do here:
+    compiled layers, and checkpoints (their sharded states are pickles)."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    if args.torch_compile:
         raise UserError(f"--torch_compile is wired to the one-process and DDP loops, not to accelerate's "
                         f"{accelerator.distributed_type.value}: drop --torch_compile or launch without that config")
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (
-            args.save_steps or args.resume_from_checkpoint):
+    if args.save_steps or args.resume_from_checkpoint:
         raise UserError(f"checkpoints under accelerate's {accelerator.distributed_type.value} are not supported (its "
                         "sharded states are pickles, which dslm-pretrain never loads): pass --save_steps 0 and no "
                         "--resume_from_checkpoint")
@@ -965,7 +968,7 @@ def train(args: PretrainingArguments) -> dict:
     trackers = [JsonlTracker(run_dir / "metrics.jsonl")] + (["tensorboard"] if args.report_to == "tensorboard" else [])
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_config=ProjectConfiguration(
         project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
-    check_checkpointing_supported(args, accelerator)
+    check_accelerate_plugin_support(args, accelerator)
     threads = torch.get_num_threads()
     set_cpu_threads(args, accelerator)
     mode = training_mode(args, accelerator)
