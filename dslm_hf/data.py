@@ -235,11 +235,56 @@ class CausalLMCollator:
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def word_joints(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two boolean tables over the vocabulary, read from each token's own text: (joins its left neighbour, joins its
+    right neighbour). Two adjacent tokens belong to one word when the left one joins right and the right one joins
+    left: a word goes on while a letter or digit meets a letter or digit (`enc` + `ode`), and ends at whitespace and
+    around punctuation (`_` included), which stands alone. Word boundaries are read as each tokenizer marks them:
+    byte-level BPE's leading-space tokens (`Ġode`), SentencePiece's `▁`, WordPiece's `##` continuations (which join
+    left; any WordPiece piece joins right) and BPE end-of-word suffixes (`</w>`: does not join right). A partial
+    UTF-8 byte (shown as U+FFFD) joins both ways; special tokens join neither. Scripts written without spaces (CJK,
+    Thai) have no boundaries this can read: a run of their characters is one word."""
+    backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    prefix = getattr(backend_model, "continuing_subword_prefix", None)
+    suffix = getattr(backend_model, "end_of_word_suffix", None)
+    size = len(tokenizer)
+    joins_left, joins_right = torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids)
+    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
+        if token_id in special or not token:
+            continue
+        if prefix and type(backend_model).__name__ == "WordPiece":  # the ## marks a continuation
+            joins_left[token_id], joins_right[token_id] = token.startswith(prefix), True
+            continue
+        ends_word = bool(suffix) and token.endswith(suffix)
+        raw = token[: -len(suffix)] if ends_word else token
+        # SentencePiece's ▁ is the space itself (a decoder strips it from a lone token); other tokens decode alone
+        text = raw.replace("\u2581", " ") if "\u2581" in raw else tokenizer.convert_tokens_to_string([token])
+        if not text:
+            continue
+        joins_left[token_id] = text[0].isalnum() or text[0] == "\ufffd"
+        joins_right[token_id] = not ends_word and (text[-1].isalnum() or text[-1] == "\ufffd")
+    return joins_left, joins_right
+
+
+def word_starts(input_ids: torch.Tensor, joints: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """True at each token of `input_ids` (batch, length) that begins a word (`word_joints`); the first always does."""
+    joins_left, joins_right = joints
+    starts = torch.ones_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = ~(joins_left[input_ids[:, 1:]] & joins_right[input_ids[:, :-1]])
+    return starts
+
+
 class MaskedLMCollator:
     """BERT masking: each non-special token is selected with `mlm_probability`; of those 80% become the mask
-    token, 10% a uniformly random token and 10% stay. Only selected tokens carry labels."""
+    token, 10% a uniformly random token and 10% stay. Only selected tokens carry labels.
 
-    def __init__(self, tokenizer, mlm_probability: float = 0.15):
+    `whole_word_mask=True` selects words instead of tokens (BERT's whole-word masking): each word (`word_joints`: a
+    run of tokens joined letter to letter) is selected with `mlm_probability`, and all its tokens are then labelled
+    and replaced 80/10/10 as above, token by token. The first word of a block may be the tail of one cut by packing;
+    it is masked as a word of its own."""
+
+    def __init__(self, tokenizer, mlm_probability: float = 0.15, whole_word_mask: bool = False):
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={mlm_probability} must lie in (0, 1)")
         check_tokenizer_for_objective(tokenizer, "mlm")
@@ -247,11 +292,22 @@ class MaskedLMCollator:
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.mlm_probability = mlm_probability
+        self.joints = word_joints(tokenizer) if whole_word_mask else None
+
+    def select(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator=None) -> torch.Tensor:
+        """Positions chosen for prediction: tokens, or every token of the chosen words."""
+        if self.joints is None:
+            return (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
+        starts = word_starts(input_ids, self.joints)
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        word_start = torch.where(starts, positions, 0).cummax(dim=1).values  # each token's word's first position
+        chosen = torch.rand(input_ids.shape, generator=generator) < self.mlm_probability  # read at word starts only
+        return chosen.gather(1, word_start) & maskable
 
     def __call__(self, examples, generator: torch.Generator | None = None) -> dict:
         input_ids = stack_blocks(examples)
         maskable = ~torch.isin(input_ids, self.special_ids)
-        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
+        selected = self.select(input_ids, maskable, generator)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         choice = torch.rand(input_ids.shape, generator=generator)
         masked = input_ids.clone()
@@ -377,12 +433,14 @@ class SpanCorruptionCollator:
 
 
 def make_collator(objective: str, tokenizer, block_size: int, mlm_probability: float = 0.15,
-                  noise_density: float = 0.15, mean_span_length: float = 3.0):
+                  noise_density: float = 0.15, mean_span_length: float = 3.0, whole_word_mask: bool = False):
+    if whole_word_mask and objective != "mlm":
+        raise ValueError(f"whole_word_mask applies to the masked-LM objective, not {objective!r}")
     if objective == "clm":
         check_tokenizer_for_objective(tokenizer, "clm")
         return CausalLMCollator()
     if objective == "mlm":
-        return MaskedLMCollator(tokenizer, mlm_probability)
+        return MaskedLMCollator(tokenizer, mlm_probability, whole_word_mask)
     if objective == "seq2seq":
         return SpanCorruptionCollator(tokenizer, block_size, noise_density, mean_span_length)
     raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")

@@ -131,6 +131,11 @@ class PretrainingArguments:
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained byte-level BPE."})
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block (sequence length)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "MLM: share of tokens selected for prediction."})
+    whole_word_mask: bool = field(default=False, metadata={
+        "help": "MLM: select whole words (every token of a word, each word with --mlm_probability) instead of single "
+                "tokens; words are read from the tokens' text (dslm_hf.data.word_joints). Held-out evaluation "
+                "and the sample keep token masking, so held-out losses compare across runs (the training loss is "
+                "then a harder task than the held-out one)."})
     noise_density: float = field(default=0.15, metadata={"help": "seq2seq: share of tokens hidden in spans."})
     mean_span_length: float = field(default=3.0, metadata={"help": "seq2seq: mean length of a hidden span."})
     r0_sample_blocks: int = field(default=256, metadata={"help": "Training blocks sampled to estimate the embedding correlation r0."})
@@ -229,6 +234,8 @@ class PretrainingArguments:
         if self.config_name is not None and not Path(self.config_name).is_file():
             yield "config_name", "no such file"
         yield from range_problems(self, PRETRAINING_RANGES)
+        if self.whole_word_mask and self.objective != "mlm":
+            yield "whole_word_mask", "whole-word masking is a masked-LM objective: use --objective mlm or drop it"
         if self.signal_every and self.fully_shard:
             yield "signal_every", "layer signals read whole gradients: not available with --fully_shard"
         if self.lr_scheduler_type not in SCHEDULES:
@@ -620,6 +627,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     collator: object
+    eval_collator: object  # the collator with token masking (--whole_word_mask trains on words only)
     sampler: EpochPermutationSampler
     train_loader: object
     eval_loader: object
@@ -634,7 +642,16 @@ class Run:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "layout": self.layout,
-                "scheduler": self.scheduler.state_dict()}
+                "masking": masking_settings(self.args), "scheduler": self.scheduler.state_dict()}
+
+
+# The objective's masking flags: a resume replays the uninterrupted run only with the same ones.
+MASKING_FLAGS = {"mlm": ("mlm_probability", "whole_word_mask"), "seq2seq": ("noise_density", "mean_span_length"),
+                 "clm": ()}
+
+
+def masking_settings(args: PretrainingArguments) -> dict:
+    return {name: getattr(args, name) for name in MASKING_FLAGS[args.objective]}
 
 
 def claim_output_dir(args: PretrainingArguments, accelerator, lock: RunLock) -> Path | None:
@@ -692,7 +709,9 @@ def setup(args: PretrainingArguments, accelerator, mode: TrainingMode, resuming:
     run_dir = Path(args.output_dir)
     tokenizer, train_blocks, eval_blocks = prepare_data(args, accelerator, run_dir, resuming)
     collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
-                                  args.noise_density, args.mean_span_length)
+                                  args.noise_density, args.mean_span_length, args.whole_word_mask)
+    eval_collator = data.make_collator(args.objective, tokenizer, args.block_size, args.mlm_probability,
+                                       args.noise_density, args.mean_span_length) if args.whole_word_mask else collator
     config = build_model_config(args, tokenizer, train_blocks)
     accelerator.print(f"embedding correlation r0 estimated from the training blocks: {config.embedding_correlation:.4f}")
     set_seed(args.seed)
@@ -737,8 +756,8 @@ def setup(args: PretrainingArguments, accelerator, mode: TrainingMode, resuming:
     layout = {"num_processes": data_parallel, "per_device_train_batch_size": args.per_device_train_batch_size,
               "gradient_accumulation_steps": args.gradient_accumulation_steps, "block_size": args.block_size}
     monitor = LayerSignalMonitor(mode.model, args.signal_every) if args.signal_every else None
-    return Run(args, accelerator, run_dir, tokenizer, config, mode, mode.model, mode.optimizer, scheduler, collator, sampler,
-               train_loader, eval_loader, eval_blocks, layout, monitor=monitor)
+    return Run(args, accelerator, run_dir, tokenizer, config, mode, mode.model, mode.optimizer, scheduler, collator,
+               eval_collator, sampler, train_loader, eval_loader, eval_blocks, layout, monitor=monitor)
 
 
 # What a checkpoint's optimizer state fixes for the rest of the run: each group's peak learning rate (the schedule
@@ -779,6 +798,14 @@ def resume(run: Run, folder: Path) -> None:
     if state["layout"] != run.layout:
         raise UserError(f"checkpoint {folder} was written with {state['layout']}, this run has {run.layout}: "
                         "resuming with another batch layout would change the data order; use the original settings")
+    stored_masking = state.get("masking")  # absent in checkpoints written before it was recorded
+    if isinstance(stored_masking, dict) and stored_masking != masking_settings(run.args):
+        differ = [name for name, value in masking_settings(run.args).items() if stored_masking.get(name) != value]
+        flags = ", ".join(f"--{name} {stored_masking.get(name)} (this command: {getattr(run.args, name)})"
+                          for name in differ)
+        raise UserError(f"checkpoint {folder} was trained with {flags}: resuming with other masking would change "
+                        "the training task mid-run; resume with the original flags, or start a new run in another "
+                        "--output_dir")
     run.scheduler.load_state_dict(state["scheduler"])  # only the scheduler's own keys: JSON values, nothing callable
     run.step, run.nonfinite_steps = state["step"], state["nonfinite_steps"]
     run.say(f"resumed at step {run.step} ({run.nonfinite_steps} non-finite steps skipped so far)")
@@ -888,7 +915,7 @@ def train_loop(run: Run, stop: StopSignals) -> tuple[dict, str | None]:
         out_of_time = any_rank(accelerator, out_of_time)  # every rank stops at the same step: the slowest clock
         last = run.step == args.max_steps or out_of_time
         if run.step % args.eval_steps == 0 or last:
-            metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
+            metrics = evaluate(accelerator, run.model, run.eval_loader, run.eval_collator, args.seed)
             accelerator.log(metrics, step=run.step)
             run.say(f"step {run.step}: held-out loss {metrics['eval_loss']:.4f}, "
                     f"perplexity {metrics['eval_perplexity']:.2f}")
@@ -930,7 +957,7 @@ def finish(run: Run, metrics: dict) -> dict:
                         f"first: {broken[0]}): final/ was not written and {newest_checkpoint_note(run)}; resume from "
                         "it with a lower --learning_rate or --max_grad_norm, or start over")
     if not metrics:  # resumed at the end: nothing trained, still report the held-out numbers
-        metrics = evaluate(accelerator, run.model, run.eval_loader, run.collator, args.seed)
+        metrics = evaluate(accelerator, run.model, run.eval_loader, run.eval_collator, args.seed)
     metrics.update(step=run.step, nonfinite_steps=run.nonfinite_steps, final_dir=str(run.run_dir / "final"))
     if run.mode.has_replicas:
         metrics["replica_spread"] = replica_spread(accelerator, run.model)
@@ -952,7 +979,8 @@ def finish(run: Run, metrics: dict) -> dict:
                         "permissions, then rerun the same command with --resume_from_checkpoint latest") from None
     if accelerator.is_main_process and args.sample_max_new_tokens:
         prompt = run.eval_blocks[0]["input_ids"].tolist()[: args.block_size if args.objective != "clm" else 16]
-        sample = generate_sample(run.run_dir / "final", args.objective, prompt, args.sample_max_new_tokens, run.collator)
+        sample = generate_sample(run.run_dir / "final", args.objective, prompt, args.sample_max_new_tokens,
+                                 run.eval_collator)
         print(f"\n=== generated sample (greedy, from {run.run_dir / 'final'}) ===\n{sample}\n", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

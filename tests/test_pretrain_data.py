@@ -1,5 +1,7 @@
 """Pretraining data: the embedded corpus, tokenizer training, packing, and the CLM / MLM / span-corruption collators."""
 
+import re
+
 import pytest
 import torch
 from datasets import DatasetDict
@@ -114,6 +116,74 @@ def test_mlm_collator_is_a_function_of_its_generator(tokenizer, blocks):
     first = collator(blocks[:8]["input_ids"], torch.Generator().manual_seed(3))
     second = collator(blocks[:8]["input_ids"], torch.Generator().manual_seed(3))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_words_are_runs_of_tokens_joined_letter_to_letter(tokenizer):
+    text = "def encode(self, input_bytes):\n    return codecs.charmap_encode(x)"
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    starts = data.word_starts(ids, data.word_joints(tokenizer))
+    pieces = [tokenizer.decode([i]) for i in ids[0].tolist()]
+    words = "".join(("|" if start else "") + piece for start, piece in zip(starts[0].tolist(), pieces)).split("|")
+    # a word is a maximal run of letters and digits, or a punctuation token on its own; tokens are never split
+    assert "".join(words) == text
+    assert [word.strip() for word in words[1:] if word.strip().isalnum()] == re.findall(r"[A-Za-z0-9]+", text)
+    assert all(word.strip().isalnum() or not any(c.isalnum() for c in word) for word in words)
+    assert len(pieces) > len(words) - 1  # some words are several tokens
+    special = torch.tensor([[tokenizer.eos_token_id, ids[0, 0].item()]])
+    assert data.word_starts(special, data.word_joints(tokenizer)).all()
+
+
+def words_of(tokenizer, text: str) -> list[str]:
+    """`text` cut into words as whole-word masking reads them (tokens joined by `word_starts`)."""
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    starts = data.word_starts(ids, data.word_joints(tokenizer))[0].tolist()
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    words = []
+    for start, token in zip(starts, tokens):
+        words.append([token]) if start else words[-1].append(token)
+    return [" ".join(word) for word in words]
+
+
+def test_words_are_read_from_sentencepiece_and_wordpiece_markers_too():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"unk_token": "<unk>", "mask_token": "<mask>", "pad_token": "<pad>"}
+    pieces = ["<unk>", "<mask>", "<pad>", "\u2581the", "\u2581cat", "s", ",", "\u2581sat", "\u2581", "t", "h", "e", "a"]
+    unigram = Tokenizer(models.Unigram([(piece, -1.0 if piece.startswith("\u2581") else -2.0) for piece in pieces], 0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()  # decodes a lone "\u2581cat" as "cat": the marker is read from the token
+    sentencepiece = PreTrainedTokenizerFast(tokenizer_object=unigram, **special)
+    assert words_of(sentencepiece, "the cats, sat") == ["\u2581the", "\u2581cat s", ",", "\u2581sat"]
+
+    vocab = {token: i for i, token in enumerate(["[UNK]", "[MASK]", "[PAD]", "the", "cat", "##s", ",", "sat", "##at"])}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    bert = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", mask_token="[MASK]", pad_token="[PAD]")
+    assert words_of(bert, "the cats, sat") == ["the", "cat ##s", ",", "sat"]
+
+
+def test_whole_word_masking_labels_every_token_of_a_chosen_word_and_no_other(tokenizer, blocks):
+    collator = data.MaskedLMCollator(tokenizer, 0.15, whole_word_mask=True)
+    original = blocks[:]["input_ids"]
+    batch = collator(original, torch.Generator().manual_seed(0))
+    selected = batch["labels"] != -100
+    starts = data.word_starts(original, data.word_joints(tokenizer))
+    words = starts.long().cumsum(1)
+    row_words = words + torch.arange(len(words))[:, None] * (words.max() + 1)
+    chosen_words = row_words[selected].unique()
+    maskable = ~torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    assert torch.equal(torch.isin(row_words, chosen_words) & maskable, selected)  # whole words, nothing else
+    share_of_words = len(chosen_words) / row_words[maskable].unique().numel()
+    assert abs(share_of_words - 0.15) < 0.01  # tens of thousands of words: +-0.01 is > 5 sigma
+    assert abs(selected.sum().item() / maskable.sum().item() - 0.15) < 0.015  # each token's word: 15% on average
+    assert (selected & ~starts).any()  # multi-token words are masked whole, continuations included
+    masked = (batch["input_ids"] == tokenizer.mask_token_id) & selected
+    assert abs(masked.sum().item() / selected.sum().item() - 0.8) < 0.015
+    assert torch.equal(batch["input_ids"][~selected], original[~selected])
+    again = collator(original[:8], torch.Generator().manual_seed(3))
+    assert all(torch.equal(again[k], collator(original[:8], torch.Generator().manual_seed(3))[k]) for k in again)
 
 
 def test_span_corruption_restores_the_original_block(corpus):

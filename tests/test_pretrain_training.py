@@ -32,6 +32,17 @@ def test_objective_trains_and_held_out_loss_drops(tmp_path, objective, capsys):
     assert {"clm": "", "mlm": "filled: ", "seq2seq": "spans: "}[objective] in sample
 
 
+def test_whole_word_masking_changes_the_training_masks_not_the_held_out_ones(tmp_path):
+    """Same seed, same initial weights, one step at learning rate 0 (its warmup step): the held-out loss (token
+    masks, seeded) is the same with and without --whole_word_mask, the training loss (word masks) is not."""
+    common = ["--objective", "mlm", "--max_steps", 1, "--eval_steps", 100, "--learning_rate", 1e-9, "--save_steps", 0,
+              "--per_device_train_batch_size", 8, *NO_DROPOUT]
+    tokens = run_in_process(tmp_path / "tokens", *common)
+    words = run_in_process(tmp_path / "words", *common, "--whole_word_mask")
+    assert words["eval_loss"] == pytest.approx(tokens["eval_loss"], abs=1e-6)
+    assert train_losses(tmp_path / "words")[1] != pytest.approx(train_losses(tmp_path / "tokens")[1], abs=1e-3)
+
+
 def test_final_folder_loads_with_auto_class_and_prints_a_sample(tmp_path, capsys):
     run_in_process(tmp_path, "--max_steps", 3, "--save_steps", 0, "--sample_max_new_tokens", 8)
     final = tmp_path / "final"
@@ -97,6 +108,7 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     (["--mixed_precision", "fp8"], "--mixed_precision='fp8' is invalid"),
     (["--block_size", "0"], "--block_size=0 is invalid"),
     (["--num_threads", "0"], "--num_threads=0 is invalid"),
+    (["--whole_word_mask"], "--whole_word_mask=True is invalid: whole-word masking is a masked-LM objective"),
     (["--max_steps", "ten"], "invalid int value: 'ten'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])

@@ -204,6 +204,22 @@ def test_resuming_with_another_learning_rate_is_refused(finished_run, tmp_path):
                           "--learning_rate", 0.008)["step"] == 4
 
 
+def test_resuming_a_masked_lm_with_other_masking_is_refused(tmp_path):
+    """The masking flags fix the training task: a resume with another --mlm_probability or --whole_word_mask is
+    refused, naming the checkpoint's value; with the same flags it goes on."""
+    run_dir = tmp_path / "run"
+    common = ["--objective", "mlm", "--save_steps", 2, "--eval_steps", 100]
+    run_in_process(run_dir, *common, "--max_steps", 2, "--whole_word_mask")
+    with pytest.raises(UserError, match=r"was trained with --whole_word_mask True \(this command: False\): resuming "
+                                        "with other masking would change the training task mid-run"):
+        run_in_process(run_dir, *common, "--max_steps", 3, "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match=r"--mlm_probability 0\.15 \(this command: 0\.3\)"):
+        run_in_process(run_dir, *common, "--max_steps", 3, "--resume_from_checkpoint", "latest", "--whole_word_mask",
+                       "--mlm_probability", 0.3)
+    assert run_in_process(run_dir, *common, "--max_steps", 3, "--resume_from_checkpoint", "latest",
+                          "--whole_word_mask")["step"] == 3
+
+
 def test_a_run_whose_weights_turn_non_finite_writes_no_final_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
                                                                                                 capsys):
     original = pretraining.train_step

@@ -151,9 +151,10 @@ def test_checkpoints_written_before_the_width_rule_load_with_bit_identical_logit
         assert torch.equal(model(reference["input_ids"]).logits, reference["logits"])
 
 
-def test_the_shipped_decoder_checkpoint_gives_the_logits_of_its_own_code(tmp_path, monkeypatch):
-    """checkpoints/deepscalelm-48l-decoder through the package and through the modeling code saved beside it."""
-    folder = ROOT / "checkpoints" / "deepscalelm-48l-decoder"
+def test_a_shipped_checkpoint_from_before_the_width_rule_gives_the_logits_of_its_own_code(tmp_path, monkeypatch):
+    """checkpoints/deepscalelm-48l-encoder (its config.json predates the width rule, so it loads as "standard")
+    through the package and through the modeling code saved beside it."""
+    folder = ROOT / "checkpoints" / "deepscalelm-48l-encoder"
     code = tmp_path / "checkpoint_code"
     code.mkdir()
     for name in ("configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py",
@@ -162,11 +163,11 @@ def test_the_shipped_decoder_checkpoint_gives_the_logits_of_its_own_code(tmp_pat
     (code / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        own = importlib.import_module("checkpoint_code.modeling_deepscalelm").DeepScaleLMForCausalLM
+        own = importlib.import_module("checkpoint_code.modeling_deepscalelm").DeepScaleLMForMaskedLM
         ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = own.from_pretrained(folder).eval()(ids).logits
-            package = DeepScaleLMForCausalLM.from_pretrained(folder).eval()
+            package = DeepScaleLMForMaskedLM.from_pretrained(folder).eval()
             assert package.config.width_parameterization == "standard"
             assert torch.equal(package(ids).logits, expected)
     finally:
