@@ -272,7 +272,8 @@ def architecture_rows(config: DeepScaleLMConfig) -> list[tuple[str, str]]:
 
 
 TRAINING_LABELS = {"tokens": "training tokens", "wall_time_seconds": "wall time", "hardware": "hardware",
-                   "batch_size_blocks": "batch size (blocks)", "optimizer_steps": "optimizer steps"}
+                   "batch_size_blocks": "batch size (blocks)", "optimizer_steps": "optimizer steps",
+                   "git_commit": "code (dslm_hf git commit)", "git_dirty": "uncommitted code changes"}
 
 
 def _format_training_value(name: str, value) -> str:

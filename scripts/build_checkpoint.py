@@ -39,11 +39,14 @@ from dslm_hf.diagnostics import usefulness_sources
 from dslm_hf.files import write_text_atomically
 from dslm_hf.layer_usefulness import causal_lm_batches, measure_layer_usefulness, plot_usefulness, summary_line
 from dslm_hf.monitoring import SCALARS as SIGNAL_SCALARS, plot_signals, read_signals
+from dslm_hf.provenance import code_version
 from dslm_hf.publishing import (describe_hardware, evaluate_checkpoint, parameter_count, stage_repository,
                                 write_eval_file)
 from dslm_hf.run_metrics import read_metrics
 
 DEFAULT_HELD_OUT_FRACTION = 0.1  # without a recipe: the share the shipped checkpoints were evaluated on
+REPOSITORY = Path(__file__).resolve().parents[1]
+NOT_CODE = ("checkpoints/", "benchmarks/results/")  # staged outputs and result files: do not make the tree dirty
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 SIGNAL_CURVES = 6  # measurements of the layer signals drawn in the staged figure
 TRAINING_FIGURE, SIGNALS_FIGURE, USEFULNESS_FIGURE = "training_curve.png", "layer_signals.png", "usefulness.png"
@@ -133,6 +136,7 @@ def without_option(argv: list[str], flag: str) -> list[str]:
 def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: float) -> tuple[Path, dict, object]:
     """(final folder, training record for the evaluation file, parsed settings) of one dslm-pretrain run."""
     settings = pretraining.parse_arguments(pretrain_argv)
+    version = code_version(REPOSITORY, ignored=NOT_CODE)  # the code that trains, read before it starts
     started = time.monotonic()
     metrics = pretraining.train(settings)
     batch_blocks = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
@@ -148,6 +152,8 @@ def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: fl
         "schedule": f"{settings.lr_scheduler_type}, {settings.warmup_ratio:.0%} warmup",
         "training_data": f"{dataset_name}, all but {held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
         "command": "dslm-pretrain " + " ".join(pretrain_argv),
+        "git_commit": version["git_commit"],
+        "git_dirty": version["git_dirty"],
     }
     if settings.recipe_content:  # {"name", "file", "content"}: the recipe as this run applied it
         training["recipe"] = json.loads(settings.recipe_content)

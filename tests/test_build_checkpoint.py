@@ -4,6 +4,7 @@ baseline and the count baselines from one evaluation record."""
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,11 @@ def test_smoke_build_trains_a_same_parameter_baseline_and_cards_every_baseline(t
         assert same_record["training"][field] == record["training"][field] == {"optimizer_steps": 2,
                                                                                "tokens": 2 * 4 * 32}[field]
     assert baselines["same_parameters"]["loss"] == same_record["metrics"]["loss"]
+    # the code that trained: this checkout's commit (the staged and run folders are outside it)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SCRIPT.parents[1], capture_output=True, text=True).stdout.strip()
+    assert record["training"]["git_commit"] == same_record["training"]["git_commit"] == (head or None)
     card = ModelCard.load(staged / "README.md").text
+    assert f"| code (dslm_hf git commit) | {record['training']['git_commit']} |" in card
     assert f"{baselines['same_parameters']['parameters']:,} parameters; same data, tokens and steps" in card
     assert [point["step"] for point in record["training_curve"]] == [2]  # --eval_steps 1000: the final evaluation
     assert (f"| held-out loss during training (its evaluation blocks), step: loss | "
