@@ -47,6 +47,7 @@ from dslm_hf.run_metrics import read_metrics
 DEFAULT_HELD_OUT_FRACTION = 0.1  # without a recipe: the share the shipped checkpoints were evaluated on
 REPOSITORY = Path(__file__).resolve().parents[1]
 NOT_CODE = ("checkpoints/", "benchmarks/results/")  # staged outputs and result files: do not make the tree dirty
+TRAINING_RECORD = "build_training.json"  # a run's training record, written when it ends (--reuse_model_run)
 GRADIENT_SPREAD_BLOCKS = 4  # held-out blocks of the one step the per-layer gradient spread is measured on
 SIGNAL_CURVES = 6  # measurements of the layer signals drawn in the staged figure
 TRAINING_FIGURE, SIGNALS_FIGURE, USEFULNESS_FIGURE = "training_curve.png", "layer_signals.png", "usefulness.png"
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its final weights on the first N held-out blocks, staged as usefulness.png/usefulness.json "
                         "and summarised on the card (0: not measured; each measurement costs N/batch x layers forward "
                         "passes)")
+    parser.add_argument("--reuse_model_run", action="store_true",
+                        help=f"the model's run in RUN_DIR/model already finished (its {TRAINING_RECORD} names the "
+                        "same command): use its weights and training record, and train only the twin")
     return parser
 
 
@@ -157,7 +161,23 @@ def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: fl
     }
     if settings.recipe_content:  # {"name", "file", "content"}: the recipe as this run applied it
         training["recipe"] = json.loads(settings.recipe_content)
+    write_text_atomically(Path(settings.output_dir) / TRAINING_RECORD, json.dumps(training, indent=1))
     return Path(metrics["final_dir"]), training, settings
+
+
+def finished_run(pretrain_argv: list[str]) -> tuple[Path, dict, object]:
+    """train_run's result for a run it already finished with exactly this command (--reuse_model_run)."""
+    settings = pretraining.parse_arguments(pretrain_argv)
+    run, command = Path(settings.output_dir), "dslm-pretrain " + " ".join(pretrain_argv)
+    record_path, final_dir = run / TRAINING_RECORD, run / "final"
+    if not record_path.is_file() or not (final_dir / "config.json").is_file():
+        raise UserError(f"--reuse_model_run: {run} holds no finished run of this script ({TRAINING_RECORD} and "
+                        "final/ are written when the model's run ends); leave the flag out to train it")
+    training = json.loads(record_path.read_text())
+    if training.get("command") != command:
+        raise UserError(f"--reuse_model_run: {record_path} was trained by another command "
+                        f"({training.get('command')!r}); give the same arguments, or leave the flag out to train anew")
+    return final_dir, training, settings
 
 
 def same_parameter_overrides(config: DeepScaleLMConfig, layers: int) -> tuple[str, int]:
@@ -171,8 +191,10 @@ def same_parameter_overrides(config: DeepScaleLMConfig, layers: int) -> tuple[st
     def count(depth: int, width: int) -> int:
         return parameter_count(DeepScaleLMConfig.from_dict(config.to_dict() | shape(depth, width)))
 
+    # widths the configuration accepts: whole heads, and an even head size for rotary positions
+    multiple = config.num_attention_heads * (2 if config.position_embedding_type == "rotary" else 1)
     try:
-        width, parameters = same_parameter_shape(count, parameter_count(config), layers, config.num_attention_heads)
+        width, parameters = same_parameter_shape(count, parameter_count(config), layers, multiple)
     except ValueError as error:  # the configuration refuses the shape (e.g. too few layers for residual_k)
         raise UserError(f"--baseline-layers {layers}: {error}") from None
     return ",".join(f"{name}={value}" for name, value in shape(layers, width).items()), parameters
@@ -284,7 +306,8 @@ def build(argv: list[str]) -> None:
     common = ["--dataset", str(args.text_file), "--validation_fraction", str(args.held_out_fraction)]
     model_argv = without_option(args.pretrain_args, "--output_dir") + ["--output_dir", str(args.run_dir / "model")] + common
     check_sized_by_steps(model_argv, args.usefulness_blocks)
-    final_dir, training, settings = train_run(model_argv, args.dataset_name, args.held_out_fraction)
+    final_dir, training, settings = (finished_run(model_argv) if args.reuse_model_run else
+                                     train_run(model_argv, args.dataset_name, args.held_out_fraction))
     config = DeepScaleLMConfig.from_pretrained(final_dir)
 
     overrides, parameters = same_parameter_overrides(config, args.baseline_layers)

@@ -152,9 +152,9 @@ def test_checkpoints_written_before_the_width_rule_load_with_bit_identical_logit
 
 
 def test_a_shipped_checkpoint_from_before_the_width_rule_gives_the_logits_of_its_own_code(tmp_path, monkeypatch):
-    """checkpoints/deepscalelm-48l-encoder (its config.json predates the width rule, so it loads as "standard")
-    through the package and through the modeling code saved beside it."""
-    folder = ROOT / "checkpoints" / "deepscalelm-48l-encoder"
+    """checkpoints/deepscalelm-48x48l-encoder-decoder (its config.json predates the width rule, so it loads as
+    "standard") through the package and through the modeling code saved beside it."""
+    folder = ROOT / "checkpoints" / "deepscalelm-48x48l-encoder-decoder"
     code = tmp_path / "checkpoint_code"
     code.mkdir()
     for name in ("configuration_deepscalelm.py", "input_checks_deepscalelm.py", "modeling_deepscalelm.py",
@@ -163,13 +163,15 @@ def test_a_shipped_checkpoint_from_before_the_width_rule_gives_the_logits_of_its
     (code / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        own = importlib.import_module("checkpoint_code.modeling_deepscalelm").DeepScaleLMForMaskedLM
-        ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+        own = importlib.import_module("checkpoint_code.modeling_deepscalelm").DeepScaleLMForSeq2SeqLM
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"input_ids": torch.randint(3, 200, (2, 16), generator=generator),
+                  "decoder_input_ids": torch.randint(3, 200, (2, 8), generator=generator)}
         with torch.no_grad():
-            expected = own.from_pretrained(folder).eval()(ids).logits
-            package = DeepScaleLMForMaskedLM.from_pretrained(folder).eval()
+            expected = own.from_pretrained(folder).eval()(**inputs).logits
+            package = DeepScaleLMForSeq2SeqLM.from_pretrained(folder).eval()
             assert package.config.width_parameterization == "standard"
-            assert torch.equal(package(ids).logits, expected)
+            assert torch.equal(package(**inputs).logits, expected)
     finally:
         for name in [n for n in sys.modules if n.startswith("checkpoint_code")]:
             del sys.modules[name]
