@@ -17,6 +17,10 @@ whose parameter count is closest to the model's, the model's tokenizer, the same
 model's number of optimizer steps and learning-rate schedule (so the same training tokens), at
 --baseline-learning-rate if given. Runs land in RUN_DIR/model and RUN_DIR/same-parameters.
 
+If the twin or the evaluation fails after the model's run ended, rerun the same command with --reuse_model_run: the
+model's weights and training record (RUN_DIR/model/build_training.json) are used as they are, and only the twin
+trains.
+
 Both runs are sized by --max_steps: --max_train_minutes is refused, because a time limit that fires cuts the model's
 schedule mid-way while its twin, given the same steps, decays fully (a comparison tilted against the deep model).
 """

@@ -4,6 +4,7 @@ baseline and the count baselines from one evaluation record."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -153,3 +154,35 @@ def test_usefulness_of_a_masked_lm_is_refused_before_training(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("build_checkpoint.py: error: --usefulness_blocks 2: the per-layer usefulness is measured")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rotary_models_twin_has_an_even_head_size():
+    """Rotary positions need an even head size: the twin's width is searched in steps of two heads' worth."""
+    from dslm_hf import DeepScaleLMConfig
+    config = DeepScaleLMConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=48, num_attention_heads=4,
+                               intermediate_size=256, position_embedding_type="rotary", is_decoder=False,
+                               architectures=["DeepScaleLMForMaskedLM"])
+    overrides, parameters = load_script().same_parameter_overrides(config, 4)
+    width = int(dict(item.split("=") for item in overrides.split(","))["hidden_size"])
+    assert (width // 4) % 2 == 0
+    DeepScaleLMConfig.from_dict(config.to_dict() | {"hidden_size": width, "num_hidden_layers": 4,
+                                                     "intermediate_size": 4 * width})  # accepted
+
+
+@pytest.mark.slow
+def test_reuse_model_run_trains_only_the_twin_and_refuses_another_command(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    common = ["--repo-id", "me/smoke", "--text-file", str(EXCERPT), "--run-dir", str(runs), "--baseline-layers", "3"]
+    load_script().main([str(tmp_path / "first"), *common, "--", "--objective", "clm", *SMOKE])
+    weights = (runs / "model" / "final" / "model.safetensors").read_bytes()
+    record = json.loads((runs / "model" / "build_training.json").read_text())
+    shutil.rmtree(runs / "same-parameters")
+    load_script().main([str(tmp_path / "second"), *common, "--reuse_model_run", "--", "--objective", "clm", *SMOKE])
+    assert (runs / "model" / "final" / "model.safetensors").read_bytes() == weights  # not retrained
+    assert json.loads((tmp_path / "second" / "eval_results.json").read_text())["training"] == record
+    assert (runs / "same-parameters" / "final" / "model.safetensors").is_file()
+    with pytest.raises(CommandExit):
+        load_script().main([str(tmp_path / "third"), *common, "--reuse_model_run", "--", "--objective", "clm",
+                            *SMOKE, "--seed", "1"])
+    assert "was trained by another command" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "third").exists()
