@@ -351,7 +351,8 @@ def baseline_comparison(results: dict, task: str) -> str | None:
     if scored is not None:
         gap = scored["model"]["accuracy"] - scored["unigram"]["accuracy"]
         return (f"At the same held-out positions its top-1 accuracy is {scored['model']['accuracy']:.1%}, "
-                f"{abs(gap):.1%} {'above' if gap > 0 else 'below or at'} always predicting the most frequent "
+                f"{abs(gap) * 100:.1f} percentage points {'above' if gap > 0 else 'below or at'} always predicting "
+                f"the most frequent "
                 f"training token ({scored['unigram']['accuracy']:.1%}).")
     return None
 

@@ -43,8 +43,8 @@ def test_masked_lm_accuracy_from_the_record_joins_the_model_index(tiny):
     card = ModelCard(str(render_model_card(config, record | {"baselines": {"fill_mask": scored}}, "me/tiny")))
     accuracy = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
     assert [(r.metric_value, r.metric_name) for r in accuracy] == [(0.2346, "held-out top-1 accuracy (masked tokens)")]
-    assert ("- At the same held-out positions its top-1 accuracy is 23.5%, 17.7% above always predicting the most "
-            "frequent training token (5.7%).") in limitations(card)
+    assert ("- At the same held-out positions its top-1 accuracy is 23.5%, 17.7 percentage points above always "
+            "predicting the most frequent training token (5.7%).") in limitations(card)
 
 
 def test_limitations_say_by_how_much_a_decoder_misses_its_ngram(tiny):
