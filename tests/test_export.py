@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKER = Path(__file__).parent / "native_export_check.py"
 SHIPPED_ALL = sorted(path.name for path in (REPO / "checkpoints").iterdir() if (path / "config.json").is_file())
 # Shipped checkpoints with no exactly equivalent native architecture, and the reason the refusal gives.
-NOT_EXPORTABLE = {"deepscalelm-48l-encoder": "rotary positions with DeepScaleLMForMaskedLM"}
+NOT_EXPORTABLE = {"deepscalelm-48l-encoder": "rotary positions with DeepScaleLMForMaskedLM",
+                  "deepscalelm-48x48l-encoder-decoder": "rotary positions with DeepScaleLMForSeq2SeqLM"}
 SHIPPED = [name for name in SHIPPED_ALL if name not in NOT_EXPORTABLE]
 
 EXACT_TOLERANCE = 1e-5  # Post-LN: the fold is exact, float32 rounding is ~1e-6 of the largest logit
@@ -167,8 +168,9 @@ def test_tiny_export_has_deepscalelm_logits_generations_and_onnx(tiny_runs, name
 
 @pytest.mark.parametrize("name", sorted(NOT_EXPORTABLE))
 def test_a_shipped_checkpoint_without_a_native_twin_is_refused_in_one_line(tmp_path, capsys, name):
-    """The rebuilt encoder uses rotary positions (the lever off the masked-LM plateau); every native masked LM
-    with its layout uses learned positions, so the export is refused before anything is written."""
+    """The rebuilt encoder and encoder-decoder use rotary positions (the lever off the masked-LM plateau); every
+    native masked LM and encoder-decoder with their layouts uses learned positions, so the export is refused before
+    anything is written."""
     assert name in SHIPPED_ALL
     with pytest.raises(SystemExit) as exit_info:
         main([str(REPO / "checkpoints" / name), "--output-dir", str(tmp_path / "native")])

@@ -137,8 +137,9 @@ def test_a_config_without_the_width_fields_has_the_standard_rule():
 
 
 @pytest.mark.parametrize("case", ["decoder_pre", "encoder_post", "decoder_standard_pre", "seq2seq_pre"])
-def test_checkpoints_written_before_the_width_rule_load_with_bit_identical_logits(case):
-    """tests/data/reference_logits: models and their logits written before the width rule existed (width 16), and
+def test_checkpoints_written_before_the_width_rule_and_norm_options_load_with_bit_identical_logits(case):
+    """tests/data/reference_logits: models and their logits written before the width rule, LayerNorm Scaling and
+    Mix-LN existed (width 16), and
     seq2seq_pre: the shipped 48+48 x 32 encoder-decoder of before the rule (its config.json has no width or depth
     rule field, so it loads as "standard" and "deepscalelm"), cut to its first 2+2 layers when its checkpoint was
     rebuilt, with logits from the code its own saved modeling files equalled."""
@@ -147,6 +148,7 @@ def test_checkpoints_written_before_the_width_rule_load_with_bit_identical_logit
                    "seq2seq": DeepScaleLMForSeq2SeqLM}[case.split("_")[0]]
     model = model_class.from_pretrained(folder).eval()
     assert model.config.width_parameterization == "standard"
+    assert model.config.norm_placement in ("pre", "post") and model.config.layernorm_scaling is False
     reference = load_file(folder / "logits.safetensors")
     inputs = {name: reference[name] for name in ("input_ids", "decoder_input_ids") if name in reference}
     with torch.no_grad():
