@@ -159,7 +159,7 @@ def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: fl
         "peak_learning_rate": settings.learning_rate,
         "schedule": f"{settings.lr_scheduler_type}, {settings.warmup_ratio:.0%} warmup",
         "training_data": f"{dataset_name}, all but {held_out_fraction:.0%} of the paragraphs (evenly spaced, held out)",
-        "command": "dslm-pretrain " + " ".join(pretrain_argv),
+        "command": pretrain_command(pretrain_argv),
         "git_commit": version["git_commit"],
         "git_dirty": version["git_dirty"],
     }
@@ -169,10 +169,15 @@ def train_run(pretrain_argv: list[str], dataset_name: str, held_out_fraction: fl
     return Path(metrics["final_dir"]), training, settings
 
 
+def pretrain_command(pretrain_argv: list[str]) -> str:
+    """The dslm-pretrain command line of a run, as its training record holds it (--reuse_model_run compares it)."""
+    return "dslm-pretrain " + " ".join(pretrain_argv)
+
+
 def finished_run(pretrain_argv: list[str]) -> tuple[Path, dict, object]:
     """train_run's result for a run it already finished with exactly this command (--reuse_model_run)."""
     settings = pretraining.parse_arguments(pretrain_argv)
-    run, command = Path(settings.output_dir), "dslm-pretrain " + " ".join(pretrain_argv)
+    run, command = Path(settings.output_dir), pretrain_command(pretrain_argv)
     record_path, final_dir = run / TRAINING_RECORD, run / "final"
     if not record_path.is_file() or not (final_dir / "config.json").is_file():
         raise UserError(f"--reuse_model_run: {run} holds no finished run of this script ({TRAINING_RECORD} and "

@@ -3,7 +3,6 @@ native (GPT-2, Llama) and DeepScaleLM models."""
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
