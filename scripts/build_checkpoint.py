@@ -200,8 +200,17 @@ def same_parameter_overrides(config: DeepScaleLMConfig, layers: int) -> tuple[st
     def count(depth: int, width: int) -> int:
         return parameter_count(DeepScaleLMConfig.from_dict(config.to_dict() | shape(depth, width)))
 
-    # widths the configuration accepts: whole heads, and an even head size for rotary positions
-    multiple = config.num_attention_heads * (2 if config.position_embedding_type == "rotary" else 1)
+    def accepted(width: int) -> bool:
+        try:
+            DeepScaleLMConfig.from_dict(config.to_dict() | shape(layers, width))
+        except ValueError:
+            return False
+        return True
+
+    # the widths the configuration's own validation accepts (whole heads; an even head size for rotary positions)
+    # are the multiples of the smallest one: search in steps of it (none accepted: the search below names why)
+    heads = config.num_attention_heads
+    multiple = next((width for width in range(heads, 8 * heads + 1, heads) if accepted(width)), heads)
     try:
         width, parameters = same_parameter_shape(count, parameter_count(config), layers, multiple)
     except ValueError as error:  # the configuration refuses the shape (e.g. too few layers for residual_k)
