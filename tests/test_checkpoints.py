@@ -48,11 +48,14 @@ USES_CONTEXT = [DECODER, ENCODER, BYTE_DECODER, BYTE_DECODER_1000]
 PUBLISHED = [DECODER, ENCODER, ENCODER_DECODER, BYTE_DECODER, BYTE_DECODER_1000]
 MIN_LAYERS = 16
 # The repository stays cloneable in seconds: five checkpoints of 3.3M parameters or fewer, in fp32 (the 1000-layer
-# decoder's weights are 14.1 MiB of the ~43 MiB).
+# decoder's weights are 14.1 MiB of the ~47 MiB).
 TOTAL_SIZE_LIMIT = 48 * 2**20
 # The rebuilt encoder's loss at the held-out mask positions lies this far below token frequencies' (measured: see
 # its card; probes with learned positions stayed within 0.03 nats of them).
 MASKED_LM_MARGIN_NATS = 0.5
+# The rebuilt encoder-decoder's loss at the held-out hidden span tokens lies this far below token frequencies'
+# (measured 0.57 nats: see its card; its learned-position predecessor scored worse than token frequencies there).
+SPAN_MARGIN_NATS = 0.5
 
 
 def eval_record(checkpoint: Path) -> dict:
@@ -194,6 +197,30 @@ def test_48_layer_encoder_rebuilt_from_its_recipe_leaves_the_token_frequency_pla
             "this deeper model is") in card
     assert f"{fill['model']['accuracy']:.1%} / {fill['same_parameters']['accuracy']:.1%} / " \
            f"{fill['unigram']['accuracy']:.1%}" in card
+
+
+def test_48x48_layer_encoder_decoder_rebuilt_from_its_recipe_has_its_baselines_and_says_where_it_stands():
+    """The 48+48 x 40 span-corruption encoder-decoder with rotary positions, rebuilt by build_checkpoint.py from the
+    recipe deepscalelm-48x48l-encoder-decoder (2,500 steps of 16 x 128): at the hidden span tokens (teacher-forced)
+    it is scored against its same-parameter 4+4-layer twin, trained identically, and token frequencies, and its card
+    says how it stands against both."""
+    config = check_checkpoint(ENCODER_DECODER)
+    assert (config.num_hidden_layers, config.decoder_layers, config.hidden_size, config.position_embedding_type) == \
+        (48, 48, 40, "rotary")
+    record = eval_record(ENCODER_DECODER)
+    baselines, spans = record["baselines"], record["baselines"]["spans"]
+    assert record["training"]["recipe"]["name"] == "deepscalelm-48x48l-encoder-decoder"
+    same = baselines["same_parameters"]
+    assert record["training"]["optimizer_steps"] == same["training"]["optimizer_steps"] == 2500
+    assert abs(same["parameters"] - parameter_count(config)) / parameter_count(config) < 0.05
+    assert spans["tokens"] > 5_000
+    assert spans["model"]["loss"] < spans["unigram"]["loss"] - SPAN_MARGIN_NATS
+    card = (ENCODER_DECODER / "README.md").read_text()
+    assert f"its top-1 accuracy is {spans['model']['accuracy']:.1%}" in card
+    assert ("depth did not pay at this budget" if record["metrics"]["loss"] > same["loss"] else
+            "this deeper model is") in card
+    assert f"{spans['model']['accuracy']:.1%} / {spans['same_parameters']['accuracy']:.1%} / " \
+           f"{spans['unigram']['accuracy']:.1%}" in card
 
 
 def test_thousand_layer_decoder_card_shows_its_curves_plots_and_where_it_stands():

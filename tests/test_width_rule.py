@@ -137,12 +137,15 @@ def test_a_config_without_the_width_fields_has_the_standard_rule():
 
 
 @pytest.mark.parametrize("case", ["decoder_pre", "encoder_post", "decoder_standard_pre", "seq2seq_pre"])
-def test_checkpoints_written_before_the_width_rule_and_norm_options_load_with_bit_identical_logits(case):
+def test_checkpoints_written_before_the_width_rule_and_norm_options_load_with_their_logits(case):
     """tests/data/reference_logits: models and their logits written before the width rule, LayerNorm Scaling and
     Mix-LN existed (width 16), and
     seq2seq_pre: the shipped 48+48 x 32 encoder-decoder of before the rule (its config.json has no width or depth
     rule field, so it loads as "standard" and "deepscalelm"), cut to its first 2+2 layers when its checkpoint was
-    rebuilt, with logits from the code its own saved modeling files equalled."""
+    rebuilt, with logits from the code its own saved modeling files equalled.
+    The logits were written on one CPU: another CPU's kernels (AVX2 against AVX-512) may round the last bits
+    differently (measured up to 1e-6 on logits up to 4.3), so they must agree to float32 rounding, far below what
+    any rule or placement change moves them."""
     folder = ROOT / "tests" / "data" / "reference_logits" / case
     model_class = {"decoder": DeepScaleLMForCausalLM, "encoder": DeepScaleLMForMaskedLM,
                    "seq2seq": DeepScaleLMForSeq2SeqLM}[case.split("_")[0]]
@@ -152,7 +155,7 @@ def test_checkpoints_written_before_the_width_rule_and_norm_options_load_with_bi
     reference = load_file(folder / "logits.safetensors")
     inputs = {name: reference[name] for name in ("input_ids", "decoder_input_ids") if name in reference}
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, reference["logits"])
+        torch.testing.assert_close(model(**inputs).logits, reference["logits"], rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
