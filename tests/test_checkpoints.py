@@ -175,52 +175,35 @@ def test_48_layer_decoder_rebuilt_from_its_recipe_has_its_baselines_and_says_whe
         assert (DECODER / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})\n\n{caption}" in card
 
 
-def test_48_layer_encoder_rebuilt_from_its_recipe_leaves_the_token_frequency_plateau_and_says_where_it_stands():
-    """The 48 x 64 masked LM with rotary positions, rebuilt by build_checkpoint.py from the recipe
-    deepscalelm-48l-encoder (2,500 steps of 16 x 128): at the held-out mask positions it is far below token
-    frequencies (learned positions left probes of this shape on that plateau), and its card says how it stands
-    against its same-parameter 4-layer twin, trained identically."""
-    config = check_checkpoint(ENCODER)
-    assert (config.num_hidden_layers, config.hidden_size, config.position_embedding_type) == (48, 64, "rotary")
-    record = eval_record(ENCODER)
-    baselines, fill = record["baselines"], record["baselines"]["fill_mask"]
-    assert record["training"]["recipe"]["name"] == "deepscalelm-48l-encoder"
+@pytest.mark.parametrize("checkpoint, scored_key, min_tokens, margin_nats, min_accuracy_ratio", [
+    (ENCODER, "fill_mask", 4_000, MASKED_LM_MARGIN_NATS, 2.0),
+    (ENCODER_DECODER, "spans", 5_000, SPAN_MARGIN_NATS, 1.0),
+], ids=lambda value: value.name if isinstance(value, Path) else None)
+def test_rotary_denoiser_rebuilt_from_its_recipe_leaves_the_token_frequency_plateau_and_says_where_it_stands(
+        checkpoint, scored_key, min_tokens, margin_nats, min_accuracy_ratio):
+    """The 48 x 64 masked LM and the 48+48 x 40 span-corruption encoder-decoder, both with rotary positions (learned
+    positions left probes of these objectives on the token-frequency plateau), rebuilt by build_checkpoint.py from
+    their recipes (2,500 steps of 16 x 128 each): at the held-out mask positions / hidden span tokens they are below
+    token frequencies by the measured margin, and each card says how the model stands against its same-parameter
+    4-layer twin (4+4 for the encoder-decoder), trained identically, and token frequencies."""
+    config = check_checkpoint(checkpoint)
+    stacks = [layers for _, layers, _ in config.residual_stacks()]
+    assert (stacks, config.position_embedding_type) == ([48] * len(stacks), "rotary")
+    record = eval_record(checkpoint)
+    baselines, scored = record["baselines"], record["baselines"][scored_key]
+    assert record["training"]["recipe"]["name"] == checkpoint.name
     same = baselines["same_parameters"]
     assert record["training"]["optimizer_steps"] == same["training"]["optimizer_steps"] == 2500
     assert abs(same["parameters"] - parameter_count(config)) / parameter_count(config) < 0.05
-    assert fill["tokens"] > 4_000
-    assert fill["model"]["loss"] < fill["unigram"]["loss"] - MASKED_LM_MARGIN_NATS
-    assert fill["model"]["accuracy"] > 2 * fill["unigram"]["accuracy"]
-    card = (ENCODER / "README.md").read_text()
-    assert f"its top-1 accuracy is {fill['model']['accuracy']:.1%}" in card
+    assert scored["tokens"] > min_tokens
+    assert scored["model"]["loss"] < scored["unigram"]["loss"] - margin_nats
+    assert scored["model"]["accuracy"] > min_accuracy_ratio * scored["unigram"]["accuracy"]
+    card = (checkpoint / "README.md").read_text()
+    assert f"its top-1 accuracy is {scored['model']['accuracy']:.1%}" in card
     assert ("depth did not pay at this budget" if record["metrics"]["loss"] > same["loss"] else
             "this deeper model is") in card
-    assert f"{fill['model']['accuracy']:.1%} / {fill['same_parameters']['accuracy']:.1%} / " \
-           f"{fill['unigram']['accuracy']:.1%}" in card
-
-
-def test_48x48_layer_encoder_decoder_rebuilt_from_its_recipe_has_its_baselines_and_says_where_it_stands():
-    """The 48+48 x 40 span-corruption encoder-decoder with rotary positions, rebuilt by build_checkpoint.py from the
-    recipe deepscalelm-48x48l-encoder-decoder (2,500 steps of 16 x 128): at the hidden span tokens (teacher-forced)
-    it is scored against its same-parameter 4+4-layer twin, trained identically, and token frequencies, and its card
-    says how it stands against both."""
-    config = check_checkpoint(ENCODER_DECODER)
-    assert (config.num_hidden_layers, config.decoder_layers, config.hidden_size, config.position_embedding_type) == \
-        (48, 48, 40, "rotary")
-    record = eval_record(ENCODER_DECODER)
-    baselines, spans = record["baselines"], record["baselines"]["spans"]
-    assert record["training"]["recipe"]["name"] == "deepscalelm-48x48l-encoder-decoder"
-    same = baselines["same_parameters"]
-    assert record["training"]["optimizer_steps"] == same["training"]["optimizer_steps"] == 2500
-    assert abs(same["parameters"] - parameter_count(config)) / parameter_count(config) < 0.05
-    assert spans["tokens"] > 5_000
-    assert spans["model"]["loss"] < spans["unigram"]["loss"] - SPAN_MARGIN_NATS
-    card = (ENCODER_DECODER / "README.md").read_text()
-    assert f"its top-1 accuracy is {spans['model']['accuracy']:.1%}" in card
-    assert ("depth did not pay at this budget" if record["metrics"]["loss"] > same["loss"] else
-            "this deeper model is") in card
-    assert f"{spans['model']['accuracy']:.1%} / {spans['same_parameters']['accuracy']:.1%} / " \
-           f"{spans['unigram']['accuracy']:.1%}" in card
+    assert f"{scored['model']['accuracy']:.1%} / {scored['same_parameters']['accuracy']:.1%} / " \
+           f"{scored['unigram']['accuracy']:.1%}" in card
 
 
 def test_thousand_layer_decoder_card_shows_its_curves_plots_and_where_it_stands():
