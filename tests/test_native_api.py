@@ -1,5 +1,6 @@
 """What a transformers 5.24 user relies on, behaving as in native models (issue 11's silent failures, one test each)."""
 
+import functools
 import json
 import re
 import subprocess
@@ -268,6 +269,22 @@ def test_pipeline_plan_of_the_decoder_names_its_embedding_layers_norm_and_head()
 # ---------------------------------------------------------------------------------------------------------------
 # Attention backends
 # ---------------------------------------------------------------------------------------------------------------
+@functools.cache
+def compiled_flex_attention_error_here(tries: int = 20) -> float:
+    """Largest difference between torch's compiled flex attention and SDPA on plain attention (no mask, no model)
+    over `tries` random inputs on this CPU. torch 2.13's compiled CPU kernel is unreliable on some machines: on an
+    AMD EPYC with AVX2 only it was off by 0.8-1.8 on 3 of 10 inputs and exact on the others (2026-12-06); exact on
+    the Intel AVX-512 machines this suite ran on before."""
+    from torch.nn.attention.flex_attention import flex_attention
+    compiled, errors = torch.compile(flex_attention, dynamic=False), []
+    for seed in range(tries):
+        generator = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(2, 4, 8, 16, generator=generator) for _ in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        errors.append(float((compiled(q, k, v) - want).abs().max()))
+    return max(errors)
+
+
 @pytest.mark.parametrize("make_config", [decoder_config, encoder_config, seq2seq_config], ids=["decoder", "encoder", "seq2seq"])
 def test_flex_attention_runs_on_cpu_and_matches_sdpa(make_config):
     torch.manual_seed(0)
@@ -285,6 +302,10 @@ def test_flex_attention_runs_on_cpu_and_matches_sdpa(make_config):
     with torch.no_grad():  # torch 2.13's flex attention has no CPU backward: inference only here
         want, got = sdpa(**inputs).logits, flex(**inputs).logits
     keep = mask.bool() if not config.is_encoder_decoder else torch.ones(2, 5, dtype=torch.bool)
+    matches = torch.allclose(got[keep], want[keep], atol=1e-5, rtol=0)
+    if not matches and (error := compiled_flex_attention_error_here()) > 1e-5:
+        pytest.skip(f"torch {torch.__version__}'s compiled flex attention itself differs from SDPA by up to "
+                    f"{error:.2g} on this CPU ({torch.backends.cpu.get_cpu_capability()}), without any model or mask")
     torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=0)
 
 
